@@ -1,0 +1,670 @@
+//! The `NetworkBehaviour`: request ids, dialing, the stream budget, authorization, and
+//! the events the swarm loop sees.
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    fmt,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc,
+    },
+    task::{Context, Poll},
+    time::SystemTime,
+};
+
+use libp2p_core::{transport::PortUse, Endpoint, Multiaddr};
+use libp2p_identity::PeerId;
+use libp2p_swarm::{
+    behaviour::{ConnectionClosed, ConnectionEstablished, DialFailure},
+    dial_opts::DialOpts,
+    ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, NotifyHandler, THandler,
+    THandlerInEvent, THandlerOutEvent, ToSwarm,
+};
+
+use crate::{
+    budget::StreamBudget,
+    codec::encode_frame,
+    handler::{FromBehaviour, Handler, OutboundRequest, ToBehaviour},
+    message::{self, ClockBounds, WireRequest},
+    wire, AuthorizationMode, Config, Digest, InboundFailure, OutboundFailure, PleasePull,
+    PleasePullOutcome, PullIntent, RespondError, UnauthorizedReason,
+};
+
+/// Identifies an outbound request; its reply or failure event carries the same id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OutboundRequestId(pub(crate) u64);
+
+/// Identifies an inbound request (one inbound stream) across its events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct InboundRequestId(pub(crate) u64);
+
+impl fmt::Display for OutboundRequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "out-{}", self.0)
+    }
+}
+
+impl fmt::Display for InboundRequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "in-{}", self.0)
+    }
+}
+
+/// The two RPC families.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Rpc {
+    /// pull_intent_query → pull_intent_response.
+    PullIntent,
+    /// please_pull → please_pull_response.
+    PleasePull,
+}
+
+/// Where an answer goes: the stream of one inbound request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Route {
+    peer: PeerId,
+    connection: ConnectionId,
+    id: InboundRequestId,
+}
+
+/// The token to answer one inbound pull_intent query with [`Behaviour::respond`].
+#[derive(Debug)]
+pub struct PullIntentResponder(Route);
+
+/// The token to answer one inbound please_pull with [`Behaviour::respond`].
+#[derive(Debug)]
+pub struct PleasePullResponder(Route);
+
+mod sealed {
+    pub trait Sealed {
+        fn into_reply(self, reply: Self::Reply) -> super::Answer
+        where
+            Self: super::Responder;
+    }
+}
+
+/// A token that answers one inbound request; its `Reply` is the answer's type.
+pub trait Responder: sealed::Sealed {
+    /// What answers the request.
+    type Reply;
+
+    /// The id of the request this token answers.
+    fn request_id(&self) -> InboundRequestId;
+
+    /// The peer that asked.
+    fn peer(&self) -> PeerId;
+}
+
+#[doc(hidden)]
+pub struct Answer {
+    route: Route,
+    rpc: crate::Rpc,
+    envelope: wire::Envelope,
+}
+
+impl Responder for PullIntentResponder {
+    type Reply = PullIntent;
+
+    fn request_id(&self) -> InboundRequestId {
+        self.0.id
+    }
+
+    fn peer(&self) -> PeerId {
+        self.0.peer
+    }
+}
+
+impl sealed::Sealed for PullIntentResponder {
+    fn into_reply(self, reply: PullIntent) -> Answer {
+        Answer {
+            route: self.0,
+            rpc: Rpc::PullIntent,
+            envelope: message::pull_intent_response(reply),
+        }
+    }
+}
+
+impl Responder for PleasePullResponder {
+    type Reply = Vec<PleasePullOutcome>;
+
+    fn request_id(&self) -> InboundRequestId {
+        self.0.id
+    }
+
+    fn peer(&self) -> PeerId {
+        self.0.peer
+    }
+}
+
+impl sealed::Sealed for PleasePullResponder {
+    fn into_reply(self, reply: Vec<PleasePullOutcome>) -> Answer {
+        Answer {
+            route: self.0,
+            rpc: Rpc::PleasePull,
+            envelope: message::please_pull_response(&reply),
+        }
+    }
+}
+
+/// What the behaviour reports to the swarm loop.
+#[derive(Debug)]
+pub enum Event {
+    /// A peer asks what this node knows about a digest; answer with [`Behaviour::respond`]
+    /// within the answer deadline.
+    PullIntentQuery {
+        /// The asking peer.
+        peer: PeerId,
+        /// The digest asked about.
+        digest: Digest,
+        /// Answers the query.
+        responder: PullIntentResponder,
+    },
+    /// A peer asks this node to pull digests from the origin; answer with
+    /// [`Behaviour::respond`], one outcome per digest in request order.
+    PleasePull {
+        /// The asking peer.
+        peer: PeerId,
+        /// The request, with its invalid digests already dropped.
+        request: PleasePull,
+        /// How many digests of the request were invalid and dropped.
+        skipped_digests: usize,
+        /// Answers the request.
+        responder: PleasePullResponder,
+    },
+    /// The reply to [`Behaviour::pull_intent_query`].
+    PullIntentReply {
+        /// The peer that answered.
+        peer: PeerId,
+        /// The request this answers.
+        request_id: OutboundRequestId,
+        /// Its answer, with timestamps clamped to this node's clock.
+        intent: PullIntent,
+    },
+    /// The reply to [`Behaviour::please_pull`].
+    PleasePullReply {
+        /// The peer that answered.
+        peer: PeerId,
+        /// The request this answers.
+        request_id: OutboundRequestId,
+        /// One outcome per digest it accepted, in request order.
+        outcomes: Vec<PleasePullOutcome>,
+    },
+    /// An outbound request failed.
+    OutboundFailure {
+        /// The peer asked.
+        peer: PeerId,
+        /// The request that failed.
+        request_id: OutboundRequestId,
+        /// Why.
+        error: OutboundFailure,
+    },
+    /// An inbound stream ended without a normal reply.
+    InboundFailure {
+        /// The peer that opened the stream.
+        peer: PeerId,
+        /// The stream's request id.
+        request_id: InboundRequestId,
+        /// Why.
+        error: InboundFailure,
+    },
+    /// A reply was written and its stream closed: the request was served.
+    ResponseSent {
+        /// The peer answered.
+        peer: PeerId,
+        /// The request served.
+        request_id: InboundRequestId,
+        /// Its family.
+        rpc: Rpc,
+    },
+    /// A request came from a peer that the membership does not vouch for. In observe
+    /// mode it is served anyway; in enforce mode its stream is closed without a reply.
+    UnauthorizedPeer {
+        /// The peer.
+        peer: PeerId,
+        /// Why it is not authorized.
+        reason: UnauthorizedReason,
+    },
+}
+
+/// The `/gantry/coord/1.0.0` network behaviour.
+pub struct Behaviour {
+    config: Arc<Config>,
+    next_outbound_id: u64,
+    next_inbound_id: Arc<AtomicU64>,
+    /// Inbound streams open across the whole node.
+    open_inbound: Arc<AtomicUsize>,
+    /// Inbound streams open per peer, across that peer's connections.
+    open_inbound_per_peer: HashMap<PeerId, Arc<AtomicUsize>>,
+    connections: HashMap<PeerId, Vec<ConnectionId>>,
+    /// Requests waiting for a connection to their peer.
+    awaiting_connection: HashMap<PeerId, Vec<OutboundRequest>>,
+    /// Outbound requests in flight: their peer and, once sent, their connection.
+    outbound: HashMap<OutboundRequestId, (PeerId, Option<ConnectionId>)>,
+    /// Inbound requests read and not yet answered.
+    awaiting_answer: HashMap<InboundRequestId, Route>,
+    /// Peer ids published by members; `None` until the node sets any.
+    authorized_peers: Option<HashSet<PeerId>>,
+    pending: VecDeque<ToSwarm<Event, FromBehaviour>>,
+}
+
+impl Behaviour {
+    /// A behaviour with the given configuration.
+    pub fn new(config: Config) -> Self {
+        Behaviour {
+            config: Arc::new(config),
+            next_outbound_id: 0,
+            next_inbound_id: Arc::default(),
+            open_inbound: Arc::default(),
+            open_inbound_per_peer: HashMap::new(),
+            connections: HashMap::new(),
+            awaiting_connection: HashMap::new(),
+            outbound: HashMap::new(),
+            awaiting_answer: HashMap::new(),
+            authorized_peers: None,
+            pending: VecDeque::new(),
+        }
+    }
+
+    /// Asks `peer` what it knows about `digest`; dials it if not connected. Ends in one
+    /// [`Event::PullIntentReply`] or [`Event::OutboundFailure`] with the returned id.
+    pub fn pull_intent_query(&mut self, peer: PeerId, digest: &Digest) -> OutboundRequestId {
+        self.send(peer, Rpc::PullIntent, &message::pull_intent_request(digest))
+    }
+
+    /// Asks `peer` to pull digests from the origin; dials it if not connected. Ends in
+    /// one [`Event::PleasePullReply`] or [`Event::OutboundFailure`] with the returned id.
+    pub fn please_pull(&mut self, peer: PeerId, request: &PleasePull) -> OutboundRequestId {
+        self.send(
+            peer,
+            Rpc::PleasePull,
+            &message::please_pull_request(request),
+        )
+    }
+
+    /// Answers an inbound request. Fails if the request's answer deadline has passed or
+    /// its connection closed, or if the reply exceeds the message cap.
+    pub fn respond<R: Responder>(
+        &mut self,
+        responder: R,
+        reply: R::Reply,
+    ) -> Result<(), RespondError> {
+        let Answer {
+            route,
+            rpc,
+            envelope,
+        } = sealed::Sealed::into_reply(responder, reply);
+        if !self.awaiting_answer.contains_key(&route.id) {
+            return Err(RespondError::Expired);
+        }
+        let frame = encode_frame(&envelope, self.config.max_message_bytes).map_err(|_| {
+            RespondError::TooLarge {
+                len: envelope_len(&envelope),
+                max: self.config.max_message_bytes,
+            }
+        })?;
+        self.awaiting_answer.remove(&route.id);
+        self.pending.push_back(ToSwarm::NotifyHandler {
+            peer_id: route.peer,
+            handler: NotifyHandler::One(route.connection),
+            event: FromBehaviour::Answer {
+                id: route.id,
+                rpc,
+                frame,
+            },
+        });
+        Ok(())
+    }
+
+    /// Sets the peer ids the membership publishes; requests from other peers are
+    /// reported as [`Event::UnauthorizedPeer`] and, in enforce mode, rejected. An empty
+    /// set means authorization cannot be evaluated yet.
+    pub fn set_authorized_peers(&mut self, peers: impl IntoIterator<Item = PeerId>) {
+        self.authorized_peers = Some(peers.into_iter().collect());
+    }
+
+    /// Inbound streams open across the whole node.
+    pub fn open_inbound_streams(&self) -> usize {
+        self.open_inbound.load(Ordering::Acquire)
+    }
+
+    /// Inbound streams open from one peer, across its connections.
+    pub fn open_inbound_streams_from(&self, peer: &PeerId) -> usize {
+        self.open_inbound_per_peer
+            .get(peer)
+            .map_or(0, |n| n.load(Ordering::Acquire))
+    }
+
+    /// Inbound requests read and not yet answered.
+    pub fn pending_answers(&self) -> usize {
+        self.awaiting_answer.len()
+    }
+
+    /// Outbound requests that have not yet ended.
+    pub fn pending_requests(&self) -> usize {
+        self.outbound.len()
+    }
+
+    fn send(&mut self, peer: PeerId, rpc: Rpc, envelope: &wire::Envelope) -> OutboundRequestId {
+        let id = OutboundRequestId(self.next_outbound_id);
+        self.next_outbound_id += 1;
+        let max = self.config.max_message_bytes;
+        let Ok(frame) = encode_frame(envelope, max) else {
+            let len = envelope_len(envelope);
+            self.pending
+                .push_back(ToSwarm::GenerateEvent(Event::OutboundFailure {
+                    peer,
+                    request_id: id,
+                    error: OutboundFailure::RequestTooLarge { len, max },
+                }));
+            return id;
+        };
+        let request = OutboundRequest { id, rpc, frame };
+        match self.connections.get(&peer).and_then(|c| c.first()) {
+            Some(&connection) => {
+                self.outbound.insert(id, (peer, Some(connection)));
+                self.pending.push_back(ToSwarm::NotifyHandler {
+                    peer_id: peer,
+                    handler: NotifyHandler::One(connection),
+                    event: FromBehaviour::Send(request),
+                });
+            }
+            None => {
+                self.outbound.insert(id, (peer, None));
+                let waiting = self.awaiting_connection.entry(peer).or_default();
+                if waiting.is_empty() {
+                    self.pending.push_back(ToSwarm::Dial {
+                        opts: DialOpts::peer_id(peer).build(),
+                    });
+                }
+                waiting.push(request);
+            }
+        }
+        id
+    }
+
+    fn new_handler(&mut self, peer: PeerId) -> Handler {
+        let per_peer = self.open_inbound_per_peer.entry(peer).or_default().clone();
+        let budget = StreamBudget::new(
+            self.open_inbound.clone(),
+            self.config.max_inbound_streams,
+            per_peer,
+            self.config.max_inbound_streams_per_peer,
+        );
+        Handler::new(
+            peer,
+            self.config.clone(),
+            budget,
+            self.next_inbound_id.clone(),
+        )
+    }
+
+    fn authorize(&self, peer: &PeerId) -> Option<UnauthorizedReason> {
+        match &self.authorized_peers {
+            None if self.config.authorization_mode == AuthorizationMode::Observe => None,
+            None => Some(UnauthorizedReason::Unevaluable),
+            Some(peers) if peers.is_empty() => Some(UnauthorizedReason::Unevaluable),
+            Some(peers) if peers.contains(peer) => None,
+            Some(_) => Some(UnauthorizedReason::Unrecognized),
+        }
+    }
+
+    fn on_request(&mut self, route: Route, request: WireRequest) {
+        if let Some(reason) = self.authorize(&route.peer) {
+            tracing::debug!(peer = %route.peer, %reason, "request from unauthorized peer");
+            self.emit(Event::UnauthorizedPeer {
+                peer: route.peer,
+                reason,
+            });
+            if self.config.authorization_mode == AuthorizationMode::Enforce {
+                self.pending.push_back(ToSwarm::NotifyHandler {
+                    peer_id: route.peer,
+                    handler: NotifyHandler::One(route.connection),
+                    event: FromBehaviour::Reject {
+                        id: route.id,
+                        reason: InboundFailure::Unauthorized(reason),
+                    },
+                });
+                return;
+            }
+        }
+        self.awaiting_answer.insert(route.id, route);
+        let event = match request {
+            WireRequest::PullIntent(digest) => Event::PullIntentQuery {
+                peer: route.peer,
+                digest,
+                responder: PullIntentResponder(route),
+            },
+            WireRequest::PleasePull {
+                request,
+                skipped_digests,
+            } => Event::PleasePull {
+                peer: route.peer,
+                request,
+                skipped_digests,
+                responder: PleasePullResponder(route),
+            },
+        };
+        self.emit(event);
+    }
+
+    fn on_reply(
+        &self,
+        rpc: Rpc,
+        envelope: wire::Envelope,
+    ) -> Result<DecodedReply, OutboundFailure> {
+        use wire::envelope::Msg;
+        let clock = ClockBounds {
+            now: SystemTime::now(),
+            max_cooldown: self.config.max_cooldown,
+        };
+        match (rpc, envelope.msg) {
+            (Rpc::PullIntent, Some(Msg::PullIntentResponse(msg))) => {
+                Ok(DecodedReply::PullIntent(PullIntent::from_wire(msg, clock)))
+            }
+            (Rpc::PleasePull, Some(Msg::PleasePullResponse(msg))) => msg
+                .results
+                .into_iter()
+                .map(|result| PleasePullOutcome::from_wire(result, clock))
+                .collect::<Result<_, _>>()
+                .map(DecodedReply::PleasePull)
+                .map_err(|_| OutboundFailure::UnexpectedReply),
+            _ => Err(OutboundFailure::UnexpectedReply),
+        }
+    }
+
+    fn emit(&mut self, event: Event) {
+        self.pending.push_back(ToSwarm::GenerateEvent(event));
+    }
+
+    fn fail_outbound(&mut self, peer: PeerId, id: OutboundRequestId, error: OutboundFailure) {
+        self.outbound.remove(&id);
+        self.emit(Event::OutboundFailure {
+            peer,
+            request_id: id,
+            error,
+        });
+    }
+
+    fn on_connection_established(&mut self, peer: PeerId, connection: ConnectionId) {
+        self.connections.entry(peer).or_default().push(connection);
+        for request in self.awaiting_connection.remove(&peer).unwrap_or_default() {
+            self.outbound.insert(request.id, (peer, Some(connection)));
+            self.pending.push_back(ToSwarm::NotifyHandler {
+                peer_id: peer,
+                handler: NotifyHandler::One(connection),
+                event: FromBehaviour::Send(request),
+            });
+        }
+    }
+
+    fn on_connection_closed(&mut self, peer: PeerId, connection: ConnectionId, remaining: usize) {
+        if let Some(connections) = self.connections.get_mut(&peer) {
+            connections.retain(|c| *c != connection);
+            if connections.is_empty() {
+                self.connections.remove(&peer);
+            }
+        }
+        if remaining == 0 {
+            self.open_inbound_per_peer.remove(&peer);
+        }
+        let lost: Vec<_> = self
+            .outbound
+            .iter()
+            .filter(|(_, (_, c))| *c == Some(connection))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in lost {
+            self.fail_outbound(peer, id, OutboundFailure::ConnectionClosed);
+        }
+        let unanswered: Vec<_> = self
+            .awaiting_answer
+            .values()
+            .filter(|route| route.connection == connection)
+            .map(|route| route.id)
+            .collect();
+        for id in unanswered {
+            self.awaiting_answer.remove(&id);
+            self.emit(Event::InboundFailure {
+                peer,
+                request_id: id,
+                error: InboundFailure::ConnectionClosed,
+            });
+        }
+    }
+
+    fn on_dial_failure(&mut self, peer: PeerId, error: String) {
+        if self.connections.contains_key(&peer) {
+            return;
+        }
+        for request in self.awaiting_connection.remove(&peer).unwrap_or_default() {
+            self.fail_outbound(
+                peer,
+                request.id,
+                OutboundFailure::DialFailure(error.clone()),
+            );
+        }
+    }
+}
+
+enum DecodedReply {
+    PullIntent(PullIntent),
+    PleasePull(Vec<PleasePullOutcome>),
+}
+
+fn envelope_len(envelope: &wire::Envelope) -> u64 {
+    prost::Message::encoded_len(envelope) as u64
+}
+
+impl NetworkBehaviour for Behaviour {
+    type ConnectionHandler = Handler;
+    type ToSwarm = Event;
+
+    fn handle_established_inbound_connection(
+        &mut self,
+        _: ConnectionId,
+        peer: PeerId,
+        _: &Multiaddr,
+        _: &Multiaddr,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        Ok(self.new_handler(peer))
+    }
+
+    fn handle_established_outbound_connection(
+        &mut self,
+        _: ConnectionId,
+        peer: PeerId,
+        _: &Multiaddr,
+        _: Endpoint,
+        _: PortUse,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        Ok(self.new_handler(peer))
+    }
+
+    fn on_swarm_event(&mut self, event: FromSwarm) {
+        match event {
+            FromSwarm::ConnectionEstablished(ConnectionEstablished {
+                peer_id,
+                connection_id,
+                ..
+            }) => self.on_connection_established(peer_id, connection_id),
+            FromSwarm::ConnectionClosed(ConnectionClosed {
+                peer_id,
+                connection_id,
+                remaining_established,
+                ..
+            }) => self.on_connection_closed(peer_id, connection_id, remaining_established),
+            FromSwarm::DialFailure(DialFailure {
+                peer_id: Some(peer),
+                error,
+                ..
+            }) => self.on_dial_failure(peer, error.to_string()),
+            _ => {}
+        }
+    }
+
+    fn on_connection_handler_event(
+        &mut self,
+        peer: PeerId,
+        connection: ConnectionId,
+        event: THandlerOutEvent<Self>,
+    ) {
+        match event {
+            ToBehaviour::Request { id, request } => self.on_request(
+                Route {
+                    peer,
+                    connection,
+                    id,
+                },
+                request,
+            ),
+            ToBehaviour::Answered { id, rpc } => self.emit(Event::ResponseSent {
+                peer,
+                request_id: id,
+                rpc,
+            }),
+            ToBehaviour::InboundFailed { id, error } => {
+                self.awaiting_answer.remove(&id);
+                self.emit(Event::InboundFailure {
+                    peer,
+                    request_id: id,
+                    error,
+                });
+            }
+            ToBehaviour::Reply { id, rpc, envelope } => {
+                if self.outbound.remove(&id).is_none() {
+                    return;
+                }
+                let event = match self.on_reply(rpc, envelope) {
+                    Ok(DecodedReply::PullIntent(intent)) => Event::PullIntentReply {
+                        peer,
+                        request_id: id,
+                        intent,
+                    },
+                    Ok(DecodedReply::PleasePull(outcomes)) => Event::PleasePullReply {
+                        peer,
+                        request_id: id,
+                        outcomes,
+                    },
+                    Err(error) => Event::OutboundFailure {
+                        peer,
+                        request_id: id,
+                        error,
+                    },
+                };
+                self.emit(event);
+            }
+            ToBehaviour::OutboundFailed { id, error } => {
+                if self.outbound.contains_key(&id) {
+                    self.fail_outbound(peer, id, error);
+                }
+            }
+        }
+    }
+
+    fn poll(&mut self, _: &mut Context<'_>) -> Poll<ToSwarm<Event, THandlerInEvent<Self>>> {
+        match self.pending.pop_front() {
+            Some(event) => Poll::Ready(event),
+            None => Poll::Pending,
+        }
+    }
+}

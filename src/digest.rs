@@ -1,0 +1,171 @@
+//! OCI content digests, validated as the OCI image spec's `digest.Parse` does.
+
+use std::{fmt, str::FromStr};
+
+/// A validated OCI content digest such as `sha256:` followed by 64 hex characters.
+///
+/// Only `sha256` and `sha512` are supported, as in the Go nodes. The string form is
+/// canonical: it is what goes on the wire and into HRW scores.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest(String);
+
+/// Why a string is not a usable [`Digest`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DigestError {
+    /// Not `algorithm:encoded`, or either part has characters the grammar forbids.
+    #[error("digest is not of the form algorithm:encoded")]
+    InvalidFormat,
+    /// A well-formed digest of an algorithm other than sha256 or sha512.
+    #[error("digest algorithm is not supported")]
+    Unsupported,
+    /// The encoded part has the wrong length for its algorithm.
+    #[error("digest has the wrong length for its algorithm")]
+    InvalidLength,
+}
+
+impl Digest {
+    /// Parses and validates a digest.
+    pub fn parse(s: &str) -> Result<Self, DigestError> {
+        let Some((algorithm, encoded)) = s.split_once(':') else {
+            return Err(DigestError::InvalidFormat);
+        };
+        if algorithm.is_empty() || encoded.is_empty() {
+            return Err(DigestError::InvalidFormat);
+        }
+        let hex_len = match algorithm {
+            "sha256" => 64,
+            "sha512" => 128,
+            _ if is_algorithm(algorithm) && is_encoded(encoded) => {
+                return Err(DigestError::Unsupported)
+            }
+            _ => return Err(DigestError::InvalidFormat),
+        };
+        if encoded.len() != hex_len {
+            return Err(DigestError::InvalidLength);
+        }
+        if !encoded
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
+            return Err(DigestError::InvalidFormat);
+        }
+        Ok(Digest(s.to_owned()))
+    }
+
+    /// The canonical string form.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The algorithm part, such as `sha256`.
+    pub fn algorithm(&self) -> &str {
+        self.0
+            .split_once(':')
+            .map_or("", |(algorithm, _)| algorithm)
+    }
+}
+
+/// `[a-z0-9]+([+._-][a-z0-9]+)*`
+fn is_algorithm(s: &str) -> bool {
+    s.split(['+', '.', '_', '-']).all(|part| {
+        !part.is_empty()
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    })
+}
+
+/// `[a-zA-Z0-9=_-]+`
+fn is_encoded(s: &str) -> bool {
+    s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'=' | b'_' | b'-'))
+}
+
+impl FromStr for Digest {
+    type Err = DigestError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Digest::parse(s)
+    }
+}
+
+impl TryFrom<String> for Digest {
+    type Error = DigestError;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Digest::parse(&s)?;
+        Ok(Digest(s))
+    }
+}
+
+impl AsRef<str> for Digest {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Digest({})", self.0)
+    }
+}
+
+impl From<Digest> for String {
+    fn from(digest: Digest) -> Self {
+        digest.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEX64: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn accepts_sha256_and_sha512() {
+        let d = Digest::parse(&format!("sha256:{HEX64}")).unwrap();
+        assert_eq!(d.algorithm(), "sha256");
+        assert_eq!(d.as_str(), format!("sha256:{HEX64}"));
+        assert!(Digest::parse(&format!("sha512:{HEX64}{HEX64}")).is_ok());
+    }
+
+    #[test]
+    fn rejects_as_go_digest_does() {
+        let cases = [
+            ("", DigestError::InvalidFormat),
+            ("sha256", DigestError::InvalidFormat),
+            ("sha256:", DigestError::InvalidFormat),
+            (":abc", DigestError::InvalidFormat),
+            ("sha256:abc", DigestError::InvalidLength),
+            (
+                &format!("sha256:{}", HEX64.to_uppercase()),
+                DigestError::InvalidFormat,
+            ),
+            (&format!("sha256:{HEX64}0"), DigestError::InvalidLength),
+            (&format!("sha512:{HEX64}"), DigestError::InvalidLength),
+            (
+                "md5:d41d8cd98f00b204e9800998ecf8427e",
+                DigestError::Unsupported,
+            ),
+            ("sha384:abc", DigestError::Unsupported),
+            ("SHA256:abc", DigestError::InvalidFormat),
+            ("sha256+:abc", DigestError::InvalidFormat),
+            ("foo:a b", DigestError::InvalidFormat),
+            (
+                &format!("sha256:{}", "g".repeat(64)),
+                DigestError::InvalidFormat,
+            ),
+        ];
+        for (input, want) in cases {
+            assert_eq!(Digest::parse(input), Err(want), "{input:?}");
+        }
+    }
+}

@@ -1,0 +1,543 @@
+//! One handler per connection: drives every coord stream of that connection as an
+//! explicit state machine, each with its deadline, and reports to the behaviour what it
+//! read and what failed. It never decides an answer.
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use futures::FutureExt;
+use futures_timer::Delay;
+use libp2p_core::upgrade::ReadyUpgrade;
+use libp2p_identity::PeerId;
+use libp2p_swarm::{
+    handler::{ConnectionEvent, DialUpgradeError, FullyNegotiatedInbound, FullyNegotiatedOutbound},
+    ConnectionHandler, ConnectionHandlerEvent, Stream, StreamUpgradeError, SubstreamProtocol,
+};
+
+use crate::{
+    budget::{StreamBudget, StreamPermit},
+    codec::{FrameError, FrameReader, FrameWriter, ReadError},
+    message::{RequestRejection, WireRequest},
+    wire, Config, InboundFailure, InboundRequestId, OutboundFailure, OutboundRequestId, Rpc,
+    PROTOCOL_NAME,
+};
+
+/// Commands from the behaviour.
+#[derive(Debug)]
+pub enum FromBehaviour {
+    /// Send an encoded request frame.
+    Send(OutboundRequest),
+    /// Write this encoded reply frame on the stream of an inbound request.
+    Answer {
+        id: InboundRequestId,
+        rpc: Rpc,
+        frame: Vec<u8>,
+    },
+    /// Close the stream of an inbound request without a reply.
+    Reject {
+        id: InboundRequestId,
+        reason: InboundFailure,
+    },
+}
+
+/// An outbound request on its way to a stream.
+#[derive(Debug)]
+pub struct OutboundRequest {
+    pub(crate) id: OutboundRequestId,
+    pub(crate) rpc: Rpc,
+    pub(crate) frame: Vec<u8>,
+}
+
+/// Reports to the behaviour.
+#[derive(Debug)]
+pub enum ToBehaviour {
+    /// A request was read and accepted; the behaviour owes an answer.
+    Request {
+        id: InboundRequestId,
+        request: WireRequest,
+    },
+    /// The reply to an inbound request was written and the stream closed.
+    Answered { id: InboundRequestId, rpc: Rpc },
+    /// An inbound stream ended without a normal reply.
+    InboundFailed {
+        id: InboundRequestId,
+        error: InboundFailure,
+    },
+    /// A reply arrived; the behaviour checks its family.
+    Reply {
+        id: OutboundRequestId,
+        rpc: Rpc,
+        envelope: wire::Envelope,
+    },
+    /// An outbound request failed.
+    OutboundFailed {
+        id: OutboundRequestId,
+        error: OutboundFailure,
+    },
+}
+
+/// The connection handler of `/gantry/coord/1.0.0`.
+pub struct Handler {
+    peer: PeerId,
+    config: Arc<Config>,
+    budget: StreamBudget,
+    next_inbound_id: Arc<AtomicU64>,
+    inbound: Vec<InboundStream>,
+    outbound: Vec<OutboundStream>,
+    /// Requests waiting for a stream to be opened for them, with their deadlines.
+    queued: VecDeque<(OutboundRequest, Instant)>,
+    /// Streams requested from the connection and not yet negotiated.
+    opening: usize,
+    events: VecDeque<ToBehaviour>,
+    /// One timer for the handler: it wakes at the earliest deadline of any stream.
+    timer: Option<(Instant, Delay)>,
+}
+
+impl Handler {
+    pub(crate) fn new(
+        peer: PeerId,
+        config: Arc<Config>,
+        budget: StreamBudget,
+        next_inbound_id: Arc<AtomicU64>,
+    ) -> Self {
+        Handler {
+            peer,
+            config,
+            budget,
+            next_inbound_id,
+            inbound: Vec::new(),
+            outbound: Vec::new(),
+            queued: VecDeque::new(),
+            opening: 0,
+            events: VecDeque::new(),
+            timer: None,
+        }
+    }
+
+    fn on_inbound_stream(&mut self, stream: Stream) {
+        let id = InboundRequestId(self.next_inbound_id.fetch_add(1, Ordering::Relaxed));
+        match self.budget.try_admit() {
+            Ok(permit) => {
+                let opened = Instant::now();
+                self.inbound.push(InboundStream {
+                    id,
+                    stream,
+                    state: InboundState::Reading(FrameReader::default()),
+                    deadline: opened + self.config.handshake_timeout,
+                    span: tracing::debug_span!("coord_inbound", peer = %self.peer, id = id.0),
+                    _permit: permit,
+                });
+            }
+            Err(cap) => {
+                // Dropping an open stream resets it: nothing is read.
+                drop(stream);
+                tracing::debug!(peer = %self.peer, ?cap, "inbound stream over the cap, reset");
+                self.events.push_back(ToBehaviour::InboundFailed {
+                    id,
+                    error: InboundFailure::StreamCap(cap),
+                });
+            }
+        }
+    }
+
+    fn on_outbound_stream(
+        &mut self,
+        stream: Stream,
+        (request, deadline): (OutboundRequest, Instant),
+    ) {
+        self.opening -= 1;
+        self.outbound.push(OutboundStream {
+            id: request.id,
+            rpc: request.rpc,
+            stream,
+            state: OutboundState::Writing(FrameWriter::new(request.frame)),
+            deadline,
+            span: tracing::debug_span!("coord_outbound", peer = %self.peer, id = request.id.0),
+        });
+    }
+
+    fn on_dial_upgrade_error(
+        &mut self,
+        (request, _): (OutboundRequest, Instant),
+        error: StreamUpgradeError<std::convert::Infallible>,
+    ) {
+        self.opening -= 1;
+        let error = match error {
+            StreamUpgradeError::Timeout => OutboundFailure::Timeout,
+            StreamUpgradeError::NegotiationFailed => OutboundFailure::UnsupportedProtocols,
+            StreamUpgradeError::Io(e) => OutboundFailure::Io(e),
+            StreamUpgradeError::Apply(never) => match never {},
+        };
+        self.events.push_back(ToBehaviour::OutboundFailed {
+            id: request.id,
+            error,
+        });
+    }
+
+    /// Polls every stream once, queueing what they report and dropping finished ones.
+    fn poll_streams(&mut self, cx: &mut Context<'_>, now: Instant) {
+        let max = self.config.max_message_bytes;
+        let answer_timeout = self.config.answer_timeout;
+        let events = &mut self.events;
+        self.inbound.retain_mut(|stream| {
+            let _entered = stream.span.clone().entered();
+            match stream.poll(cx, now, max, answer_timeout) {
+                Poll::Pending => true,
+                Poll::Ready(InboundStep::Read(request)) => {
+                    events.push_back(ToBehaviour::Request {
+                        id: stream.id,
+                        request,
+                    });
+                    true
+                }
+                Poll::Ready(InboundStep::Done(event)) => {
+                    events.push_back(event);
+                    false
+                }
+            }
+        });
+        self.outbound.retain_mut(|stream| {
+            let _entered = stream.span.clone().entered();
+            match stream.poll(cx, now, max) {
+                Poll::Pending => true,
+                Poll::Ready(event) => {
+                    events.push_back(event);
+                    false
+                }
+            }
+        });
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let inbound = self.inbound.iter().map(InboundStream::next_deadline);
+        let outbound = self.outbound.iter().map(|s| s.deadline);
+        inbound.chain(outbound).min()
+    }
+}
+
+impl ConnectionHandler for Handler {
+    type FromBehaviour = FromBehaviour;
+    type ToBehaviour = ToBehaviour;
+    type InboundProtocol = ReadyUpgrade<libp2p_swarm::StreamProtocol>;
+    type OutboundProtocol = ReadyUpgrade<libp2p_swarm::StreamProtocol>;
+    type InboundOpenInfo = ();
+    type OutboundOpenInfo = (OutboundRequest, Instant);
+
+    fn listen_protocol(&self) -> SubstreamProtocol<Self::InboundProtocol> {
+        SubstreamProtocol::new(ReadyUpgrade::new(PROTOCOL_NAME), ())
+    }
+
+    fn on_behaviour_event(&mut self, event: FromBehaviour) {
+        match event {
+            FromBehaviour::Send(request) => {
+                let deadline = Instant::now() + self.config.request_timeout;
+                self.queued.push_back((request, deadline));
+            }
+            FromBehaviour::Answer { id, rpc, frame } => {
+                if let Some(stream) = self.inbound.iter_mut().find(|s| s.id == id) {
+                    stream.answer(rpc, frame);
+                }
+            }
+            FromBehaviour::Reject { id, reason } => {
+                if let Some(stream) = self.inbound.iter_mut().find(|s| s.id == id) {
+                    stream.reject(reason);
+                }
+            }
+        }
+    }
+
+    fn connection_keep_alive(&self) -> bool {
+        !self.inbound.is_empty()
+            || !self.outbound.is_empty()
+            || !self.queued.is_empty()
+            || self.opening > 0
+    }
+
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<ConnectionHandlerEvent<Self::OutboundProtocol, Self::OutboundOpenInfo, ToBehaviour>>
+    {
+        loop {
+            // Local work first: reports, then streams for queued requests.
+            if let Some(event) = self.events.pop_front() {
+                return Poll::Ready(ConnectionHandlerEvent::NotifyBehaviour(event));
+            }
+            let now = Instant::now();
+            if let Some((request, deadline)) = self.queued.pop_front() {
+                if deadline <= now {
+                    self.events.push_back(ToBehaviour::OutboundFailed {
+                        id: request.id,
+                        error: OutboundFailure::Timeout,
+                    });
+                    continue;
+                }
+                self.opening += 1;
+                let protocol =
+                    SubstreamProtocol::new(ReadyUpgrade::new(PROTOCOL_NAME), (request, deadline))
+                        .with_timeout(deadline - now);
+                return Poll::Ready(ConnectionHandlerEvent::OutboundSubstreamRequest { protocol });
+            }
+
+            self.poll_streams(cx, now);
+            if !self.events.is_empty() {
+                continue;
+            }
+
+            match self.next_deadline() {
+                None => self.timer = None,
+                Some(at) => {
+                    let timer = match &mut self.timer {
+                        Some((armed_at, timer)) if *armed_at == at => timer,
+                        slot => {
+                            &mut slot
+                                .insert((at, Delay::new(at.saturating_duration_since(now))))
+                                .1
+                        }
+                    };
+                    if timer.poll_unpin(cx).is_ready() {
+                        self.timer = None;
+                        continue;
+                    }
+                }
+            }
+            return Poll::Pending;
+        }
+    }
+
+    fn on_connection_event(
+        &mut self,
+        event: ConnectionEvent<
+            Self::InboundProtocol,
+            Self::OutboundProtocol,
+            (),
+            Self::OutboundOpenInfo,
+        >,
+    ) {
+        match event {
+            ConnectionEvent::FullyNegotiatedInbound(FullyNegotiatedInbound {
+                protocol: stream,
+                ..
+            }) => self.on_inbound_stream(stream),
+            ConnectionEvent::FullyNegotiatedOutbound(FullyNegotiatedOutbound {
+                protocol: stream,
+                info,
+            }) => self.on_outbound_stream(stream, info),
+            ConnectionEvent::DialUpgradeError(DialUpgradeError { info, error }) => {
+                self.on_dial_upgrade_error(info, error)
+            }
+            _ => {}
+        }
+    }
+}
+
+/// An inbound stream: reading the request, awaiting the loop's answer, then writing the
+/// reply (or only closing, to reject) and closing.
+struct InboundStream {
+    id: InboundRequestId,
+    stream: Stream,
+    state: InboundState,
+    /// The handshake deadline: the whole exchange, from the stream's opening.
+    deadline: Instant,
+    span: tracing::Span,
+    _permit: StreamPermit,
+}
+
+enum InboundState {
+    Reading(FrameReader),
+    AwaitingAnswer {
+        answer_by: Instant,
+    },
+    /// Writing the reply (or nothing, to reject) and closing.
+    Closing {
+        writer: FrameWriter,
+        ending: Ending,
+    },
+}
+
+/// How an inbound stream that is closing ends.
+enum Ending {
+    Replied(Rpc),
+    Rejected(InboundFailure),
+}
+
+enum InboundStep {
+    /// A request was read; the stream now waits for its answer.
+    Read(WireRequest),
+    /// The stream is finished.
+    Done(ToBehaviour),
+}
+
+impl InboundStream {
+    fn next_deadline(&self) -> Instant {
+        match self.state {
+            InboundState::AwaitingAnswer { answer_by } => answer_by.min(self.deadline),
+            _ => self.deadline,
+        }
+    }
+
+    fn answer(&mut self, rpc: Rpc, frame: Vec<u8>) {
+        if matches!(self.state, InboundState::AwaitingAnswer { .. }) {
+            self.state = InboundState::Closing {
+                writer: FrameWriter::new(frame),
+                ending: Ending::Replied(rpc),
+            };
+        }
+    }
+
+    fn reject(&mut self, reason: InboundFailure) {
+        if matches!(self.state, InboundState::AwaitingAnswer { .. }) {
+            self.close_without_reply(reason);
+        }
+    }
+
+    fn close_without_reply(&mut self, reason: InboundFailure) {
+        tracing::debug!(%reason, "closing inbound stream without a reply");
+        self.state = InboundState::Closing {
+            writer: FrameWriter::close_only(),
+            ending: Ending::Rejected(reason),
+        };
+    }
+
+    fn done(&self, error: InboundFailure) -> Poll<InboundStep> {
+        Poll::Ready(InboundStep::Done(ToBehaviour::InboundFailed {
+            id: self.id,
+            error,
+        }))
+    }
+
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        now: Instant,
+        max: usize,
+        answer_timeout: std::time::Duration,
+    ) -> Poll<InboundStep> {
+        loop {
+            if now >= self.deadline {
+                let error = match &self.state {
+                    InboundState::Closing {
+                        ending: Ending::Rejected(reason),
+                        ..
+                    } => reason.clone(),
+                    _ => InboundFailure::Timeout,
+                };
+                return self.done(error);
+            }
+            match &mut self.state {
+                InboundState::Reading(reader) => {
+                    match reader.poll_read(&mut self.stream, cx, max) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Ok(envelope)) => match WireRequest::from_wire(envelope) {
+                            Ok(request) => {
+                                self.state = InboundState::AwaitingAnswer {
+                                    answer_by: now + answer_timeout,
+                                };
+                                return Poll::Ready(InboundStep::Read(request));
+                            }
+                            Err(rejection) => self.close_without_reply(rejection.into()),
+                        },
+                        Poll::Ready(Err(ReadError::Closed)) => self
+                            .close_without_reply(InboundFailure::Malformed(FrameError::Truncated)),
+                        Poll::Ready(Err(ReadError::Frame(error))) => {
+                            self.close_without_reply(InboundFailure::from(error))
+                        }
+                        Poll::Ready(Err(ReadError::Io(error))) => {
+                            return self.done(InboundFailure::Io(error.kind()))
+                        }
+                    }
+                }
+                InboundState::AwaitingAnswer { answer_by } => {
+                    if now >= *answer_by {
+                        return self.done(InboundFailure::AnswerTimeout);
+                    }
+                    return Poll::Pending;
+                }
+                InboundState::Closing { writer, ending } => {
+                    let result = futures::ready!(writer.poll_write_and_close(&mut self.stream, cx));
+                    let event = match (ending, result) {
+                        (Ending::Rejected(reason), _) => ToBehaviour::InboundFailed {
+                            id: self.id,
+                            error: reason.clone(),
+                        },
+                        (Ending::Replied(rpc), Ok(())) => ToBehaviour::Answered {
+                            id: self.id,
+                            rpc: *rpc,
+                        },
+                        (Ending::Replied(_), Err(error)) => ToBehaviour::InboundFailed {
+                            id: self.id,
+                            error: InboundFailure::Io(error.kind()),
+                        },
+                    };
+                    return Poll::Ready(InboundStep::Done(event));
+                }
+            }
+        }
+    }
+}
+
+impl From<RequestRejection> for InboundFailure {
+    fn from(rejection: RequestRejection) -> Self {
+        match rejection {
+            RequestRejection::Empty => InboundFailure::EmptyEnvelope,
+            RequestRejection::WrongBody => InboundFailure::UnexpectedBody,
+            RequestRejection::InvalidDigest(error) => InboundFailure::InvalidDigest(error),
+            RequestRejection::MissingOrigin => InboundFailure::MissingOrigin,
+        }
+    }
+}
+
+/// An outbound stream: writing the request and half-closing, then reading the reply.
+struct OutboundStream {
+    id: OutboundRequestId,
+    rpc: Rpc,
+    stream: Stream,
+    state: OutboundState,
+    deadline: Instant,
+    span: tracing::Span,
+}
+
+enum OutboundState {
+    Writing(FrameWriter),
+    Reading(FrameReader),
+}
+
+impl OutboundStream {
+    fn poll(&mut self, cx: &mut Context<'_>, now: Instant, max: usize) -> Poll<ToBehaviour> {
+        let failed = |error| Poll::Ready(ToBehaviour::OutboundFailed { id: self.id, error });
+        if now >= self.deadline {
+            return failed(OutboundFailure::Timeout);
+        }
+        loop {
+            match &mut self.state {
+                OutboundState::Writing(writer) => {
+                    match futures::ready!(writer.poll_write_and_close(&mut self.stream, cx)) {
+                        Ok(()) => self.state = OutboundState::Reading(FrameReader::default()),
+                        Err(error) => return failed(OutboundFailure::Io(error)),
+                    }
+                }
+                OutboundState::Reading(reader) => {
+                    return match futures::ready!(reader.poll_read(&mut self.stream, cx, max)) {
+                        Ok(envelope) => Poll::Ready(ToBehaviour::Reply {
+                            id: self.id,
+                            rpc: self.rpc,
+                            envelope,
+                        }),
+                        Err(ReadError::Closed) => failed(OutboundFailure::NoReply),
+                        Err(ReadError::Frame(error)) => {
+                            failed(OutboundFailure::MalformedReply(error))
+                        }
+                        Err(ReadError::Io(error)) => failed(OutboundFailure::Io(error)),
+                    };
+                }
+            }
+        }
+    }
+}
