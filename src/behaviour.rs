@@ -12,10 +12,11 @@ use std::{
     time::SystemTime,
 };
 
+use hashlink::LruCache;
 use libp2p_core::{transport::PortUse, Endpoint, Multiaddr};
 use libp2p_identity::PeerId;
 use libp2p_swarm::{
-    behaviour::{ConnectionClosed, ConnectionEstablished, DialFailure},
+    behaviour::{ConnectionClosed, ConnectionEstablished, DialFailure, NewExternalAddrOfPeer},
     dial_opts::DialOpts,
     ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, NotifyHandler, THandler,
     THandlerInEvent, THandlerOutEvent, ToSwarm,
@@ -226,6 +227,11 @@ pub enum Event {
     },
 }
 
+/// Peers whose addresses are remembered for dialing; the least recently used go first.
+const MAX_REMEMBERED_PEERS: usize = 1024;
+/// Addresses remembered per peer.
+const MAX_ADDRESSES_PER_PEER: usize = 8;
+
 /// The `/gantry/coord/1.0.0` network behaviour.
 pub struct Behaviour {
     config: Arc<Config>,
@@ -236,6 +242,8 @@ pub struct Behaviour {
     /// Inbound streams open per peer, across that peer's connections.
     open_inbound_per_peer: HashMap<PeerId, Arc<AtomicUsize>>,
     connections: HashMap<PeerId, Vec<ConnectionId>>,
+    /// Addresses learned through `Swarm::add_peer_address`, for dialing; bounded.
+    addresses: LruCache<PeerId, Vec<Multiaddr>>,
     /// Requests waiting for a connection to their peer.
     awaiting_connection: HashMap<PeerId, Vec<OutboundRequest>>,
     /// Outbound requests in flight: their peer and, once sent, their connection.
@@ -257,6 +265,7 @@ impl Behaviour {
             open_inbound: Arc::default(),
             open_inbound_per_peer: HashMap::new(),
             connections: HashMap::new(),
+            addresses: LruCache::new(MAX_REMEMBERED_PEERS),
             awaiting_connection: HashMap::new(),
             outbound: HashMap::new(),
             awaiting_answer: HashMap::new(),
@@ -532,6 +541,22 @@ impl Behaviour {
         }
     }
 
+    fn remember_address(&mut self, peer: PeerId, addr: Multiaddr) {
+        let addresses = match self.addresses.get_mut(&peer) {
+            Some(addresses) => addresses,
+            None => {
+                self.addresses.insert(peer, Vec::new());
+                self.addresses.get_mut(&peer).expect("just inserted")
+            }
+        };
+        if !addresses.contains(&addr) {
+            if addresses.len() == MAX_ADDRESSES_PER_PEER {
+                addresses.remove(0);
+            }
+            addresses.push(addr);
+        }
+    }
+
     fn on_dial_failure(&mut self, peer: PeerId, error: String) {
         if self.connections.contains_key(&peer) {
             return;
@@ -580,8 +605,23 @@ impl NetworkBehaviour for Behaviour {
         Ok(self.new_handler(peer))
     }
 
+    fn handle_pending_outbound_connection(
+        &mut self,
+        _: ConnectionId,
+        peer: Option<PeerId>,
+        _: &[Multiaddr],
+        _: Endpoint,
+    ) -> Result<Vec<Multiaddr>, ConnectionDenied> {
+        Ok(peer
+            .and_then(|peer| self.addresses.get(&peer).cloned())
+            .unwrap_or_default())
+    }
+
     fn on_swarm_event(&mut self, event: FromSwarm) {
         match event {
+            FromSwarm::NewExternalAddrOfPeer(NewExternalAddrOfPeer { peer_id, addr }) => {
+                self.remember_address(peer_id, addr.clone())
+            }
             FromSwarm::ConnectionEstablished(ConnectionEstablished {
                 peer_id,
                 connection_id,

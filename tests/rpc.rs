@@ -1,0 +1,350 @@
+//! Both RPC families end to end between two swarms on the memory transport, and the
+//! typed failures a requester sees.
+
+mod common;
+
+use std::time::{Duration, SystemTime};
+
+use common::*;
+use gantry_coord::{
+    Authorization, Behaviour, Config, Event, FailureClass, InboundFailure, OriginRefKind,
+    OutboundFailure, Outcome, PleasePull, PleasePullOutcome, PullIntent, RecentFailure, Rpc,
+};
+use libp2p_swarm::Swarm;
+use libp2p_swarm_test::SwarmExt;
+
+/// What a test responder saw: an event it did not consume, or a please_pull it answered.
+#[derive(Debug)]
+enum Seen {
+    Event(Event),
+    PleasePull {
+        request: PleasePull,
+        skipped_digests: usize,
+    },
+}
+
+fn sample_intent(now: SystemTime) -> PullIntent {
+    PullIntent {
+        has_cached: true,
+        in_flight_since: Some(now - Duration::from_millis(1500)),
+        hrw_rank: Some(2),
+        recently_failed: Some(RecentFailure {
+            cooldown_until: now + Duration::from_secs(30),
+            class: FailureClass::RateLimited,
+        }),
+    }
+}
+
+fn outcomes_for(request: &PleasePull, now: SystemTime) -> Vec<PleasePullOutcome> {
+    let kinds = [
+        Outcome::Started { started_at: now },
+        Outcome::AlreadyPulling {
+            started_at: now - Duration::from_secs(3),
+        },
+        Outcome::RecentlyFailed(RecentFailure {
+            cooldown_until: now + Duration::from_secs(10),
+            class: FailureClass::NotFound,
+        }),
+        Outcome::Unspecified,
+    ];
+    request
+        .digests()
+        .iter()
+        .zip(kinds.iter().cycle())
+        .map(|(digest, outcome)| PleasePullOutcome {
+            digest: digest.clone(),
+            outcome: *outcome,
+        })
+        .collect()
+}
+
+/// A responder that answers queries with `intent` and please_pull with one outcome per
+/// digest, cycling through every outcome kind.
+fn answering(
+    intent: PullIntent,
+    now: SystemTime,
+) -> impl FnMut(&mut Behaviour, Event) -> Option<Seen> + Send + 'static {
+    move |behaviour, event| match event {
+        Event::PullIntentQuery { responder, .. } => {
+            behaviour.respond(responder, intent).unwrap();
+            None
+        }
+        Event::PleasePull {
+            request,
+            skipped_digests,
+            responder,
+            ..
+        } => {
+            behaviour
+                .respond(responder, outcomes_for(&request, now))
+                .unwrap();
+            Some(Seen::PleasePull {
+                request,
+                skipped_digests,
+            })
+        }
+        other => Some(Seen::Event(other)),
+    }
+}
+
+/// A requester that knows the responder's address but is not connected to it.
+async fn pair(
+    responder_config: Config,
+    requester_config: Config,
+) -> (Swarm<Behaviour>, Swarm<Behaviour>) {
+    let mut responder = coord(responder_config);
+    let addr = listen(&mut responder).await;
+    let mut requester = coord(requester_config);
+    requester.add_peer_address(*responder.local_peer_id(), addr);
+    (requester, responder)
+}
+
+#[tokio::test]
+async fn pull_intent_round_trip_dials_and_carries_every_field() {
+    let now = SystemTime::now();
+    let (mut requester, responder) = pair(Config::default(), Config::default()).await;
+    let target = *responder.local_peer_id();
+    let mut seen = spawn_coord(responder, answering(sample_intent(now), now));
+
+    let id = requester
+        .behaviour_mut()
+        .pull_intent_query(target, &digest(1));
+    let event = requester
+        .wait(|e| match e {
+            libp2p_swarm::SwarmEvent::Behaviour(e) => Some(e),
+            _ => None,
+        })
+        .await;
+    match event {
+        Event::PullIntentReply {
+            peer,
+            request_id,
+            intent,
+        } => {
+            assert_eq!((peer, request_id), (target, id));
+            assert_eq!(intent, sample_intent(now));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(requester.behaviour().pending_requests(), 0);
+    match next(&mut seen).await {
+        Seen::Event(Event::ResponseSent { rpc, peer, .. }) => {
+            assert_eq!(rpc, Rpc::PullIntent);
+            assert_eq!(peer, *requester.local_peer_id());
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn pull_intent_of_an_unranked_idle_node() {
+    let now = SystemTime::now();
+    let (mut requester, responder) = pair(Config::default(), Config::default()).await;
+    let target = *responder.local_peer_id();
+    let _seen = spawn_coord(responder, answering(PullIntent::UNKNOWN, now));
+    requester
+        .behaviour_mut()
+        .pull_intent_query(target, &digest(9));
+    match requester.next_behaviour_event().await {
+        Event::PullIntentReply { intent, .. } => assert_eq!(intent, PullIntent::UNKNOWN),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn please_pull_round_trip_keeps_order_and_delegates_credentials() {
+    let now = SystemTime::now();
+    let (mut requester, responder) = pair(Config::default(), Config::default()).await;
+    let target = *responder.local_peer_id();
+    let mut seen = spawn_coord(responder, answering(PullIntent::UNKNOWN, now));
+
+    let digests: Vec<_> = (1..=5).map(digest).collect();
+    let request = PleasePull::new(
+        "registry.example.com:5000",
+        "library/nginx",
+        OriginRefKind::Manifest,
+        digests.clone(),
+    )
+    .unwrap()
+    .with_authorization(Authorization::new("Bearer abc"));
+    let id = requester.behaviour_mut().please_pull(target, &request);
+
+    match requester.next_behaviour_event().await {
+        Event::PleasePullReply {
+            peer,
+            request_id,
+            outcomes,
+        } => {
+            assert_eq!((peer, request_id), (target, id));
+            assert_eq!(outcomes, outcomes_for(&request, now));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    match next(&mut seen).await {
+        Seen::PleasePull {
+            request: received,
+            skipped_digests,
+        } => {
+            assert_eq!(skipped_digests, 0);
+            assert_eq!(received, request);
+            assert_eq!(
+                received.authorization().map(|a| a.expose_secret()),
+                Some("Bearer abc")
+            );
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn peer_without_the_protocol_is_reported() {
+    let mut other = Swarm::new_ephemeral_tokio(|_| libp2p_swarm::dummy::Behaviour);
+    let addr = listen(&mut other).await;
+    let target = *other.local_peer_id();
+    tokio::spawn(other.loop_on_next());
+    let mut requester = coord(Config::default());
+    requester.add_peer_address(target, addr);
+
+    let id = requester
+        .behaviour_mut()
+        .pull_intent_query(target, &digest(1));
+    match requester.next_behaviour_event().await {
+        Event::OutboundFailure {
+            request_id,
+            error: OutboundFailure::UnsupportedProtocols,
+            ..
+        } => assert_eq!(request_id, id),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn unreachable_peer_is_a_dial_failure() {
+    let mut requester = coord(Config::default());
+    let stranger = libp2p_identity::PeerId::random();
+    let id = requester
+        .behaviour_mut()
+        .pull_intent_query(stranger, &digest(1));
+    match requester.next_behaviour_event().await {
+        Event::OutboundFailure {
+            peer,
+            request_id,
+            error: OutboundFailure::DialFailure(_),
+        } => assert_eq!((peer, request_id), (stranger, id)),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(requester.behaviour().pending_requests(), 0);
+}
+
+#[tokio::test]
+async fn unanswered_request_fails_on_both_sides_and_leaks_nothing() {
+    let responder_config = Config::default().with_answer_timeout(Duration::from_millis(300));
+    let requester_config = Config::default().with_request_timeout(Duration::from_secs(5));
+    let (mut requester, mut responder) = pair(responder_config, requester_config).await;
+    let target = *responder.local_peer_id();
+
+    let id = requester
+        .behaviour_mut()
+        .pull_intent_query(target, &digest(1));
+    // Drive both; the responder's loop sees the query and never answers.
+    let mut query_seen = false;
+    let mut responder_failure = None;
+    let mut requester_failure = None;
+    while responder_failure.is_none() || requester_failure.is_none() {
+        tokio::select! {
+            event = responder.next_behaviour_event() => match event {
+                Event::PullIntentQuery { .. } => query_seen = true,
+                Event::InboundFailure { error, .. } => responder_failure = Some(error),
+                other => panic!("unexpected {other:?}"),
+            },
+            event = requester.next_behaviour_event() => match event {
+                Event::OutboundFailure { request_id, error, .. } => {
+                    assert_eq!(request_id, id);
+                    requester_failure = Some(error);
+                }
+                other => panic!("unexpected {other:?}"),
+            },
+        }
+    }
+    assert!(query_seen);
+    assert_eq!(responder_failure, Some(InboundFailure::AnswerTimeout));
+    assert!(matches!(requester_failure, Some(OutboundFailure::NoReply)));
+    assert_eq!(responder.behaviour().pending_answers(), 0);
+    assert_eq!(responder.behaviour().open_inbound_streams(), 0);
+    assert_eq!(requester.behaviour().pending_requests(), 0);
+}
+
+#[tokio::test]
+async fn requester_times_out_when_the_reply_is_late() {
+    let requester_config = Config::default().with_request_timeout(Duration::from_millis(300));
+    let (mut requester, mut responder) = pair(Config::default(), requester_config).await;
+    let target = *responder.local_peer_id();
+    let id = requester
+        .behaviour_mut()
+        .pull_intent_query(target, &digest(1));
+    let mut held = None;
+    loop {
+        tokio::select! {
+            event = responder.next_behaviour_event() => {
+                if let Event::PullIntentQuery { responder: token, .. } = event {
+                    held = Some(token);
+                }
+            }
+            event = requester.next_behaviour_event() => match event {
+                Event::OutboundFailure { request_id, error: OutboundFailure::Timeout, .. } => {
+                    assert_eq!(request_id, id);
+                    break;
+                }
+                other => panic!("unexpected {other:?}"),
+            },
+        }
+    }
+    assert!(held.is_some(), "the responder saw the query");
+    assert_eq!(requester.behaviour().pending_requests(), 0);
+}
+
+#[tokio::test]
+async fn connection_closed_mid_request_fails_both_sides() {
+    let (mut requester, mut responder) = pair(Config::default(), Config::default()).await;
+    let target = *responder.local_peer_id();
+    let id = requester
+        .behaviour_mut()
+        .pull_intent_query(target, &digest(1));
+
+    let mut requester_failure = None;
+    let mut responder_failure = None;
+    let mut held = None;
+    while requester_failure.is_none() || responder_failure.is_none() {
+        tokio::select! {
+            event = responder.next_behaviour_event() => match event {
+                Event::PullIntentQuery { responder: token, .. } => {
+                    held = Some(token);
+                    // The query is read and unanswered: now drop the connection.
+                    let _ = requester.disconnect_peer_id(target);
+                }
+                Event::InboundFailure { error, .. } => responder_failure = Some(error),
+                other => panic!("unexpected {other:?}"),
+            },
+            event = requester.next_behaviour_event() => match event {
+                Event::OutboundFailure { request_id, error, .. } => {
+                    assert_eq!(request_id, id);
+                    requester_failure = Some(error);
+                }
+                other => panic!("unexpected {other:?}"),
+            },
+        }
+    }
+    assert!(matches!(
+        requester_failure,
+        Some(OutboundFailure::ConnectionClosed)
+    ));
+    assert_eq!(responder_failure, Some(InboundFailure::ConnectionClosed));
+    let token = held.expect("the query arrived");
+    assert_eq!(
+        responder
+            .behaviour_mut()
+            .respond(token, PullIntent::UNKNOWN),
+        Err(gantry_coord::RespondError::Expired)
+    );
+    assert_eq!(responder.behaviour().pending_answers(), 0);
+}
