@@ -59,17 +59,84 @@ where
     rx
 }
 
-/// A swarm that speaks no protocol of its own but opens raw streams on demand.
-pub fn raw_peer() -> (Swarm<libp2p_stream::Behaviour>, libp2p_stream::Control) {
-    let swarm = Swarm::new_ephemeral_tokio(|_| libp2p_stream::Behaviour::new());
-    let control = swarm.behaviour().new_control();
-    (swarm, control)
+/// Gives the swarm the addresses a test knows, so raw streams can dial.
+#[derive(Default)]
+pub struct AddressBook(std::collections::HashMap<PeerId, Multiaddr>);
+
+impl libp2p_swarm::NetworkBehaviour for AddressBook {
+    type ConnectionHandler = libp2p_swarm::dummy::ConnectionHandler;
+    type ToSwarm = std::convert::Infallible;
+
+    fn handle_established_inbound_connection(
+        &mut self,
+        _: libp2p_swarm::ConnectionId,
+        _: PeerId,
+        _: &Multiaddr,
+        _: &Multiaddr,
+    ) -> Result<libp2p_swarm::THandler<Self>, libp2p_swarm::ConnectionDenied> {
+        Ok(libp2p_swarm::dummy::ConnectionHandler)
+    }
+
+    fn handle_established_outbound_connection(
+        &mut self,
+        _: libp2p_swarm::ConnectionId,
+        _: PeerId,
+        _: &Multiaddr,
+        _: libp2p_core::Endpoint,
+        _: libp2p_core::transport::PortUse,
+    ) -> Result<libp2p_swarm::THandler<Self>, libp2p_swarm::ConnectionDenied> {
+        Ok(libp2p_swarm::dummy::ConnectionHandler)
+    }
+
+    fn handle_pending_outbound_connection(
+        &mut self,
+        _: libp2p_swarm::ConnectionId,
+        peer: Option<PeerId>,
+        _: &[Multiaddr],
+        _: libp2p_core::Endpoint,
+    ) -> Result<Vec<Multiaddr>, libp2p_swarm::ConnectionDenied> {
+        Ok(peer
+            .and_then(|p| self.0.get(&p).cloned())
+            .into_iter()
+            .collect())
+    }
+
+    fn on_swarm_event(&mut self, _: libp2p_swarm::FromSwarm) {}
+
+    fn on_connection_handler_event(
+        &mut self,
+        _: PeerId,
+        _: libp2p_swarm::ConnectionId,
+        event: libp2p_swarm::THandlerOutEvent<Self>,
+    ) {
+        match event {}
+    }
+
+    fn poll(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<libp2p_swarm::ToSwarm<Self::ToSwarm, libp2p_swarm::THandlerInEvent<Self>>>
+    {
+        std::task::Poll::Pending
+    }
+}
+
+/// A peer that speaks no protocol of its own but opens raw streams on demand.
+#[derive(libp2p_swarm::NetworkBehaviour)]
+#[behaviour(prelude = "libp2p_swarm::derive_prelude")]
+pub struct RawPeer {
+    pub addresses: AddressBook,
+    pub streams: libp2p_stream::Behaviour,
 }
 
 /// Starts a raw peer in the background that knows how to reach `target`.
 pub fn spawn_raw_peer(target: PeerId, addr: Multiaddr) -> (PeerId, libp2p_stream::Control) {
-    let (mut swarm, control) = raw_peer();
-    swarm.add_peer_address(target, addr);
+    let mut swarm = Swarm::new_ephemeral_tokio(|_| RawPeer {
+        addresses: AddressBook::default(),
+        streams: libp2p_stream::Behaviour::new(),
+    });
+    swarm.behaviour_mut().addresses.0.insert(target, addr);
+    let control = swarm.behaviour().streams.new_control();
     let peer = *swarm.local_peer_id();
     tokio::spawn(swarm.loop_on_next());
     (peer, control)

@@ -1,0 +1,277 @@
+//! A peer that writes raw bytes on coord streams: each bad input is handled as
+//! PROTOCOL.md's responder table says, reported with its reason, and the node keeps serving.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures::{AsyncReadExt, AsyncWriteExt};
+use gantry_coord::{
+    Behaviour, Config, DigestError, Event, FrameError, InboundFailure, PullIntent, StreamCap,
+    PROTOCOL_NAME,
+};
+use libp2p_identity::PeerId;
+use wire::envelope::Msg;
+
+/// What the victim saw, in order.
+#[derive(Debug, PartialEq)]
+enum Seen {
+    Failure(PeerId, InboundFailure),
+    Query,
+    PleasePull { digests: usize, skipped: usize },
+    Served,
+}
+
+/// A coord node that answers every request and reports what it saw.
+async fn victim(
+    config: Config,
+) -> (
+    PeerId,
+    libp2p_core::Multiaddr,
+    futures::channel::mpsc::UnboundedReceiver<Seen>,
+) {
+    let mut swarm = coord(config);
+    let addr = listen(&mut swarm).await;
+    let peer = *swarm.local_peer_id();
+    let rx = spawn_coord(swarm, |behaviour: &mut Behaviour, event| match event {
+        Event::PullIntentQuery { responder, .. } => {
+            behaviour.respond(responder, PullIntent::UNKNOWN).unwrap();
+            Some(Seen::Query)
+        }
+        Event::PleasePull {
+            request,
+            skipped_digests,
+            responder,
+            ..
+        } => {
+            let outcomes = request
+                .digests()
+                .iter()
+                .map(|digest| gantry_coord::PleasePullOutcome {
+                    digest: digest.clone(),
+                    outcome: gantry_coord::Outcome::Unspecified,
+                })
+                .collect();
+            behaviour.respond(responder, outcomes).unwrap();
+            Some(Seen::PleasePull {
+                digests: request.digests().len(),
+                skipped: skipped_digests,
+            })
+        }
+        Event::InboundFailure { peer, error, .. } => Some(Seen::Failure(peer, error)),
+        Event::ResponseSent { .. } => Some(Seen::Served),
+        _ => None,
+    });
+    (peer, addr, rx)
+}
+
+fn query(digest: &str) -> Vec<u8> {
+    frame(Msg::PullIntentRequest(wire::PullIntentRequest {
+        digest: digest.into(),
+    }))
+}
+
+/// Sends `bytes`, expects the stream closed with no reply and the given failure, then
+/// checks a good query on a fresh stream is still answered.
+async fn rejected(bytes: &[u8], want: InboundFailure) {
+    let (target, addr, mut seen) = victim(Config::default()).await;
+    let (me, mut control) = spawn_raw_peer(target, addr);
+    let reply = raw_exchange(&mut control, target, bytes).await.unwrap();
+    assert!(reply.is_empty(), "no reply to a rejected request");
+    assert_eq!(next(&mut seen).await, Seen::Failure(me, want));
+
+    let reply = raw_exchange(&mut control, target, &query(digest(7).as_str()))
+        .await
+        .unwrap();
+    assert!(matches!(unframe(&reply).msg, Some(Msg::PullIntentResponse(r)) if r.hrw_rank == -1));
+    assert_eq!(next(&mut seen).await, Seen::Query);
+    assert_eq!(next(&mut seen).await, Seen::Served);
+}
+
+#[tokio::test]
+async fn oversized_length_prefix_is_rejected_before_reading() {
+    // 1 MiB + 1, and no body at all: the cap is judged from the prefix alone.
+    rejected(
+        &[0x81, 0x80, 0x40],
+        InboundFailure::Oversized { len: (1 << 20) + 1 },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn non_minimal_varint_is_malformed() {
+    rejected(
+        &[0x80, 0x00],
+        InboundFailure::Malformed(FrameError::NonMinimalLength),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn garbage_bytes_are_malformed() {
+    rejected(
+        &[0x06, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
+        InboundFailure::Malformed(FrameError::Undecodable),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn truncated_body_is_malformed() {
+    rejected(
+        &[0x10, 0x0a, 0x02],
+        InboundFailure::Malformed(FrameError::Truncated),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn empty_envelope_is_rejected() {
+    rejected(&[0x00], InboundFailure::EmptyEnvelope).await;
+}
+
+#[tokio::test]
+async fn response_body_sent_as_request_is_rejected() {
+    let bytes = frame(Msg::PullIntentResponse(wire::PullIntentResponse {
+        has_cached: true,
+        ..Default::default()
+    }));
+    rejected(&bytes, InboundFailure::UnexpectedBody).await;
+}
+
+#[tokio::test]
+async fn invalid_digest_is_rejected() {
+    rejected(
+        &query("sha256:not-hex"),
+        InboundFailure::InvalidDigest(DigestError::InvalidLength),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn please_pull_without_repository_is_rejected() {
+    let bytes = frame(Msg::PleasePullRequest(wire::PleasePullRequest {
+        digests: vec![digest(1).to_string()],
+        upstream_registry: "docker.io".into(),
+        ..Default::default()
+    }));
+    rejected(&bytes, InboundFailure::MissingOrigin).await;
+}
+
+#[tokio::test]
+async fn batch_with_some_invalid_digests_answers_the_rest_in_order() {
+    let (target, addr, mut seen) = victim(Config::default()).await;
+    let (_, mut control) = spawn_raw_peer(target, addr);
+    let digests = vec![
+        digest(1).to_string(),
+        "sha256:short".into(),
+        digest(2).to_string(),
+        "md5:d41d8cd98f00b204e9800998ecf8427e".into(),
+        digest(3).to_string(),
+    ];
+    let bytes = frame(Msg::PleasePullRequest(wire::PleasePullRequest {
+        digests,
+        upstream_registry: "docker.io".into(),
+        repository: "library/nginx".into(),
+        ..Default::default()
+    }));
+    let reply = raw_exchange(&mut control, target, &bytes).await.unwrap();
+    let Some(Msg::PleasePullResponse(response)) = unframe(&reply).msg else {
+        panic!("expected a please_pull response");
+    };
+    let got: Vec<_> = response.results.iter().map(|r| r.digest.clone()).collect();
+    assert_eq!(
+        got,
+        vec![
+            digest(1).to_string(),
+            digest(2).to_string(),
+            digest(3).to_string()
+        ]
+    );
+    assert_eq!(
+        next(&mut seen).await,
+        Seen::PleasePull {
+            digests: 3,
+            skipped: 2
+        }
+    );
+}
+
+#[tokio::test]
+async fn please_pull_with_no_digests_gets_an_empty_reply() {
+    let (target, addr, mut seen) = victim(Config::default()).await;
+    let (_, mut control) = spawn_raw_peer(target, addr);
+    let bytes = frame(Msg::PleasePullRequest(wire::PleasePullRequest {
+        upstream_registry: "docker.io".into(),
+        repository: "library/nginx".into(),
+        ..Default::default()
+    }));
+    let reply = raw_exchange(&mut control, target, &bytes).await.unwrap();
+    assert!(
+        matches!(unframe(&reply).msg, Some(Msg::PleasePullResponse(r)) if r.results.is_empty())
+    );
+    assert_eq!(
+        next(&mut seen).await,
+        Seen::PleasePull {
+            digests: 0,
+            skipped: 0
+        }
+    );
+}
+
+/// Opens a stream and leaves it silent.
+async fn open_silent(control: &mut libp2p_stream::Control, target: PeerId) -> libp2p_swarm::Stream {
+    control.open_stream(target, PROTOCOL_NAME).await.unwrap()
+}
+
+#[tokio::test]
+async fn node_cap_and_peer_share_hold_across_two_peers() {
+    let config = Config::default()
+        .with_max_inbound_streams(4)
+        .with_max_inbound_streams_per_peer(3)
+        .with_handshake_timeout(Duration::from_secs(15));
+    let (target, addr, mut seen) = victim(config).await;
+    let (a, mut control_a) = spawn_raw_peer(target, addr.clone());
+    let (b, mut control_b) = spawn_raw_peer(target, addr);
+
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(open_silent(&mut control_a, target).await);
+    }
+    // A's fourth stream is over its share and reset before anything is read.
+    let mut over_share = open_silent(&mut control_a, target).await;
+    assert_eq!(
+        next(&mut seen).await,
+        Seen::Failure(a, InboundFailure::StreamCap(StreamCap::Peer))
+    );
+    // Reset, not closed: nothing to read, and the write side is gone too.
+    let mut buf = [0u8; 1];
+    assert!(matches!(over_share.read(&mut buf).await, Ok(0) | Err(_)));
+    assert!(over_share
+        .write_all(&query(digest(1).as_str()))
+        .await
+        .is_err());
+
+    // B gets the last node-wide slot; its second stream is over the node cap.
+    held.push(open_silent(&mut control_b, target).await);
+    let _over_cap = open_silent(&mut control_b, target).await;
+    assert_eq!(
+        next(&mut seen).await,
+        Seen::Failure(b, InboundFailure::StreamCap(StreamCap::Node))
+    );
+
+    // A slot freed by A is usable by B again.
+    let mut first = held.remove(0);
+    first.write_all(&query(digest(1).as_str())).await.unwrap();
+    first.close().await.unwrap();
+    let mut reply = Vec::new();
+    first.read_to_end(&mut reply).await.unwrap();
+    assert_eq!(next(&mut seen).await, Seen::Query);
+    assert_eq!(next(&mut seen).await, Seen::Served);
+    let reply = raw_exchange(&mut control_b, target, &query(digest(2).as_str()))
+        .await
+        .unwrap();
+    assert!(!reply.is_empty());
+    assert_eq!(next(&mut seen).await, Seen::Query);
+}
