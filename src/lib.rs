@@ -53,7 +53,13 @@ mod config;
 mod digest;
 mod failure;
 mod handler;
+pub mod hrw;
+mod inflight;
+mod membership;
 mod message;
+mod negative_cache;
+mod node;
+mod store;
 
 /// Types generated from `proto/coord.proto`; never part of the public API.
 #[allow(missing_docs, clippy::all)]
@@ -71,10 +77,17 @@ pub use config::{AuthorizationMode, Config};
 pub use digest::{Digest, DigestError};
 pub use failure::{InboundFailure, OutboundFailure, RespondError, UnauthorizedReason};
 pub use handler::Handler;
+pub use inflight::{stale_after, InFlightMap, InFlightPulls};
+pub use membership::{published_peer_ids, Member, Membership, NodeId, StaticMembership};
 pub use message::{
     Authorization, FailureClass, OriginRefKind, Outcome, PleasePull, PleasePullError,
     PleasePullOutcome, PullIntent, RecentFailure, MAX_DIGESTS_PER_PLEASE_PULL,
 };
+pub use negative_cache::{FailureCache, NegativeCache};
+pub use node::{
+    Clock, NodeState, NodeStateBuilder, PullOrder, PullerPump, PumpDecision, Signals, SystemClock,
+};
+pub use store::{ContentStore, MemoryStore, StoreLookup};
 
 /// The protocol this crate speaks.
 pub const PROTOCOL_NAME: libp2p_swarm::StreamProtocol =

@@ -1,0 +1,142 @@
+//! Origin pulls in flight, one per digest, and when each started.
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, SystemTime},
+};
+
+use crate::{Digest, OriginRefKind};
+
+/// The in-flight map a node answers from. Bring your own or use [`InFlightMap`].
+pub trait InFlightPulls: Send + Sync + 'static {
+    /// Marks `digest` in flight from `now`; if it already is, returns when that pull started.
+    fn begin(&self, digest: &Digest, now: SystemTime) -> Result<(), SystemTime>;
+
+    /// When the in-flight pull of `digest` started, if one is in flight.
+    fn started_at(&self, digest: &Digest) -> Option<SystemTime>;
+
+    /// Ends the pull of `digest`, whatever its result.
+    fn finish(&self, digest: &Digest);
+}
+
+/// An in-memory in-flight map, bounded by `max_entries`: a node does not run unbounded
+/// origin pulls, so a full map refuses new ones until some finish.
+#[derive(Debug)]
+pub struct InFlightMap {
+    entries: Mutex<HashMap<Digest, SystemTime>>,
+    max_entries: usize,
+}
+
+impl Default for InFlightMap {
+    fn default() -> Self {
+        InFlightMap::new(4096)
+    }
+}
+
+impl InFlightMap {
+    /// A map of at most `max_entries` pulls.
+    pub fn new(max_entries: usize) -> Self {
+        InFlightMap {
+            entries: Mutex::default(),
+            max_entries,
+        }
+    }
+
+    /// Pulls in flight.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no pull is in flight.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, SystemTime>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl InFlightPulls for InFlightMap {
+    fn begin(&self, digest: &Digest, now: SystemTime) -> Result<(), SystemTime> {
+        let mut entries = self.lock();
+        if let Some(started) = entries.get(digest) {
+            return Err(*started);
+        }
+        if entries.len() >= self.max_entries {
+            // Full: report as already pulling since now, so the requester waits and
+            // then takes over once the entry is stale, rather than piling on.
+            return Err(now);
+        }
+        entries.insert(digest.clone(), now);
+        Ok(())
+    }
+
+    fn started_at(&self, digest: &Digest) -> Option<SystemTime> {
+        self.lock().get(digest).copied()
+    }
+
+    fn finish(&self, digest: &Digest) {
+        self.lock().remove(digest);
+    }
+}
+
+/// How long after its start an in-flight pull counts as stale, so that a requester may
+/// take it over (the Go `inflight` defaults): manifests and configs after 5 s; layers
+/// after 3 × max(10 s, the time to move `size` bytes at 50 MiB/s).
+pub fn stale_after(kind: OriginRefKind, size: Option<u64>) -> Duration {
+    const RATE: u64 = 50 << 20;
+    match kind {
+        OriginRefKind::Manifest | OriginRefKind::Config => Duration::from_secs(5),
+        OriginRefKind::Blob => {
+            let transfer = Duration::from_secs_f64(size.unwrap_or(0) as f64 / RATE as f64);
+            3 * transfer.max(Duration::from_secs(10))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn digest(n: u8) -> Digest {
+        Digest::parse(&format!("sha256:{}", format!("{n:02x}").repeat(32))).unwrap()
+    }
+
+    #[test]
+    fn dedupes_per_digest_and_remembers_the_start() {
+        let map = InFlightMap::new(2);
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(100);
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(map.begin(&digest(1), t0), Ok(()));
+        assert_eq!(map.begin(&digest(1), t1), Err(t0));
+        assert_eq!(map.started_at(&digest(1)), Some(t0));
+        assert_eq!(map.begin(&digest(2), t1), Ok(()));
+        assert_eq!(map.begin(&digest(3), t1), Err(t1), "full");
+        map.finish(&digest(1));
+        assert_eq!(map.started_at(&digest(1)), None);
+        assert_eq!(map.begin(&digest(3), t1), Ok(()));
+        assert_eq!(map.len(), 2);
+    }
+
+    #[test]
+    fn staleness_follows_kind_and_size() {
+        assert_eq!(
+            stale_after(OriginRefKind::Manifest, None),
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            stale_after(OriginRefKind::Config, Some(1 << 40)),
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            stale_after(OriginRefKind::Blob, Some(1 << 20)),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            stale_after(OriginRefKind::Blob, Some(1000 << 20)),
+            Duration::from_secs(60)
+        );
+    }
+}

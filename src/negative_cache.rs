@@ -1,0 +1,153 @@
+//! Recently failed origin pulls, with a cooldown that grows on repeated failure.
+
+use std::{
+    sync::Mutex,
+    time::{Duration, SystemTime},
+};
+
+use hashlink::LruCache;
+
+use crate::{Digest, FailureClass, RecentFailure};
+
+/// The negative cache a node answers from. Bring your own or use [`NegativeCache`].
+pub trait FailureCache: Send + Sync + 'static {
+    /// The live entry for `digest`: `None` once its cooldown has ended.
+    fn get(&self, digest: &Digest, now: SystemTime) -> Option<RecentFailure>;
+
+    /// Records a failed pull and returns the entry with its new cooldown.
+    fn record(&self, digest: &Digest, class: FailureClass, now: SystemTime) -> RecentFailure;
+
+    /// Forgets `digest`, after a successful pull.
+    fn clear(&self, digest: &Digest);
+}
+
+/// A bounded in-memory negative cache with the Go `negcache` cooldowns: 10 s, then ×3
+/// per repeated failure, at most 10 min (10 s, 30 s, 90 s, 270 s, 600 s). An entry keeps
+/// its failure count past its cooldown so a repeat escalates; the least recently used
+/// entry goes when the cache is full.
+#[derive(Debug)]
+pub struct NegativeCache {
+    entries: Mutex<LruCache<Digest, Entry>>,
+    base: Duration,
+    max: Duration,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    failures: u32,
+    failure: RecentFailure,
+}
+
+impl Default for NegativeCache {
+    fn default() -> Self {
+        NegativeCache::new(4096)
+    }
+}
+
+impl NegativeCache {
+    /// A cache of at most `capacity` digests with the default cooldowns.
+    pub fn new(capacity: usize) -> Self {
+        NegativeCache {
+            entries: Mutex::new(LruCache::new(capacity.max(1))),
+            base: Duration::from_secs(10),
+            max: Duration::from_secs(600),
+        }
+    }
+
+    /// Digests held, live or past their cooldown.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether the cache holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The cooldown after the `failures`-th consecutive failure.
+    pub fn cooldown(&self, failures: u32) -> Duration {
+        let factor = 3u32.saturating_pow(failures.saturating_sub(1));
+        self.base.saturating_mul(factor).min(self.max)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LruCache<Digest, Entry>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl FailureCache for NegativeCache {
+    fn get(&self, digest: &Digest, now: SystemTime) -> Option<RecentFailure> {
+        let mut entries = self.lock();
+        let entry = entries.get(digest)?;
+        (entry.failure.cooldown_until > now).then_some(entry.failure)
+    }
+
+    fn record(&self, digest: &Digest, class: FailureClass, now: SystemTime) -> RecentFailure {
+        let mut entries = self.lock();
+        let failures = entries.get(digest).map_or(0, |e| e.failures) + 1;
+        let failure = RecentFailure {
+            cooldown_until: now + self.cooldown(failures),
+            class,
+        };
+        entries.insert(digest.clone(), Entry { failures, failure });
+        failure
+    }
+
+    fn clear(&self, digest: &Digest) {
+        self.lock().remove(digest);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn digest(n: u8) -> Digest {
+        Digest::parse(&format!("sha256:{}", format!("{n:02x}").repeat(32))).unwrap()
+    }
+
+    #[test]
+    fn cooldown_grows_and_caps() {
+        let cache = NegativeCache::new(8);
+        let secs: Vec<u64> = (1..=7).map(|n| cache.cooldown(n).as_secs()).collect();
+        assert_eq!(secs, [10, 30, 90, 270, 600, 600, 600]);
+        assert_eq!(cache.cooldown(u32::MAX), Duration::from_secs(600));
+    }
+
+    #[test]
+    fn entries_expire_with_their_cooldown_and_escalate() {
+        let cache = NegativeCache::new(8);
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let first = cache.record(&digest(1), FailureClass::Transient, t0);
+        assert_eq!(first.cooldown_until, t0 + Duration::from_secs(10));
+        assert_eq!(
+            cache.get(&digest(1), t0 + Duration::from_secs(9)),
+            Some(first)
+        );
+        assert_eq!(cache.get(&digest(1), t0 + Duration::from_secs(10)), None);
+        let t1 = t0 + Duration::from_secs(11);
+        let second = cache.record(&digest(1), FailureClass::NotFound, t1);
+        assert_eq!(second.cooldown_until, t1 + Duration::from_secs(30));
+        assert_eq!(second.class, FailureClass::NotFound);
+        cache.clear(&digest(1));
+        assert_eq!(cache.get(&digest(1), t1), None);
+        let third = cache.record(&digest(1), FailureClass::Auth, t1);
+        assert_eq!(
+            third.cooldown_until,
+            t1 + Duration::from_secs(10),
+            "count restarts after success"
+        );
+    }
+
+    #[test]
+    fn bounded_by_capacity() {
+        let cache = NegativeCache::new(3);
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        for n in 0..10 {
+            cache.record(&digest(n), FailureClass::Transient, t0);
+        }
+        assert_eq!(cache.len(), 3);
+        assert!(cache.get(&digest(0), t0).is_none(), "oldest evicted");
+        assert!(cache.get(&digest(9), t0).is_some());
+    }
+}

@@ -1,0 +1,322 @@
+//! Node state: the decision logic a node answers with, as plain synchronous code. The
+//! same code serves inbound requests and the node's own local calls, so self answers
+//! exactly as a remote peer would.
+
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::SystemTime,
+};
+
+use crate::{
+    hrw, Authorization, Behaviour, ContentStore, Digest, Event, FailureCache, FailureClass,
+    InFlightMap, InFlightPulls, Membership, NegativeCache, OriginRefKind, Outcome, PleasePull,
+    PleasePullOutcome, PullIntent, RecentFailure, StoreLookup,
+};
+
+/// Where "now" comes from; tests bring a clock they control.
+pub trait Clock: Send + Sync + 'static {
+    /// The current wall-clock time.
+    fn now(&self) -> SystemTime;
+}
+
+/// The system clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+}
+
+/// One digest of a please_pull, handed to the puller pump.
+#[derive(Debug, Clone, Copy)]
+pub struct PullOrder<'a> {
+    /// Origin registry host.
+    pub registry: &'a str,
+    /// Repository.
+    pub repository: &'a str,
+    /// The digest to pull.
+    pub digest: &'a Digest,
+    /// Which URL family to fetch from.
+    pub kind: OriginRefKind,
+    /// Delegated credentials, to use for this pull only: never keep or log them.
+    pub authorization: Option<&'a Authorization>,
+}
+
+/// What the pump did with a pull order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PumpDecision {
+    /// The pull was started elsewhere (a task, a queue); report its end with
+    /// [`NodeState::finish_pull`].
+    Started,
+    /// The pump already pulls the digest by other means.
+    AlreadyPulling,
+    /// The pump knows the digest failed recently.
+    RecentlyFailed(RecentFailure),
+}
+
+/// Starts origin pulls. Runs on the swarm loop, so it must return promptly: it hands
+/// the pull to something else and never waits for it.
+pub trait PullerPump: Send + Sync + 'static {
+    /// Starts pulling one digest.
+    fn start(&self, order: PullOrder<'_>) -> PumpDecision;
+}
+
+/// The counts of the original's observability signals.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Signals {
+    /// pull_intent queries answered (local ones included).
+    pub pull_intent_served: u64,
+    /// pull_intent answered "not cached" because the store was unavailable.
+    pub storage_unavailable: u64,
+    /// please_pull requests answered (local ones included).
+    pub please_pull_served: u64,
+    /// Digests moved into the in-flight map.
+    pub moved_in_flight: u64,
+    /// Invalid digests dropped from inbound please_pull requests.
+    pub skipped_digests: u64,
+}
+
+#[derive(Debug, Default)]
+struct SignalCounters {
+    pull_intent_served: AtomicU64,
+    storage_unavailable: AtomicU64,
+    please_pull_served: AtomicU64,
+    moved_in_flight: AtomicU64,
+    skipped_digests: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64, by: u64) {
+    counter.fetch_add(by, Ordering::Relaxed);
+}
+
+struct Inner {
+    membership: Box<dyn Membership>,
+    store: Box<dyn ContentStore>,
+    in_flight: Box<dyn InFlightPulls>,
+    failures: Box<dyn FailureCache>,
+    pump: Option<Box<dyn PullerPump>>,
+    clock: Box<dyn Clock>,
+    signals: SignalCounters,
+}
+
+/// The state a node answers coord requests from. Cheap to clone; clones share state, so
+/// the task that runs an origin pull can report its end with [`NodeState::finish_pull`].
+#[derive(Clone)]
+pub struct NodeState {
+    inner: Arc<Inner>,
+}
+
+/// Builds a [`NodeState`]; every part has a ready default but the membership.
+pub struct NodeStateBuilder {
+    membership: Box<dyn Membership>,
+    store: Option<Box<dyn ContentStore>>,
+    in_flight: Option<Box<dyn InFlightPulls>>,
+    failures: Option<Box<dyn FailureCache>>,
+    pump: Option<Box<dyn PullerPump>>,
+    clock: Option<Box<dyn Clock>>,
+}
+
+impl NodeStateBuilder {
+    /// The content store (default: an empty [`MemoryStore`](crate::MemoryStore)).
+    pub fn store(mut self, store: impl ContentStore) -> Self {
+        self.store = Some(Box::new(store));
+        self
+    }
+
+    /// The in-flight map (default: [`InFlightMap`]).
+    pub fn in_flight(mut self, in_flight: impl InFlightPulls) -> Self {
+        self.in_flight = Some(Box::new(in_flight));
+        self
+    }
+
+    /// The negative cache (default: [`NegativeCache`]).
+    pub fn failures(mut self, failures: impl FailureCache) -> Self {
+        self.failures = Some(Box::new(failures));
+        self
+    }
+
+    /// The puller pump; without one every please_pull outcome is `Unspecified`.
+    pub fn pump(mut self, pump: impl PullerPump) -> Self {
+        self.pump = Some(Box::new(pump));
+        self
+    }
+
+    /// The clock (default: [`SystemClock`]).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Some(Box::new(clock));
+        self
+    }
+
+    /// Builds the state.
+    pub fn build(self) -> NodeState {
+        NodeState {
+            inner: Arc::new(Inner {
+                membership: self.membership,
+                store: self
+                    .store
+                    .unwrap_or_else(|| Box::new(crate::MemoryStore::new())),
+                in_flight: self
+                    .in_flight
+                    .unwrap_or_else(|| Box::new(InFlightMap::default())),
+                failures: self
+                    .failures
+                    .unwrap_or_else(|| Box::new(NegativeCache::default())),
+                pump: self.pump,
+                clock: self.clock.unwrap_or_else(|| Box::new(SystemClock)),
+                signals: SignalCounters::default(),
+            }),
+        }
+    }
+}
+
+impl NodeState {
+    /// Starts building the state of a node with the given membership view.
+    pub fn builder(membership: impl Membership) -> NodeStateBuilder {
+        NodeStateBuilder {
+            membership: Box::new(membership),
+            store: None,
+            in_flight: None,
+            failures: None,
+            pump: None,
+            clock: None,
+        }
+    }
+
+    /// The membership view.
+    pub fn membership(&self) -> &dyn Membership {
+        self.inner.membership.as_ref()
+    }
+
+    /// This node's answer to a pull_intent query for `digest`, local or remote.
+    pub fn local_pull_intent(&self, digest: &Digest) -> PullIntent {
+        let inner = &*self.inner;
+        let now = inner.clock.now();
+        let has_cached = match inner.store.lookup(digest) {
+            StoreLookup::Cached => true,
+            StoreLookup::NotCached => false,
+            StoreLookup::Unavailable => {
+                bump(&inner.signals.storage_unavailable, 1);
+                tracing::warn!(%digest, "content store unavailable; answering not cached");
+                false
+            }
+        };
+        let members = inner.membership.members();
+        let local = inner.membership.local_id();
+        bump(&inner.signals.pull_intent_served, 1);
+        PullIntent {
+            has_cached,
+            in_flight_since: inner.in_flight.started_at(digest),
+            hrw_rank: hrw::rank_of(members.iter(), local.as_str(), digest),
+            recently_failed: inner.failures.get(digest, now),
+        }
+    }
+
+    /// This node's answer to a please_pull, local or remote: one outcome per digest, in
+    /// request order.
+    pub fn start_local_pull(&self, request: &PleasePull) -> Vec<PleasePullOutcome> {
+        let inner = &*self.inner;
+        bump(&inner.signals.please_pull_served, 1);
+        request
+            .digests()
+            .iter()
+            .map(|digest| PleasePullOutcome {
+                digest: digest.clone(),
+                outcome: self.start_one(request, digest),
+            })
+            .collect()
+    }
+
+    fn start_one(&self, request: &PleasePull, digest: &Digest) -> Outcome {
+        let inner = &*self.inner;
+        let Some(pump) = &inner.pump else {
+            return Outcome::Unspecified;
+        };
+        let now = inner.clock.now();
+        if let Some(failure) = inner.failures.get(digest, now) {
+            return Outcome::RecentlyFailed(failure);
+        }
+        if let Err(started_at) = inner.in_flight.begin(digest, now) {
+            return Outcome::AlreadyPulling { started_at };
+        }
+        let order = PullOrder {
+            registry: request.registry(),
+            repository: request.repository(),
+            digest,
+            kind: request.kind(),
+            authorization: request.authorization(),
+        };
+        match pump.start(order) {
+            PumpDecision::Started => {
+                bump(&inner.signals.moved_in_flight, 1);
+                tracing::debug!(%digest, "origin pull started");
+                Outcome::Started { started_at: now }
+            }
+            PumpDecision::AlreadyPulling => Outcome::AlreadyPulling { started_at: now },
+            PumpDecision::RecentlyFailed(failure) => {
+                inner.in_flight.finish(digest);
+                Outcome::RecentlyFailed(failure)
+            }
+        }
+    }
+
+    /// Reports the end of an origin pull: success clears the negative cache; failure
+    /// records it there with its class and a growing cooldown.
+    pub fn finish_pull(&self, digest: &Digest, result: Result<(), FailureClass>) {
+        let inner = &*self.inner;
+        inner.in_flight.finish(digest);
+        match result {
+            Ok(()) => inner.failures.clear(digest),
+            Err(class) => {
+                let failure = inner.failures.record(digest, class, inner.clock.now());
+                tracing::debug!(%digest, ?class, until = ?failure.cooldown_until, "origin pull failed");
+            }
+        }
+    }
+
+    /// Answers an inbound request event through `behaviour`; hands back any other event.
+    pub fn answer(&self, behaviour: &mut Behaviour, event: Event) -> Option<Event> {
+        match event {
+            Event::PullIntentQuery {
+                digest, responder, ..
+            } => {
+                let intent = self.local_pull_intent(&digest);
+                if let Err(error) = behaviour.respond(responder, intent) {
+                    tracing::debug!(%error, "pull_intent answer not sent");
+                }
+                None
+            }
+            Event::PleasePull {
+                request,
+                skipped_digests,
+                responder,
+                ..
+            } => {
+                bump(&self.inner.signals.skipped_digests, skipped_digests as u64);
+                let outcomes = self.start_local_pull(&request);
+                if let Err(error) = behaviour.respond(responder, outcomes) {
+                    tracing::debug!(%error, "please_pull answer not sent");
+                }
+                None
+            }
+            other => Some(other),
+        }
+    }
+
+    /// The signal counts so far.
+    pub fn signals(&self) -> Signals {
+        let s = &self.inner.signals;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Signals {
+            pull_intent_served: get(&s.pull_intent_served),
+            storage_unavailable: get(&s.storage_unavailable),
+            please_pull_served: get(&s.please_pull_served),
+            moved_in_flight: get(&s.moved_in_flight),
+            skipped_digests: get(&s.skipped_digests),
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! The decisions of the node state, with a clock the test controls.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use gantry_coord::{
+    Authorization, Clock, Digest, FailureClass, Member, MemoryStore, NodeState, OriginRefKind,
+    Outcome, PleasePull, PullOrder, PullerPump, PumpDecision, RecentFailure, StaticMembership,
+};
+
+#[derive(Clone)]
+struct ManualClock(Arc<Mutex<SystemTime>>);
+
+impl ManualClock {
+    fn new() -> Self {
+        ManualClock(Arc::new(Mutex::new(
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+        )))
+    }
+    fn advance(&self, by: Duration) {
+        *self.0.lock().unwrap() += by;
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> SystemTime {
+        *self.0.lock().unwrap()
+    }
+}
+
+/// A pump that records what it was asked and starts everything.
+#[derive(Clone, Default)]
+struct RecordingPump(Arc<Mutex<Vec<(String, String, String, OriginRefKind, Option<String>)>>>);
+
+impl PullerPump for RecordingPump {
+    fn start(&self, order: PullOrder<'_>) -> PumpDecision {
+        self.0.lock().unwrap().push((
+            order.registry.into(),
+            order.repository.into(),
+            order.digest.to_string(),
+            order.kind,
+            order.authorization.map(|a| a.expose_secret().to_owned()),
+        ));
+        PumpDecision::Started
+    }
+}
+
+fn digest(byte: &str) -> Digest {
+    Digest::parse(&format!("sha256:{}", byte.repeat(32))).unwrap()
+}
+
+fn cluster(local: &str) -> StaticMembership {
+    let members = [
+        "node-a", "node-b", "node-c", "node-d", "worker-1", "worker-2", "worker-3",
+    ]
+    .into_iter()
+    .map(|id| Member::new(id, None))
+    .collect();
+    StaticMembership::new(local, members)
+}
+
+fn request(digests: Vec<Digest>) -> PleasePull {
+    PleasePull::new("docker.io", "library/nginx", OriginRefKind::Blob, digests).unwrap()
+}
+
+#[test]
+fn pull_intent_reports_store_rank_and_nothing_else_when_idle() {
+    let store = MemoryStore::new();
+    store.insert(digest("ab"));
+    let state = NodeState::builder(cluster("node-c"))
+        .store(store.clone())
+        .build();
+
+    let cached = state.local_pull_intent(&digest("ab"));
+    assert!(cached.has_cached);
+    // Fixed vectors in src/hrw.rs: for sha256:ab…, node-c ranks 1; for sha256:01…, 3.
+    assert_eq!(cached.hrw_rank, Some(1));
+    assert_eq!(cached.in_flight_since, None);
+    assert_eq!(cached.recently_failed, None);
+    let miss = state.local_pull_intent(&digest("01"));
+    assert!(!miss.has_cached);
+    assert_eq!(miss.hrw_rank, Some(3));
+    assert_eq!(state.signals().pull_intent_served, 2);
+    assert_eq!(state.signals().storage_unavailable, 0);
+}
+
+#[test]
+fn unavailable_store_never_reads_as_cached_and_is_signalled() {
+    let store = MemoryStore::new();
+    store.insert(digest("ab"));
+    store.set_unavailable(true);
+    let state = NodeState::builder(cluster("node-a")).store(store).build();
+    assert!(!state.local_pull_intent(&digest("ab")).has_cached);
+    assert_eq!(state.signals().storage_unavailable, 1);
+}
+
+#[test]
+fn rank_is_none_without_membership_or_outside_it() {
+    let alone = NodeState::builder(StaticMembership::new("node-a", vec![])).build();
+    assert_eq!(alone.local_pull_intent(&digest("ab")).hrw_rank, None);
+    let outsider = NodeState::builder(cluster("stranger")).build();
+    assert_eq!(outsider.local_pull_intent(&digest("ab")).hrw_rank, None);
+}
+
+#[test]
+fn without_a_pump_every_outcome_is_unspecified() {
+    let state = NodeState::builder(cluster("node-a")).build();
+    let outcomes = state.start_local_pull(&request(vec![digest("01"), digest("02")]));
+    assert_eq!(outcomes.len(), 2);
+    assert!(outcomes.iter().all(|o| o.outcome == Outcome::Unspecified));
+    assert_eq!(state.signals().moved_in_flight, 0);
+}
+
+#[test]
+fn pulls_dedupe_fail_cool_down_and_restart() {
+    let clock = ManualClock::new();
+    let pump = RecordingPump::default();
+    let state = NodeState::builder(cluster("node-a"))
+        .clock(clock.clone())
+        .pump(pump.clone())
+        .build();
+    let t0 = clock.now();
+    let d = digest("01");
+    let authorized = request(vec![d.clone()]).with_authorization(Authorization::new("Basic x"));
+
+    assert_eq!(
+        state.start_local_pull(&authorized)[0].outcome,
+        Outcome::Started { started_at: t0 }
+    );
+    assert_eq!(state.local_pull_intent(&d).in_flight_since, Some(t0));
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(
+        state.start_local_pull(&request(vec![d.clone()]))[0].outcome,
+        Outcome::AlreadyPulling { started_at: t0 }
+    );
+    assert_eq!(pump.0.lock().unwrap().len(), 1, "the pump is asked once");
+    assert_eq!(
+        pump.0.lock().unwrap()[0],
+        (
+            "docker.io".into(),
+            "library/nginx".into(),
+            d.to_string(),
+            OriginRefKind::Blob,
+            Some("Basic x".into())
+        )
+    );
+
+    state.finish_pull(&d, Err(FailureClass::RateLimited));
+    let t1 = clock.now();
+    let failed = Outcome::RecentlyFailed(RecentFailure {
+        cooldown_until: t1 + Duration::from_secs(10),
+        class: FailureClass::RateLimited,
+    });
+    assert_eq!(
+        state.start_local_pull(&request(vec![d.clone()]))[0].outcome,
+        failed
+    );
+    let intent = state.local_pull_intent(&d);
+    assert_eq!(intent.in_flight_since, None);
+    assert_eq!(
+        intent.recently_failed,
+        Some(RecentFailure {
+            cooldown_until: t1 + Duration::from_secs(10),
+            class: FailureClass::RateLimited
+        })
+    );
+
+    // The cooldown ends: the digest may be pulled again; a second failure waits 30 s.
+    clock.advance(Duration::from_secs(10));
+    let t2 = clock.now();
+    assert_eq!(
+        state.start_local_pull(&request(vec![d.clone()]))[0].outcome,
+        Outcome::Started { started_at: t2 }
+    );
+    state.finish_pull(&d, Err(FailureClass::Transient));
+    assert_eq!(
+        state
+            .local_pull_intent(&d)
+            .recently_failed
+            .map(|f| f.cooldown_until),
+        Some(t2 + Duration::from_secs(30))
+    );
+    assert_eq!(state.signals().moved_in_flight, 2);
+
+    // Success clears the failure.
+    clock.advance(Duration::from_secs(30));
+    state.start_local_pull(&request(vec![d.clone()]));
+    state.finish_pull(&d, Ok(()));
+    assert_eq!(state.local_pull_intent(&d).recently_failed, None);
+}
