@@ -32,7 +32,10 @@ impl Clock for ManualClock {
 
 /// A pump that records what it was asked and starts everything.
 #[derive(Clone, Default)]
-struct RecordingPump(Arc<Mutex<Vec<(String, String, String, OriginRefKind, Option<String>)>>>);
+struct RecordingPump(Arc<Mutex<Vec<Order>>>);
+
+/// (registry, repository, digest, kind, authorization) as the pump saw them.
+type Order = (String, String, String, OriginRefKind, Option<String>);
 
 impl PullerPump for RecordingPump {
     fn start(&self, order: PullOrder<'_>) -> PumpDecision {
