@@ -9,8 +9,11 @@ use std::{
         Arc,
     },
     task::{Context, Poll},
-    time::SystemTime,
+    time::{Instant, SystemTime},
 };
+
+use futures::{channel::mpsc, FutureExt, StreamExt};
+use futures_timer::Delay;
 
 use hashlink::LruCache;
 use libp2p_core::{transport::PortUse, Endpoint, Multiaddr};
@@ -24,6 +27,7 @@ use libp2p_swarm::{
 
 use crate::{
     budget::StreamBudget,
+    client::{Command, Coordinator, Reply as ClientReply, ReplySender, Request as ClientRequest},
     codec::encode_frame,
     handler::{FromBehaviour, Handler, OutboundRequest, ToBehaviour},
     message::{self, ClockBounds, WireRequest},
@@ -227,6 +231,9 @@ pub enum Event {
     },
 }
 
+/// Commands a [`Coordinator`] may queue before its sends wait.
+const COMMAND_QUEUE: usize = 256;
+
 /// Peers whose addresses are remembered for dialing; the least recently used go first.
 const MAX_REMEMBERED_PEERS: usize = 1024;
 /// Addresses remembered per peer.
@@ -244,8 +251,14 @@ pub struct Behaviour {
     connections: HashMap<PeerId, Vec<ConnectionId>>,
     /// Addresses learned through `Swarm::add_peer_address`, for dialing; bounded.
     addresses: LruCache<PeerId, Vec<Multiaddr>>,
-    /// Requests waiting for a connection to their peer.
-    awaiting_connection: HashMap<PeerId, Vec<OutboundRequest>>,
+    /// Requests waiting for a connection to their peer, until the dial deadline.
+    awaiting_connection: HashMap<PeerId, (Instant, Vec<OutboundRequest>)>,
+    /// Wakes the behaviour at the earliest dial deadline.
+    dial_timer: Option<(Instant, Delay)>,
+    /// Commands from [`Coordinator`] handles, and where their results go.
+    commands: mpsc::Receiver<Command>,
+    command_sender: mpsc::Sender<Command>,
+    clients: HashMap<OutboundRequestId, ReplySender>,
     /// Outbound requests in flight: their peer and, once sent, their connection.
     outbound: HashMap<OutboundRequestId, (PeerId, Option<ConnectionId>)>,
     /// Inbound requests read and not yet answered.
@@ -258,7 +271,12 @@ pub struct Behaviour {
 impl Behaviour {
     /// A behaviour with the given configuration.
     pub fn new(config: Config) -> Self {
+        let (command_sender, commands) = mpsc::channel(COMMAND_QUEUE);
         Behaviour {
+            dial_timer: None,
+            commands,
+            command_sender,
+            clients: HashMap::new(),
             config: Arc::new(config),
             next_outbound_id: 0,
             next_inbound_id: Arc::default(),
@@ -277,7 +295,12 @@ impl Behaviour {
     /// Asks `peer` what it knows about `digest`; dials it if not connected. Ends in one
     /// [`Event::PullIntentReply`] or [`Event::OutboundFailure`] with the returned id.
     pub fn pull_intent_query(&mut self, peer: PeerId, digest: &Digest) -> OutboundRequestId {
-        self.send(peer, Rpc::PullIntent, &message::pull_intent_request(digest))
+        self.send(
+            peer,
+            Rpc::PullIntent,
+            &message::pull_intent_request(digest),
+            None,
+        )
     }
 
     /// Asks `peer` to pull digests from the origin; dials it if not connected. Ends in
@@ -287,6 +310,7 @@ impl Behaviour {
             peer,
             Rpc::PleasePull,
             &message::please_pull_request(request),
+            None,
         )
     }
 
@@ -324,6 +348,13 @@ impl Behaviour {
         Ok(())
     }
 
+    /// A cloneable async handle that sends requests through this behaviour from any task.
+    /// Its calls give up after the dial timeout plus the request timeout.
+    pub fn coordinator(&self) -> Coordinator {
+        let deadline = self.config.dial_timeout + self.config.request_timeout;
+        Coordinator::new(self.command_sender.clone(), deadline)
+    }
+
     /// Sets the peer ids the membership publishes; requests from other peers are
     /// reported as [`Event::UnauthorizedPeer`] and, in enforce mode, rejected. An empty
     /// set means authorization cannot be evaluated yet.
@@ -353,18 +384,23 @@ impl Behaviour {
         self.outbound.len()
     }
 
-    fn send(&mut self, peer: PeerId, rpc: Rpc, envelope: &wire::Envelope) -> OutboundRequestId {
+    /// Sends a request; its result goes to `client` if given, else out as an event.
+    fn send(
+        &mut self,
+        peer: PeerId,
+        rpc: Rpc,
+        envelope: &wire::Envelope,
+        client: Option<ReplySender>,
+    ) -> OutboundRequestId {
         let id = OutboundRequestId(self.next_outbound_id);
         self.next_outbound_id += 1;
+        if let Some(client) = client {
+            self.clients.insert(id, client);
+        }
         let max = self.config.max_message_bytes;
         let Ok(frame) = encode_frame(envelope, max) else {
             let len = envelope_len(envelope);
-            self.pending
-                .push_back(ToSwarm::GenerateEvent(Event::OutboundFailure {
-                    peer,
-                    request_id: id,
-                    error: OutboundFailure::RequestTooLarge { len, max },
-                }));
+            self.finish_outbound(peer, id, Err(OutboundFailure::RequestTooLarge { len, max }));
             return id;
         };
         let request = OutboundRequest { id, rpc, frame };
@@ -379,7 +415,11 @@ impl Behaviour {
             }
             None => {
                 self.outbound.insert(id, (peer, None));
-                let waiting = self.awaiting_connection.entry(peer).or_default();
+                let deadline = Instant::now() + self.config.dial_timeout;
+                let (_, waiting) = self
+                    .awaiting_connection
+                    .entry(peer)
+                    .or_insert_with(|| (deadline, Vec::new()));
                 if waiting.is_empty() {
                     self.pending.push_back(ToSwarm::Dial {
                         opts: DialOpts::peer_id(peer).build(),
@@ -456,11 +496,11 @@ impl Behaviour {
         self.emit(event);
     }
 
-    fn on_reply(
+    fn decode_reply(
         &self,
         rpc: Rpc,
         envelope: wire::Envelope,
-    ) -> Result<DecodedReply, OutboundFailure> {
+    ) -> Result<ClientReply, OutboundFailure> {
         use wire::envelope::Msg;
         let clock = ClockBounds {
             now: SystemTime::now(),
@@ -468,14 +508,14 @@ impl Behaviour {
         };
         match (rpc, envelope.msg) {
             (Rpc::PullIntent, Some(Msg::PullIntentResponse(msg))) => {
-                Ok(DecodedReply::PullIntent(PullIntent::from_wire(msg, clock)))
+                Ok(ClientReply::PullIntent(PullIntent::from_wire(msg, clock)))
             }
             (Rpc::PleasePull, Some(Msg::PleasePullResponse(msg))) => msg
                 .results
                 .into_iter()
                 .map(|result| PleasePullOutcome::from_wire(result, clock))
                 .collect::<Result<_, _>>()
-                .map(DecodedReply::PleasePull)
+                .map(ClientReply::PleasePull)
                 .map_err(|_| OutboundFailure::UnexpectedReply),
             _ => Err(OutboundFailure::UnexpectedReply),
         }
@@ -485,18 +525,99 @@ impl Behaviour {
         self.pending.push_back(ToSwarm::GenerateEvent(event));
     }
 
-    fn fail_outbound(&mut self, peer: PeerId, id: OutboundRequestId, error: OutboundFailure) {
+    /// Ends an outbound request: its result goes to the waiting [`Coordinator`] call, or
+    /// out as an event.
+    fn finish_outbound(
+        &mut self,
+        peer: PeerId,
+        id: OutboundRequestId,
+        result: Result<ClientReply, OutboundFailure>,
+    ) {
         self.outbound.remove(&id);
-        self.emit(Event::OutboundFailure {
+        if let Some(client) = self.clients.remove(&id) {
+            // A dropped call no longer wants its result.
+            let _ = client.send(result);
+            return;
+        }
+        let event = match result {
+            Ok(ClientReply::PullIntent(intent)) => Event::PullIntentReply {
+                peer,
+                request_id: id,
+                intent,
+            },
+            Ok(ClientReply::PleasePull(outcomes)) => Event::PleasePullReply {
+                peer,
+                request_id: id,
+                outcomes,
+            },
+            Err(error) => Event::OutboundFailure {
+                peer,
+                request_id: id,
+                error,
+            },
+        };
+        self.emit(event);
+    }
+
+    fn on_command(
+        &mut self,
+        Command {
             peer,
-            request_id: id,
-            error,
-        });
+            request,
+            reply,
+        }: Command,
+    ) {
+        let (rpc, envelope) = match &request {
+            ClientRequest::PullIntent(digest) => {
+                (Rpc::PullIntent, message::pull_intent_request(digest))
+            }
+            ClientRequest::PleasePull(request) => {
+                (Rpc::PleasePull, message::please_pull_request(request))
+            }
+        };
+        self.send(peer, rpc, &envelope, Some(reply));
+    }
+
+    /// Fails the requests whose peer did not connect before the dial deadline.
+    fn poll_dial_deadlines(&mut self, cx: &mut Context<'_>) {
+        loop {
+            let now = Instant::now();
+            let expired: Vec<PeerId> = self
+                .awaiting_connection
+                .iter()
+                .filter(|(_, (deadline, _))| *deadline <= now)
+                .map(|(peer, _)| *peer)
+                .collect();
+            for peer in expired {
+                if let Some((_, requests)) = self.awaiting_connection.remove(&peer) {
+                    for request in requests {
+                        self.finish_outbound(peer, request.id, Err(OutboundFailure::DialTimeout));
+                    }
+                }
+            }
+            let Some(next) = self.awaiting_connection.values().map(|(d, _)| *d).min() else {
+                self.dial_timer = None;
+                return;
+            };
+            let timer = match &mut self.dial_timer {
+                Some((at, timer)) if *at == next => timer,
+                slot => {
+                    &mut slot
+                        .insert((next, Delay::new(next.saturating_duration_since(now))))
+                        .1
+                }
+            };
+            if timer.poll_unpin(cx).is_pending() {
+                return;
+            }
+            self.dial_timer = None;
+        }
     }
 
     fn on_connection_established(&mut self, peer: PeerId, connection: ConnectionId) {
         self.connections.entry(peer).or_default().push(connection);
-        for request in self.awaiting_connection.remove(&peer).unwrap_or_default() {
+        let requests = self.awaiting_connection.remove(&peer).map(|(_, r)| r);
+        for request in requests.unwrap_or_default() {
             self.outbound.insert(request.id, (peer, Some(connection)));
             self.pending.push_back(ToSwarm::NotifyHandler {
                 peer_id: peer,
@@ -523,7 +644,7 @@ impl Behaviour {
             .map(|(id, _)| *id)
             .collect();
         for id in lost {
-            self.fail_outbound(peer, id, OutboundFailure::ConnectionClosed);
+            self.finish_outbound(peer, id, Err(OutboundFailure::ConnectionClosed));
         }
         let unanswered: Vec<_> = self
             .awaiting_answer
@@ -561,19 +682,12 @@ impl Behaviour {
         if self.connections.contains_key(&peer) {
             return;
         }
-        for request in self.awaiting_connection.remove(&peer).unwrap_or_default() {
-            self.fail_outbound(
-                peer,
-                request.id,
-                OutboundFailure::DialFailure(error.clone()),
-            );
+        let requests = self.awaiting_connection.remove(&peer).map(|(_, r)| r);
+        for request in requests.unwrap_or_default() {
+            let error = OutboundFailure::DialFailure(error.clone());
+            self.finish_outbound(peer, request.id, Err(error));
         }
     }
-}
-
-enum DecodedReply {
-    PullIntent(PullIntent),
-    PleasePull(Vec<PleasePullOutcome>),
 }
 
 fn envelope_len(envelope: &wire::Envelope) -> u64 {
@@ -671,40 +785,33 @@ impl NetworkBehaviour for Behaviour {
                 });
             }
             ToBehaviour::Reply { id, rpc, envelope } => {
-                if self.outbound.remove(&id).is_none() {
-                    return;
+                if self.outbound.contains_key(&id) {
+                    let result = self.decode_reply(rpc, envelope);
+                    self.finish_outbound(peer, id, result);
                 }
-                let event = match self.on_reply(rpc, envelope) {
-                    Ok(DecodedReply::PullIntent(intent)) => Event::PullIntentReply {
-                        peer,
-                        request_id: id,
-                        intent,
-                    },
-                    Ok(DecodedReply::PleasePull(outcomes)) => Event::PleasePullReply {
-                        peer,
-                        request_id: id,
-                        outcomes,
-                    },
-                    Err(error) => Event::OutboundFailure {
-                        peer,
-                        request_id: id,
-                        error,
-                    },
-                };
-                self.emit(event);
             }
             ToBehaviour::OutboundFailed { id, error } => {
                 if self.outbound.contains_key(&id) {
-                    self.fail_outbound(peer, id, error);
+                    self.finish_outbound(peer, id, Err(error));
                 }
             }
         }
     }
 
-    fn poll(&mut self, _: &mut Context<'_>) -> Poll<ToSwarm<Event, THandlerInEvent<Self>>> {
-        match self.pending.pop_front() {
-            Some(event) => Poll::Ready(event),
-            None => Poll::Pending,
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<ToSwarm<Event, THandlerInEvent<Self>>> {
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                return Poll::Ready(event);
+            }
+            self.poll_dial_deadlines(cx);
+            if !self.pending.is_empty() {
+                continue;
+            }
+            // The behaviour holds a sender itself, so the stream never ends.
+            match self.commands.poll_next_unpin(cx) {
+                Poll::Ready(Some(command)) => self.on_command(command),
+                Poll::Ready(None) | Poll::Pending => return Poll::Pending,
+            }
         }
     }
 }

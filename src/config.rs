@@ -22,6 +22,7 @@ pub struct Config {
     pub(crate) handshake_timeout: Duration,
     pub(crate) answer_timeout: Duration,
     pub(crate) request_timeout: Duration,
+    pub(crate) dial_timeout: Duration,
     pub(crate) max_message_bytes: usize,
     pub(crate) max_cooldown: Duration,
     pub(crate) authorization_mode: AuthorizationMode,
@@ -35,6 +36,7 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(5),
             answer_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(2),
+            dial_timeout: Duration::from_secs(2),
             max_message_bytes: 1 << 20,
             max_cooldown: Duration::from_secs(600),
             authorization_mode: AuthorizationMode::Observe,
@@ -74,6 +76,12 @@ impl Config {
     /// writing the request and reading the reply (default 2 s).
     pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
+        self
+    }
+
+    /// How long a request for an unconnected peer waits for its connection (default 2 s).
+    pub fn with_dial_timeout(mut self, timeout: Duration) -> Self {
+        self.dial_timeout = timeout;
         self
     }
 

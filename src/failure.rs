@@ -12,6 +12,9 @@ pub enum OutboundFailure {
     /// The peer was not connected and dialing it failed.
     #[error("dial failed: {0}")]
     DialFailure(String),
+    /// The peer was not connected and no connection came up within the dial timeout.
+    #[error("dial timed out")]
+    DialTimeout,
     /// The reply did not arrive within the request timeout.
     #[error("request timed out")]
     Timeout,

@@ -48,6 +48,7 @@
 
 mod behaviour;
 mod budget;
+mod client;
 mod codec;
 mod config;
 mod digest;
@@ -72,6 +73,7 @@ pub use behaviour::{
     PullIntentResponder, Responder, Rpc,
 };
 pub use budget::StreamCap;
+pub use client::{Coordinator, CoordinatorError, Resolver, Target};
 pub use codec::FrameError;
 pub use config::{AuthorizationMode, Config};
 pub use digest::{Digest, DigestError};
