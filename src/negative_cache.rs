@@ -64,6 +64,18 @@ impl NegativeCache {
         self.len() == 0
     }
 
+    /// Holds `failure` for `digest` as a first failure, whatever its cooldown: for nodes
+    /// that restore state or tests that need a given cooldown.
+    pub fn insert(&self, digest: Digest, failure: RecentFailure) {
+        self.lock().insert(
+            digest,
+            Entry {
+                failures: 1,
+                failure,
+            },
+        );
+    }
+
     /// The cooldown after the `failures`-th consecutive failure.
     pub fn cooldown(&self, failures: u32) -> Duration {
         let factor = 3u32.saturating_pow(failures.saturating_sub(1));
