@@ -21,22 +21,13 @@ use gantry_coord::{
     MemoryStore, NegativeCache, NodeState, OriginRefKind, Outcome, PleasePull, PleasePullOutcome,
     PullIntent, PullOrder, PullerPump, PumpDecision, RecentFailure, StaticMembership,
 };
-use libp2p::{
-    identify, kad,
-    multiaddr::Protocol,
-    noise,
-    swarm::{NetworkBehaviour, SwarmEvent},
-    tcp, yamux, Multiaddr, PeerId, Swarm,
-};
+use libp2p::{identify, multiaddr::Protocol, swarm::SwarmEvent, Multiaddr, PeerId};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-#[derive(NetworkBehaviour)]
-struct NodeBehaviour {
-    kad: kad::Behaviour<kad::store::MemoryStore>,
-    identify: identify::Behaviour,
-    coord: gantry_coord::Behaviour,
-}
+mod common;
+
+use common::{build_swarm, NodeBehaviourEvent};
 
 /// What the command line asks for.
 #[derive(Debug, Default)]
@@ -179,32 +170,6 @@ fn outcome_json(outcome: &PleasePullOutcome) -> Value {
     })
 }
 
-fn build_swarm(config: Config) -> Result<Swarm<NodeBehaviour>, Box<dyn std::error::Error>> {
-    let swarm = libp2p::SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default(),
-            noise::Config::new,
-            yamux::Config::default,
-        )?
-        .with_behaviour(|key| {
-            let peer = key.public().to_peer_id();
-            let mut kad = kad::Behaviour::new(peer, kad::store::MemoryStore::new(peer));
-            kad.set_mode(Some(kad::Mode::Server));
-            NodeBehaviour {
-                kad,
-                identify: identify::Behaviour::new(identify::Config::new(
-                    "/gantry/0.1.0".into(),
-                    key.public(),
-                )),
-                coord: gantry_coord::Behaviour::new(config),
-            }
-        })?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(30)))
-        .build();
-    Ok(swarm)
-}
-
 /// A pump that marks the digest in flight (the node state does) and completes it into
 /// the store after a delay, on another task.
 struct DelayedOrigin(mpsc::UnboundedSender<Digest>);
@@ -222,7 +187,10 @@ impl PullerPump for DelayedOrigin {
 }
 
 async fn serve(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let mut swarm = build_swarm(Config::default().with_authorization_mode(args.authz))?;
+    let mut swarm = build_swarm(
+        libp2p::identity::Keypair::generate_ed25519(),
+        Config::default().with_authorization_mode(args.authz),
+    )?;
     let local_peer = *swarm.local_peer_id();
     let node_id = args.node_id.clone().unwrap_or_else(|| "node-0".into());
 
@@ -337,7 +305,10 @@ async fn ask(args: Args) -> Result<Value, Box<dyn std::error::Error>> {
         return Err("--query needs exactly one --digest".into());
     }
 
-    let mut swarm = build_swarm(Config::default())?;
+    let mut swarm = build_swarm(
+        libp2p::identity::Keypair::generate_ed25519(),
+        Config::default(),
+    )?;
     swarm.add_peer_address(peer, target.clone());
     let coordinator = swarm.behaviour().coord.coordinator();
     tokio::spawn(async move {

@@ -10,21 +10,12 @@ use std::{
 
 use serde_json::Value;
 
+mod common;
+
+use common::example_binary;
+
 fn example() -> PathBuf {
-    // tests run from target/<profile>/deps; `cargo test` builds examples beside it.
-    let mut path = std::env::current_exe().unwrap();
-    path.pop();
-    path.pop();
-    path.push("examples");
-    path.push(format!("node{}", std::env::consts::EXE_SUFFIX));
-    if !path.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--example", "node"])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-    path
+    example_binary("node")
 }
 
 fn digest(c: char) -> String {

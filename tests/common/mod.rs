@@ -176,3 +176,20 @@ pub async fn next<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> T {
         .expect("an event in time")
         .expect("the swarm task is running")
 }
+
+/// The path of an example binary; `cargo test` builds examples beside the test binaries.
+pub fn example_binary(name: &str) -> std::path::PathBuf {
+    let mut path = std::env::current_exe().unwrap();
+    path.pop();
+    path.pop();
+    path.push("examples");
+    path.push(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    if !path.exists() {
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "--example", name])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    path
+}
