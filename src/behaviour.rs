@@ -315,7 +315,8 @@ impl Behaviour {
     }
 
     /// Answers an inbound request. Fails if the request's answer deadline has passed or
-    /// its connection closed, or if the reply exceeds the message cap.
+    /// its connection closed, or if the reply exceeds the message cap; in that last case
+    /// the stream is closed at once without a reply, as the peer could not read it anyway.
     pub fn respond<R: Responder>(
         &mut self,
         responder: R,
@@ -326,26 +327,35 @@ impl Behaviour {
             rpc,
             envelope,
         } = sealed::Sealed::into_reply(responder, reply);
-        if !self.awaiting_answer.contains_key(&route.id) {
+        if self.awaiting_answer.remove(&route.id).is_none() {
             return Err(RespondError::Expired);
         }
-        let frame = encode_frame(&envelope, self.config.max_message_bytes).map_err(|_| {
-            RespondError::TooLarge {
-                len: envelope_len(&envelope),
-                max: self.config.max_message_bytes,
+        let max = self.config.max_message_bytes;
+        let (event, result) = match encode_frame(&envelope, max) {
+            Ok(frame) => (
+                FromBehaviour::Answer {
+                    id: route.id,
+                    rpc,
+                    frame,
+                },
+                Ok(()),
+            ),
+            Err(_) => {
+                let len = envelope_len(&envelope);
+                let reason = InboundFailure::ReplyTooLarge { len };
+                let event = FromBehaviour::Reject {
+                    id: route.id,
+                    reason,
+                };
+                (event, Err(RespondError::TooLarge { len, max }))
             }
-        })?;
-        self.awaiting_answer.remove(&route.id);
+        };
         self.pending.push_back(ToSwarm::NotifyHandler {
             peer_id: route.peer,
             handler: NotifyHandler::One(route.connection),
-            event: FromBehaviour::Answer {
-                id: route.id,
-                rpc,
-                frame,
-            },
+            event,
         });
-        Ok(())
+        result
     }
 
     /// A cloneable async handle that sends requests through this behaviour from any task.

@@ -112,13 +112,14 @@ impl Default for FrameReader {
 }
 
 impl FrameReader {
-    /// Drives the read; yields the decoded envelope once the whole body is in.
+    /// Drives the read; yields the decoded envelope and its body length once the whole
+    /// body is in.
     pub(crate) fn poll_read<S>(
         &mut self,
         io: &mut S,
         cx: &mut Context<'_>,
         max: usize,
-    ) -> Poll<Result<wire::Envelope, ReadError>>
+    ) -> Poll<Result<(wire::Envelope, usize), ReadError>>
     where
         S: AsyncRead + Unpin,
     {
@@ -153,7 +154,7 @@ impl FrameReader {
                     }
                     let envelope = wire::Envelope::decode(buf.as_slice())
                         .map_err(|_| FrameError::Undecodable)?;
-                    return Poll::Ready(Ok(envelope));
+                    return Poll::Ready(Ok((envelope, buf.len())));
                 }
             }
         }

@@ -81,6 +81,12 @@ pub enum InboundFailure {
     /// A please_pull_request without registry or repository.
     #[error("please_pull without registry or repository")]
     MissingOrigin,
+    /// The answer given exceeded the message cap, so none was sent.
+    #[error("reply of {len} bytes exceeds the cap")]
+    ReplyTooLarge {
+        /// Encoded body length of the refused reply.
+        len: u64,
+    },
     /// The peer is not authorized and authorization is enforced.
     #[error("unauthorized peer: {0}")]
     Unauthorized(UnauthorizedReason),
@@ -119,7 +125,7 @@ pub enum RespondError {
     /// The request is no longer waiting: its answer deadline passed or its connection closed.
     #[error("the request is no longer awaiting an answer")]
     Expired,
-    /// The encoded reply exceeds the message cap; the request still awaits an answer.
+    /// The encoded reply exceeds the message cap; the stream was closed without a reply.
     #[error("reply of {len} bytes exceeds the cap of {max} bytes")]
     TooLarge {
         /// Encoded body length.

@@ -435,15 +435,17 @@ impl InboundStream {
                 InboundState::Reading(reader) => {
                     match reader.poll_read(&mut self.stream, cx, max) {
                         Poll::Pending => return Poll::Pending,
-                        Poll::Ready(Ok(envelope)) => match WireRequest::from_wire(envelope) {
-                            Ok(request) => {
-                                self.state = InboundState::AwaitingAnswer {
-                                    answer_by: now + answer_timeout,
-                                };
-                                return Poll::Ready(InboundStep::Read(request));
+                        Poll::Ready(Ok((envelope, len))) => {
+                            match WireRequest::from_wire(envelope, len) {
+                                Ok(request) => {
+                                    self.state = InboundState::AwaitingAnswer {
+                                        answer_by: now + answer_timeout,
+                                    };
+                                    return Poll::Ready(InboundStep::Read(request));
+                                }
+                                Err(rejection) => self.close_without_reply(rejection.into()),
                             }
-                            Err(rejection) => self.close_without_reply(rejection.into()),
-                        },
+                        }
                         Poll::Ready(Err(ReadError::Closed)) => self
                             .close_without_reply(InboundFailure::Malformed(FrameError::Truncated)),
                         Poll::Ready(Err(ReadError::Frame(error))) => {
@@ -525,7 +527,7 @@ impl OutboundStream {
                 }
                 OutboundState::Reading(reader) => {
                     return match futures::ready!(reader.poll_read(&mut self.stream, cx, max)) {
-                        Ok(envelope) => Poll::Ready(ToBehaviour::Reply {
+                        Ok((envelope, _)) => Poll::Ready(ToBehaviour::Reply {
                             id: self.id,
                             rpc: self.rpc,
                             envelope,

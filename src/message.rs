@@ -535,10 +535,16 @@ pub enum WireRequest {
 }
 
 impl WireRequest {
-    pub(crate) fn from_wire(envelope: wire::Envelope) -> Result<Self, RequestRejection> {
+    /// Judges a request envelope; `body_len` tells an empty envelope from one whose body
+    /// this version does not know (a newer minor's chair offer, say).
+    pub(crate) fn from_wire(
+        envelope: wire::Envelope,
+        body_len: usize,
+    ) -> Result<Self, RequestRejection> {
         use wire::envelope::Msg;
         match envelope.msg {
-            None => Err(RequestRejection::Empty),
+            None if body_len == 0 => Err(RequestRejection::Empty),
+            None => Err(RequestRejection::WrongBody),
             Some(Msg::PullIntentResponse(_) | Msg::PleasePullResponse(_)) => {
                 Err(RequestRejection::WrongBody)
             }
@@ -798,18 +804,26 @@ mod tests {
         use wire::envelope::Msg;
         let envelope = |msg| wire::Envelope { msg: Some(msg) };
         assert_eq!(
-            WireRequest::from_wire(wire::Envelope::default()).unwrap_err(),
+            WireRequest::from_wire(wire::Envelope::default(), 0).unwrap_err(),
             RequestRejection::Empty
         );
         assert_eq!(
-            WireRequest::from_wire(envelope(Msg::PullIntentResponse(Default::default())))
+            WireRequest::from_wire(wire::Envelope::default(), 2).unwrap_err(),
+            RequestRejection::WrongBody,
+            "an unknown body, such as a 1.1.0 chair offer"
+        );
+        assert_eq!(
+            WireRequest::from_wire(envelope(Msg::PullIntentResponse(Default::default())), 2)
                 .unwrap_err(),
             RequestRejection::WrongBody
         );
         assert_eq!(
-            WireRequest::from_wire(envelope(Msg::PullIntentRequest(wire::PullIntentRequest {
-                digest: "sha256:00".into()
-            })))
+            WireRequest::from_wire(
+                envelope(Msg::PullIntentRequest(wire::PullIntentRequest {
+                    digest: "sha256:00".into()
+                })),
+                11,
+            )
             .unwrap_err(),
             RequestRejection::InvalidDigest(DigestError::InvalidLength)
         );
@@ -823,11 +837,11 @@ mod tests {
             }))
         };
         assert_eq!(
-            WireRequest::from_wire(please("", vec![])).unwrap_err(),
+            WireRequest::from_wire(please("", vec![]), 20).unwrap_err(),
             RequestRejection::MissingOrigin
         );
         let mixed = vec![digest(1).to_string(), "bogus".into(), digest(2).to_string()];
-        match WireRequest::from_wire(please("docker.io", mixed)).unwrap() {
+        match WireRequest::from_wire(please("docker.io", mixed), 200).unwrap() {
             WireRequest::PleasePull {
                 request,
                 skipped_digests,

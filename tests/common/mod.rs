@@ -129,17 +129,37 @@ pub struct RawPeer {
     pub streams: libp2p_stream::Behaviour,
 }
 
-/// Starts a raw peer in the background that knows how to reach `target`.
-pub fn spawn_raw_peer(target: PeerId, addr: Multiaddr) -> (PeerId, libp2p_stream::Control) {
-    let mut swarm = Swarm::new_ephemeral_tokio(|_| RawPeer {
+fn raw_swarm() -> Swarm<RawPeer> {
+    Swarm::new_ephemeral_tokio(|_| RawPeer {
         addresses: AddressBook::default(),
         streams: libp2p_stream::Behaviour::new(),
-    });
+    })
+}
+
+/// Starts a raw peer in the background that knows how to reach `target`.
+pub fn spawn_raw_peer(target: PeerId, addr: Multiaddr) -> (PeerId, libp2p_stream::Control) {
+    let mut swarm = raw_swarm();
     swarm.behaviour_mut().addresses.0.insert(target, addr);
     let control = swarm.behaviour().streams.new_control();
     let peer = *swarm.local_peer_id();
     tokio::spawn(swarm.loop_on_next());
     (peer, control)
+}
+
+/// Starts a raw peer in the background that listens and hands every inbound coord
+/// stream to the caller.
+pub async fn spawn_raw_responder() -> (PeerId, Multiaddr, libp2p_stream::IncomingStreams) {
+    let mut swarm = raw_swarm();
+    let addr = listen(&mut swarm).await;
+    let incoming = swarm
+        .behaviour()
+        .streams
+        .new_control()
+        .accept(PROTOCOL_NAME)
+        .unwrap();
+    let peer = *swarm.local_peer_id();
+    tokio::spawn(swarm.loop_on_next());
+    (peer, addr, incoming)
 }
 
 /// Opens a coord stream, writes `bytes`, half-closes and reads until the peer closes.
