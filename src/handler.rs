@@ -438,6 +438,7 @@ impl InboundStream {
                         Poll::Ready(Ok((envelope, len))) => {
                             match WireRequest::from_wire(envelope, len) {
                                 Ok(request) => {
+                                    tracing::trace!(?request, "request read");
                                     self.state = InboundState::AwaitingAnswer {
                                         answer_by: now + answer_timeout,
                                     };
@@ -469,10 +470,13 @@ impl InboundStream {
                             id: self.id,
                             error: reason.clone(),
                         },
-                        (Ending::Replied(rpc), Ok(())) => ToBehaviour::Answered {
-                            id: self.id,
-                            rpc: *rpc,
-                        },
+                        (Ending::Replied(rpc), Ok(())) => {
+                            tracing::trace!(?rpc, "reply written");
+                            ToBehaviour::Answered {
+                                id: self.id,
+                                rpc: *rpc,
+                            }
+                        }
                         (Ending::Replied(_), Err(error)) => ToBehaviour::InboundFailed {
                             id: self.id,
                             error: InboundFailure::Io(error.kind()),

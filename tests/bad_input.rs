@@ -19,8 +19,16 @@ use wire::envelope::Msg;
 enum Seen {
     Failure(PeerId, InboundFailure),
     Query,
-    PleasePull { digests: usize, skipped: usize },
-    Served,
+    PleasePull {
+        digests: usize,
+        skipped: usize,
+    },
+    /// A reply was written; with the victim's open streams and pending answers after it.
+    Served {
+        open: usize,
+        pending: usize,
+    },
+    Unauthorized(PeerId),
 }
 
 /// A coord node that answers every request and reports what it saw.
@@ -31,7 +39,20 @@ async fn victim(
     libp2p_core::Multiaddr,
     futures::channel::mpsc::UnboundedReceiver<Seen>,
 ) {
+    victim_with(config, |_| {}).await
+}
+
+/// A victim whose behaviour `setup` may configure first.
+async fn victim_with(
+    config: Config,
+    setup: impl FnOnce(&mut Behaviour),
+) -> (
+    PeerId,
+    libp2p_core::Multiaddr,
+    futures::channel::mpsc::UnboundedReceiver<Seen>,
+) {
     let mut swarm = coord(config);
+    setup(swarm.behaviour_mut());
     let addr = listen(&mut swarm).await;
     let peer = *swarm.local_peer_id();
     let rx = spawn_coord(swarm, |behaviour: &mut Behaviour, event| match event {
@@ -60,7 +81,11 @@ async fn victim(
             })
         }
         Event::InboundFailure { peer, error, .. } => Some(Seen::Failure(peer, error)),
-        Event::ResponseSent { .. } => Some(Seen::Served),
+        Event::ResponseSent { .. } => Some(Seen::Served {
+            open: behaviour.open_inbound_streams(),
+            pending: behaviour.pending_answers(),
+        }),
+        Event::UnauthorizedPeer { peer, .. } => Some(Seen::Unauthorized(peer)),
         _ => None,
     });
     (peer, addr, rx)
@@ -73,7 +98,7 @@ fn query(digest: &str) -> Vec<u8> {
 }
 
 /// Sends `bytes`, expects the stream closed with no reply and the given failure, then
-/// checks a good query on a fresh stream is still answered.
+/// checks a good query on a fresh stream is still answered and nothing is left open.
 async fn rejected(bytes: &[u8], want: InboundFailure) {
     let (target, addr, mut seen) = victim(Config::default()).await;
     let (me, mut control) = spawn_raw_peer(target, addr);
@@ -86,7 +111,13 @@ async fn rejected(bytes: &[u8], want: InboundFailure) {
         .unwrap();
     assert!(matches!(unframe(&reply).msg, Some(Msg::PullIntentResponse(r)) if r.hrw_rank == -1));
     assert_eq!(next(&mut seen).await, Seen::Query);
-    assert_eq!(next(&mut seen).await, Seen::Served);
+    assert_eq!(
+        next(&mut seen).await,
+        Seen::Served {
+            open: 0,
+            pending: 0
+        }
+    );
 }
 
 #[tokio::test]
@@ -268,10 +299,134 @@ async fn node_cap_and_peer_share_hold_across_two_peers() {
     let mut reply = Vec::new();
     first.read_to_end(&mut reply).await.unwrap();
     assert_eq!(next(&mut seen).await, Seen::Query);
-    assert_eq!(next(&mut seen).await, Seen::Served);
+    assert!(matches!(next(&mut seen).await, Seen::Served { .. }));
     let reply = raw_exchange(&mut control_b, target, &query(digest(2).as_str()))
         .await
         .unwrap();
     assert!(!reply.is_empty());
     assert_eq!(next(&mut seen).await, Seen::Query);
+}
+
+#[tokio::test]
+async fn over_long_varint_is_malformed() {
+    rejected(
+        &[0xff; 10],
+        InboundFailure::Malformed(FrameError::LengthOverflow),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn newer_minor_chair_body_is_rejected_as_unexpected() {
+    // Envelope field 6 (chair_offer_response, 1.1.0), length-delimited and empty.
+    rejected(&[0x02, 0x32, 0x00], InboundFailure::UnexpectedBody).await;
+}
+
+#[tokio::test]
+async fn please_pull_without_registry_is_rejected() {
+    let bytes = frame(Msg::PleasePullRequest(wire::PleasePullRequest {
+        digests: vec![digest(1).to_string()],
+        repository: "library/nginx".into(),
+        ..Default::default()
+    }));
+    rejected(&bytes, InboundFailure::MissingOrigin).await;
+}
+
+#[tokio::test]
+async fn unknown_fields_and_enum_values_are_accepted() {
+    let (target, addr, mut seen) = victim(Config::default()).await;
+    let (_, mut control) = spawn_raw_peer(target, addr);
+    // A query with an unknown field 9 (varint) appended to the request body.
+    let mut request = prost::Message::encode_to_vec(&wire::PullIntentRequest {
+        digest: digest(1).to_string(),
+    });
+    request.extend_from_slice(&[0x48, 0x07]);
+    let mut envelope = vec![0x0a, request.len() as u8];
+    envelope.extend_from_slice(&request);
+    envelope.extend_from_slice(&[0x78, 0x01]); // unknown envelope field 15
+    let mut bytes = vec![envelope.len() as u8];
+    bytes.extend_from_slice(&envelope);
+    let reply = raw_exchange(&mut control, target, &bytes).await.unwrap();
+    assert!(matches!(
+        unframe(&reply).msg,
+        Some(Msg::PullIntentResponse(_))
+    ));
+    assert_eq!(next(&mut seen).await, Seen::Query);
+
+    // A please_pull with a kind this version does not know reads as a blob pull.
+    let bytes = frame(Msg::PleasePullRequest(wire::PleasePullRequest {
+        digests: vec![digest(2).to_string()],
+        upstream_registry: "docker.io".into(),
+        repository: "library/nginx".into(),
+        kind: 42,
+        ..Default::default()
+    }));
+    let reply = raw_exchange(&mut control, target, &bytes).await.unwrap();
+    assert!(
+        matches!(unframe(&reply).msg, Some(Msg::PleasePullResponse(r)) if r.results.len() == 1)
+    );
+}
+
+#[tokio::test]
+async fn huge_batch_near_the_cap_is_answered_in_full() {
+    let (target, addr, mut seen) = victim(Config::default()).await;
+    let (_, mut control) = spawn_raw_peer(target, addr);
+    let digests: Vec<String> = (0..13_000u32)
+        .map(|n| format!("sha256:{:064x}", n))
+        .collect();
+    let bytes = frame(Msg::PleasePullRequest(wire::PleasePullRequest {
+        digests,
+        upstream_registry: "docker.io".into(),
+        repository: "library/nginx".into(),
+        ..Default::default()
+    }));
+    assert!(
+        bytes.len() > 900_000 && bytes.len() < 1 << 20,
+        "{}",
+        bytes.len()
+    );
+    let reply = raw_exchange(&mut control, target, &bytes).await.unwrap();
+    let Some(Msg::PleasePullResponse(response)) = unframe(&reply).msg else {
+        panic!("expected a please_pull response");
+    };
+    assert_eq!(response.results.len(), 13_000);
+    assert_eq!(
+        response.results[12_999].digest,
+        format!("sha256:{:064x}", 12_999)
+    );
+    assert_eq!(
+        next(&mut seen).await,
+        Seen::PleasePull {
+            digests: 13_000,
+            skipped: 0
+        }
+    );
+    assert_eq!(
+        next(&mut seen).await,
+        Seen::Served {
+            open: 0,
+            pending: 0
+        }
+    );
+}
+
+#[tokio::test]
+async fn enforce_mode_gives_an_unrecognized_peer_no_answer() {
+    let config =
+        Config::default().with_authorization_mode(gantry_coord::AuthorizationMode::Enforce);
+    let member = PeerId::random();
+    let (target, addr, mut seen) = victim_with(config, |b| b.set_authorized_peers([member])).await;
+    let (me, mut control) = spawn_raw_peer(target, addr);
+    let reply = raw_exchange(&mut control, target, &query(digest(1).as_str()))
+        .await
+        .unwrap();
+    assert!(reply.is_empty());
+    assert_eq!(next(&mut seen).await, Seen::Unauthorized(me));
+    assert_eq!(
+        next(&mut seen).await,
+        Seen::Failure(
+            me,
+            InboundFailure::Unauthorized(gantry_coord::UnauthorizedReason::Unrecognized)
+        )
+    );
 }
