@@ -1,6 +1,7 @@
 //! A runnable coord node over TCP + Noise + Yamux, composed with Kademlia and Identify.
 //!
 //! Serve:  cargo run --example node -- --node-id node-a --cached sha256:<64 hex> --origin-pull
+//!             [--metrics 127.0.0.1:9464]   (Prometheus text at http://127.0.0.1:9464/metrics)
 //! Query:  cargo run --example node -- --query /ip4/127.0.0.1/tcp/PORT/p2p/PEER --digest sha256:<64 hex>
 //! Ask:    cargo run --example node -- --please-pull /ip4/…/p2p/PEER --registry docker.io \
 //!             --repository library/nginx --kind blob --digest sha256:<64 hex>
@@ -40,6 +41,7 @@ struct Args {
     failed: Vec<(Digest, FailureClass, u64)>,
     authz: AuthorizationMode,
     origin_pull: bool,
+    metrics: Option<std::net::SocketAddr>,
     pull_ms: Option<u64>,
     query: Option<Multiaddr>,
     please_pull: Option<Multiaddr>,
@@ -85,6 +87,7 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
                 }
             }
             "--origin-pull" => args.origin_pull = true,
+            "--metrics" => args.metrics = Some(parse(&value()?, "socket address")?),
             "--pull-ms" => args.pull_ms = Some(parse(&value()?, "milliseconds")?),
             "--query" => args.query = Some(parse(&value()?, "multiaddr")?),
             "--please-pull" => args.please_pull = Some(parse(&value()?, "multiaddr")?),
@@ -245,6 +248,16 @@ async fn serve(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
     });
 
+    let metrics = match args.metrics {
+        Some(addr) => {
+            let mut registry = prometheus_client::registry::Registry::default();
+            swarm.behaviour_mut().coord.register_metrics(&mut registry);
+            state.register_metrics(&mut registry);
+            Some(serve_metrics(addr, registry).await?)
+        }
+        None => None,
+    };
+
     let listen = args
         .listen
         .unwrap_or_else(|| "/ip4/127.0.0.1/tcp/0".parse().expect("a valid multiaddr"));
@@ -273,10 +286,49 @@ async fn serve(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             },
             () = settle, if !announced && !addresses.is_empty() => {
                 announced = true;
-                println!("{}", json!({ "peer_id": local_peer.to_string(), "listen": addresses }));
+                let mut line = json!({ "peer_id": local_peer.to_string(), "listen": addresses });
+                if let Some(addr) = metrics {
+                    line["metrics"] = json!(addr.to_string());
+                }
+                println!("{line}");
             }
         }
     }
+}
+
+/// Serves the registry in the Prometheus text format at `/metrics`; returns the bound address.
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    registry: prometheus_client::registry::Registry,
+) -> std::io::Result<std::net::SocketAddr> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let registry = std::sync::Arc::new(registry);
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let registry = registry.clone();
+            tokio::spawn(async move {
+                let mut request = [0u8; 1024];
+                let n = socket.read(&mut request).await.unwrap_or(0);
+                let (status, body) = if request[..n].starts_with(b"GET /metrics ") {
+                    let mut body = String::new();
+                    match prometheus_client::encoding::text::encode(&mut body, &registry) {
+                        Ok(()) => ("200 OK", body),
+                        Err(_) => ("500 Internal Server Error", String::new()),
+                    }
+                } else {
+                    ("404 Not Found", String::new())
+                };
+                let response = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    Ok(bound)
 }
 
 async fn ask(args: Args) -> Result<Value, Box<dyn std::error::Error>> {

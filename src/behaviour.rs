@@ -259,13 +259,26 @@ pub struct Behaviour {
     commands: mpsc::Receiver<Command>,
     command_sender: mpsc::Sender<Command>,
     clients: HashMap<OutboundRequestId, ReplySender>,
-    /// Outbound requests in flight: their peer and, once sent, their connection.
-    outbound: HashMap<OutboundRequestId, (PeerId, Option<ConnectionId>)>,
+    /// Outbound requests in flight: their peer, their connection once sent, their family
+    /// and when they were asked for.
+    outbound: HashMap<OutboundRequestId, Outstanding>,
     /// Inbound requests read and not yet answered.
     awaiting_answer: HashMap<InboundRequestId, Route>,
     /// Peer ids published by members; `None` until the node sets any.
     authorized_peers: Option<HashSet<PeerId>>,
     pending: VecDeque<ToSwarm<Event, FromBehaviour>>,
+    #[cfg(feature = "metrics")]
+    metrics: Option<crate::metrics::Metrics>,
+}
+
+/// An outbound request that has not ended.
+#[derive(Debug, Clone, Copy)]
+#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+struct Outstanding {
+    connection: Option<ConnectionId>,
+    /// Family and start, for the latency metrics.
+    rpc: Rpc,
+    since: Instant,
 }
 
 impl Behaviour {
@@ -289,7 +302,20 @@ impl Behaviour {
             awaiting_answer: HashMap::new(),
             authorized_peers: None,
             pending: VecDeque::new(),
+            #[cfg(feature = "metrics")]
+            metrics: None,
         }
+    }
+
+    /// Records this behaviour's metrics in `registry` (names start with `gantry_coord_`):
+    /// stream errors and rejected streams by reason, unauthorized peers, requests served,
+    /// outbound failures and latency, and the open inbound streams.
+    #[cfg(feature = "metrics")]
+    pub fn register_metrics(&mut self, registry: &mut prometheus_client::registry::Registry) {
+        self.metrics = Some(crate::metrics::Metrics::register(
+            registry,
+            self.open_inbound.clone(),
+        ));
     }
 
     /// Asks `peer` what it knows about `digest`; dials it if not connected. Ends in one
@@ -407,6 +433,14 @@ impl Behaviour {
         if let Some(client) = client {
             self.clients.insert(id, client);
         }
+        self.outbound.insert(
+            id,
+            Outstanding {
+                connection: None,
+                rpc,
+                since: Instant::now(),
+            },
+        );
         let max = self.config.max_message_bytes;
         let Ok(frame) = encode_frame(envelope, max) else {
             let len = envelope_len(envelope);
@@ -416,7 +450,7 @@ impl Behaviour {
         let request = OutboundRequest { id, rpc, frame };
         match self.connections.get(&peer).and_then(|c| c.first()) {
             Some(&connection) => {
-                self.outbound.insert(id, (peer, Some(connection)));
+                self.sent_on(id, connection);
                 self.pending.push_back(ToSwarm::NotifyHandler {
                     peer_id: peer,
                     handler: NotifyHandler::One(connection),
@@ -424,7 +458,6 @@ impl Behaviour {
                 });
             }
             None => {
-                self.outbound.insert(id, (peer, None));
                 let deadline = Instant::now() + self.config.dial_timeout;
                 let (_, waiting) = self
                     .awaiting_connection
@@ -532,6 +565,10 @@ impl Behaviour {
     }
 
     fn emit(&mut self, event: Event) {
+        #[cfg(feature = "metrics")]
+        if let Some(metrics) = &self.metrics {
+            metrics.on_event(&event);
+        }
         self.pending.push_back(ToSwarm::GenerateEvent(event));
     }
 
@@ -543,7 +580,13 @@ impl Behaviour {
         id: OutboundRequestId,
         result: Result<ClientReply, OutboundFailure>,
     ) {
-        self.outbound.remove(&id);
+        let outstanding = self.outbound.remove(&id);
+        #[cfg(feature = "metrics")]
+        if let (Some(metrics), Some(o)) = (&self.metrics, outstanding) {
+            metrics.on_outbound(o.rpc, o.since.elapsed(), result.as_ref().err());
+        }
+        #[cfg(not(feature = "metrics"))]
+        let _ = outstanding;
         if let Some(client) = self.clients.remove(&id) {
             // A dropped call no longer wants its result.
             let _ = client.send(result);
@@ -624,11 +667,17 @@ impl Behaviour {
         }
     }
 
+    fn sent_on(&mut self, id: OutboundRequestId, connection: ConnectionId) {
+        if let Some(outstanding) = self.outbound.get_mut(&id) {
+            outstanding.connection = Some(connection);
+        }
+    }
+
     fn on_connection_established(&mut self, peer: PeerId, connection: ConnectionId) {
         self.connections.entry(peer).or_default().push(connection);
         let requests = self.awaiting_connection.remove(&peer).map(|(_, r)| r);
         for request in requests.unwrap_or_default() {
-            self.outbound.insert(request.id, (peer, Some(connection)));
+            self.sent_on(request.id, connection);
             self.pending.push_back(ToSwarm::NotifyHandler {
                 peer_id: peer,
                 handler: NotifyHandler::One(connection),
@@ -650,7 +699,7 @@ impl Behaviour {
         let lost: Vec<_> = self
             .outbound
             .iter()
-            .filter(|(_, (_, c))| *c == Some(connection))
+            .filter(|(_, o)| o.connection == Some(connection))
             .map(|(id, _)| *id)
             .collect();
         for id in lost {

@@ -58,6 +58,8 @@ pub mod hrw;
 mod inflight;
 mod membership;
 mod message;
+#[cfg(feature = "metrics")]
+mod metrics;
 mod negative_cache;
 mod node;
 mod store;

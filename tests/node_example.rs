@@ -33,6 +33,11 @@ impl Drop for Server {
 }
 
 fn start_server(args: &[&str]) -> (Server, String) {
+    let (server, announced) = start_server_json(args);
+    (server, announced["listen"][0].as_str().unwrap().to_owned())
+}
+
+fn start_server_json(args: &[&str]) -> (Server, Value) {
     let mut child = Command::new(example())
         .args(args)
         .stdout(Stdio::piped())
@@ -47,7 +52,23 @@ fn start_server(args: &[&str]) -> (Server, String) {
     let addr = announced["listen"][0].as_str().unwrap().to_owned();
     assert!(addr.starts_with("/ip4/127.0.0.1/tcp/"));
     assert!(addr.ends_with(&format!("/p2p/{}", announced["peer_id"].as_str().unwrap())));
-    (server, addr)
+    (server, announced)
+}
+
+/// Scrapes `/metrics` and returns the value of the sample named exactly `sample`.
+fn scrape(metrics: &str, sample: &str) -> f64 {
+    use std::io::{Read, Write};
+    let mut socket = std::net::TcpStream::connect(metrics).unwrap();
+    socket
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    socket.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+        .lines()
+        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.parse().unwrap())
 }
 
 fn client(args: &[&str]) -> (bool, Value, String) {
@@ -185,4 +206,62 @@ fn invalid_input_is_refused_before_sending() {
     ]);
     assert!(!ok);
     assert!(err.contains("invalid repository"), "{err}");
+}
+
+#[test]
+fn metrics_endpoint_moves_with_traffic() {
+    let cached = digest('a');
+    let (_server, announced) = start_server_json(&[
+        "--metrics",
+        "127.0.0.1:0",
+        "--cached",
+        &cached,
+        "--origin-pull",
+    ]);
+    let addr = announced["listen"][0].as_str().unwrap();
+    let metrics = announced["metrics"].as_str().unwrap();
+    let served = r#"gantry_coord_requests_served_total{rpc="pull_intent"}"#;
+    assert_eq!(scrape(metrics, served), 0.0);
+    assert_eq!(scrape(metrics, "gantry_coord_open_inbound_streams"), 0.0);
+
+    for _ in 0..2 {
+        assert!(client(&["--query", addr, "--digest", &cached]).0);
+    }
+    let (ok, _, _) = client(&[
+        "--please-pull",
+        addr,
+        "--registry",
+        "docker.io",
+        "--repository",
+        "library/nginx",
+        "--kind",
+        "blob",
+        "--digest",
+        &digest('e'),
+    ]);
+    assert!(ok);
+    assert_eq!(scrape(metrics, served), 2.0);
+    assert_eq!(
+        scrape(
+            metrics,
+            r#"gantry_coord_requests_served_total{rpc="please_pull"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        scrape(metrics, "gantry_coord_pull_intent_served_total"),
+        2.0
+    );
+    assert_eq!(
+        scrape(metrics, "gantry_coord_please_pull_served_total"),
+        1.0
+    );
+    assert_eq!(scrape(metrics, "gantry_coord_moved_in_flight_total"), 1.0);
+    assert_eq!(
+        scrape(
+            metrics,
+            r#"gantry_coord_unauthorized_peers_total{reason="unrecognized"}"#
+        ),
+        3.0
+    );
 }

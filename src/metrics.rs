@@ -1,0 +1,251 @@
+//! Prometheus metrics through a `prometheus-client` registry, as `libp2p-metrics` does.
+//! Every name starts with `gantry_coord_`.
+
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::ConstGauge,
+        histogram::{exponential_buckets, Histogram},
+    },
+    registry::Registry,
+};
+
+use crate::{
+    Event, InboundFailure, NodeState, OutboundFailure, Rpc, StreamCap, UnauthorizedReason,
+};
+
+type Label = [(&'static str, &'static str); 1];
+
+/// The behaviour's instruments.
+#[derive(Debug, Clone)]
+pub(crate) struct Metrics {
+    stream_errors: Family<Label, Counter>,
+    rejected_streams: Family<Label, Counter>,
+    unauthorized: Family<Label, Counter>,
+    served: Family<Label, Counter>,
+    request_failures: Family<Label, Counter>,
+    request_duration: Family<Label, Histogram>,
+}
+
+impl Metrics {
+    pub(crate) fn register(registry: &mut Registry, open_inbound: Arc<AtomicUsize>) -> Self {
+        let registry = registry.sub_registry_with_prefix("gantry_coord");
+        let metrics = Metrics {
+            stream_errors: Family::default(),
+            rejected_streams: Family::default(),
+            unauthorized: Family::default(),
+            served: Family::default(),
+            request_failures: Family::default(),
+            request_duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.000_1, 2.0, 16))
+            }),
+        };
+        registry.register(
+            "stream_errors",
+            "Inbound streams dropped without a normal reply, by reason",
+            metrics.stream_errors.clone(),
+        );
+        registry.register(
+            "rejected_streams",
+            "Inbound streams reset over the node-wide cap or a peer's share",
+            metrics.rejected_streams.clone(),
+        );
+        registry.register(
+            "unauthorized_peers",
+            "Requests from peers the membership does not vouch for, by reason",
+            metrics.unauthorized.clone(),
+        );
+        registry.register(
+            "requests_served",
+            "Inbound requests answered, by RPC family",
+            metrics.served.clone(),
+        );
+        registry.register(
+            "request_failures",
+            "Outbound requests that ended without a reply, by reason",
+            metrics.request_failures.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Outbound request latency from send to reply, by RPC family",
+            metrics.request_duration.clone(),
+        );
+        registry.register_collector(Box::new(OpenStreams(open_inbound)));
+        metrics
+    }
+
+    pub(crate) fn on_event(&self, event: &Event) {
+        match event {
+            Event::InboundFailure { error, .. } => {
+                let reason = inbound_reason(error);
+                self.stream_errors
+                    .get_or_create(&[("reason", reason)])
+                    .inc();
+                if let InboundFailure::StreamCap(_) = error {
+                    self.rejected_streams
+                        .get_or_create(&[("reason", reason)])
+                        .inc();
+                }
+            }
+            Event::UnauthorizedPeer { reason, .. } => {
+                let reason = match reason {
+                    UnauthorizedReason::Unrecognized => "unrecognized",
+                    UnauthorizedReason::Unevaluable => "unevaluable",
+                };
+                self.unauthorized.get_or_create(&[("reason", reason)]).inc();
+            }
+            Event::ResponseSent { rpc, .. } => {
+                self.served.get_or_create(&[("rpc", rpc_name(*rpc))]).inc();
+            }
+            _ => {}
+        }
+    }
+
+    pub(crate) fn on_outbound(
+        &self,
+        rpc: Rpc,
+        elapsed: Duration,
+        failure: Option<&OutboundFailure>,
+    ) {
+        match failure {
+            None => {
+                self.request_duration
+                    .get_or_create(&[("rpc", rpc_name(rpc))])
+                    .observe(elapsed.as_secs_f64());
+            }
+            Some(error) => {
+                self.request_failures
+                    .get_or_create(&[("reason", outbound_reason(error))])
+                    .inc();
+            }
+        }
+    }
+}
+
+fn rpc_name(rpc: Rpc) -> &'static str {
+    match rpc {
+        Rpc::PullIntent => "pull_intent",
+        Rpc::PleasePull => "please_pull",
+    }
+}
+
+fn inbound_reason(error: &InboundFailure) -> &'static str {
+    match error {
+        InboundFailure::StreamCap(StreamCap::Node) => "node_cap",
+        InboundFailure::StreamCap(StreamCap::Peer) => "peer_cap",
+        InboundFailure::Timeout => "deadline",
+        InboundFailure::AnswerTimeout => "answer_timeout",
+        InboundFailure::Oversized { .. } => "oversize",
+        InboundFailure::Malformed(_) => "malformed",
+        InboundFailure::EmptyEnvelope => "empty",
+        InboundFailure::UnexpectedBody => "wrong_body",
+        InboundFailure::InvalidDigest(_) | InboundFailure::MissingOrigin => "invalid_input",
+        InboundFailure::ReplyTooLarge { .. } => "reply_too_large",
+        InboundFailure::Unauthorized(_) => "unauthorized",
+        InboundFailure::ConnectionClosed => "connection_closed",
+        InboundFailure::Io(_) => "io",
+    }
+}
+
+fn outbound_reason(error: &OutboundFailure) -> &'static str {
+    match error {
+        OutboundFailure::DialFailure(_) => "dial_failure",
+        OutboundFailure::DialTimeout => "dial_timeout",
+        OutboundFailure::Timeout => "timeout",
+        OutboundFailure::ConnectionClosed => "connection_closed",
+        OutboundFailure::UnsupportedProtocols => "unsupported",
+        OutboundFailure::NoReply => "no_reply",
+        OutboundFailure::MalformedReply(_) => "malformed",
+        OutboundFailure::UnexpectedReply => "unexpected_reply",
+        OutboundFailure::RequestTooLarge { .. } => "too_large",
+        OutboundFailure::Io(_) => "io",
+    }
+}
+
+/// Reads the node-wide open stream count at scrape time.
+#[derive(Debug)]
+struct OpenStreams(Arc<AtomicUsize>);
+
+impl Collector for OpenStreams {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let open = ConstGauge::new(self.0.load(Ordering::Acquire) as i64);
+        let metric = encoder.encode_descriptor(
+            "open_inbound_streams",
+            "Inbound coord streams open across the node",
+            None,
+            open.metric_type(),
+        )?;
+        open.encode(metric)
+    }
+}
+
+/// Reads a node state's signal counts at scrape time.
+#[derive(Debug)]
+struct NodeSignals(NodeState);
+
+impl std::fmt::Debug for NodeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeState")
+            .field("signals", &self.signals())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Collector for NodeSignals {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let signals = self.0.signals();
+        let counters = [
+            (
+                "pull_intent_served",
+                "pull_intent queries answered by the node state, local ones included",
+                signals.pull_intent_served,
+            ),
+            (
+                "storage_unavailable",
+                "pull_intent answered not cached because the content store was unavailable",
+                signals.storage_unavailable,
+            ),
+            (
+                "please_pull_served",
+                "please_pull requests answered by the node state, local ones included",
+                signals.please_pull_served,
+            ),
+            (
+                "moved_in_flight",
+                "Digests moved into the in-flight map",
+                signals.moved_in_flight,
+            ),
+            (
+                "skipped_digests",
+                "Invalid digests dropped from inbound please_pull requests",
+                signals.skipped_digests,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let counter = ConstCounter::new(value);
+            let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
+            counter.encode(metric)?;
+        }
+        Ok(())
+    }
+}
+
+impl NodeState {
+    /// Exposes the node's signal counts in `registry` (names start with `gantry_coord_`).
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        registry
+            .sub_registry_with_prefix("gantry_coord")
+            .register_collector(Box::new(NodeSignals(self.clone())));
+    }
+}
