@@ -3,7 +3,7 @@
 //! read and what failed. It never decides an answer.
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -12,8 +12,6 @@ use std::{
     time::Instant,
 };
 
-use futures::FutureExt;
-use futures_timer::Delay;
 use libp2p_core::upgrade::ReadyUpgrade;
 use libp2p_identity::PeerId;
 use libp2p_swarm::{
@@ -25,6 +23,7 @@ use crate::{
     budget::{StreamBudget, StreamPermit},
     codec::{FrameError, FrameReader, FrameWriter, ReadError},
     message::{RequestRejection, WireRequest},
+    schedule::{Schedule, StreamKey},
     wire, Config, InboundFailure, InboundRequestId, OutboundFailure, OutboundRequestId, Rpc,
     PROTOCOL_NAME,
 };
@@ -89,15 +88,15 @@ pub struct Handler {
     config: Arc<Config>,
     budget: StreamBudget,
     next_inbound_id: Arc<AtomicU64>,
-    inbound: Vec<InboundStream>,
-    outbound: Vec<OutboundStream>,
+    inbound: HashMap<u64, InboundStream>,
+    outbound: HashMap<u64, OutboundStream>,
     /// Requests waiting for a stream to be opened for them, with their deadlines.
     queued: VecDeque<(OutboundRequest, Instant)>,
     /// Streams requested from the connection and not yet negotiated.
     opening: usize,
     events: VecDeque<ToBehaviour>,
-    /// One timer for the handler: it wakes at the earliest deadline of any stream.
-    timer: Option<(Instant, Delay)>,
+    /// Which streams to poll next, and the one timer for all their deadlines.
+    schedule: Schedule,
 }
 
 impl Handler {
@@ -112,12 +111,12 @@ impl Handler {
             config,
             budget,
             next_inbound_id,
-            inbound: Vec::new(),
-            outbound: Vec::new(),
+            inbound: HashMap::new(),
+            outbound: HashMap::new(),
             queued: VecDeque::new(),
             opening: 0,
             events: VecDeque::new(),
-            timer: None,
+            schedule: Schedule::default(),
         }
     }
 
@@ -125,15 +124,23 @@ impl Handler {
         let id = InboundRequestId(self.next_inbound_id.fetch_add(1, Ordering::Relaxed));
         match self.budget.try_admit() {
             Ok(permit) => {
-                let opened = Instant::now();
-                self.inbound.push(InboundStream {
-                    id,
-                    stream,
-                    state: InboundState::Reading(FrameReader::default()),
-                    deadline: opened + self.config.handshake_timeout,
-                    span: tracing::debug_span!("coord_inbound", peer = %self.peer, id = id.0),
-                    _permit: permit,
-                });
+                let key = StreamKey::Inbound(id.0);
+                let deadline = Instant::now() + self.config.handshake_timeout;
+                self.inbound.insert(
+                    id.0,
+                    InboundStream {
+                        id,
+                        stream,
+                        state: InboundState::Reading(FrameReader::default()),
+                        deadline,
+                        armed: Some(deadline),
+                        waker: self.schedule.waker(key),
+                        span: tracing::debug_span!("coord_inbound", peer = %self.peer, id = id.0),
+                        _permit: permit,
+                    },
+                );
+                self.schedule.reschedule(key, None, Some(deadline));
+                self.schedule.wake(key);
             }
             Err(cap) => {
                 // Dropping an open stream resets it: nothing is read.
@@ -153,14 +160,21 @@ impl Handler {
         (request, deadline): (OutboundRequest, Instant),
     ) {
         self.opening -= 1;
-        self.outbound.push(OutboundStream {
-            id: request.id,
-            rpc: request.rpc,
-            stream,
-            state: OutboundState::Writing(FrameWriter::new(request.frame)),
-            deadline,
-            span: tracing::debug_span!("coord_outbound", peer = %self.peer, id = request.id.0),
-        });
+        let key = StreamKey::Outbound(request.id.0);
+        self.outbound.insert(
+            request.id.0,
+            OutboundStream {
+                id: request.id,
+                rpc: request.rpc,
+                stream,
+                state: OutboundState::Writing(FrameWriter::new(request.frame)),
+                deadline,
+                waker: self.schedule.waker(key),
+                span: tracing::debug_span!("coord_outbound", peer = %self.peer, id = request.id.0),
+            },
+        );
+        self.schedule.reschedule(key, None, Some(deadline));
+        self.schedule.wake(key);
     }
 
     fn on_dial_upgrade_error(
@@ -181,44 +195,52 @@ impl Handler {
         });
     }
 
-    /// Polls every stream once, queueing what they report and dropping finished ones.
-    fn poll_streams(&mut self, cx: &mut Context<'_>, now: Instant) {
+    /// Polls one stream that is due, queueing what it reports and dropping it once done.
+    fn poll_stream(&mut self, key: StreamKey, now: Instant) {
         let max = self.config.max_message_bytes;
-        let answer_timeout = self.config.answer_timeout;
-        let events = &mut self.events;
-        self.inbound.retain_mut(|stream| {
-            let _entered = stream.span.clone().entered();
-            match stream.poll(cx, now, max, answer_timeout) {
-                Poll::Pending => true,
-                Poll::Ready(InboundStep::Read(request)) => {
-                    events.push_back(ToBehaviour::Request {
-                        id: stream.id,
-                        request,
-                    });
-                    true
-                }
-                Poll::Ready(InboundStep::Done(event)) => {
-                    events.push_back(event);
-                    false
+        match key {
+            StreamKey::Inbound(id) => {
+                let Some(stream) = self.inbound.get_mut(&id) else {
+                    return;
+                };
+                let _entered = stream.span.clone().entered();
+                let waker = stream.waker.clone();
+                let mut cx = Context::from_waker(&waker);
+                let step = stream.poll(&mut cx, now, max, self.config.answer_timeout);
+                let armed = stream.armed;
+                match step {
+                    Poll::Ready(InboundStep::Done(event)) => {
+                        self.schedule.reschedule(key, armed, None);
+                        self.inbound.remove(&id);
+                        self.events.push_back(event);
+                    }
+                    step => {
+                        let next = stream.next_deadline();
+                        stream.armed = Some(next);
+                        self.schedule.reschedule(key, armed, Some(next));
+                        if let Poll::Ready(InboundStep::Read(request)) = step {
+                            self.events.push_back(ToBehaviour::Request {
+                                id: stream.id,
+                                request,
+                            });
+                        }
+                    }
                 }
             }
-        });
-        self.outbound.retain_mut(|stream| {
-            let _entered = stream.span.clone().entered();
-            match stream.poll(cx, now, max) {
-                Poll::Pending => true,
-                Poll::Ready(event) => {
-                    events.push_back(event);
-                    false
+            StreamKey::Outbound(id) => {
+                let Some(stream) = self.outbound.get_mut(&id) else {
+                    return;
+                };
+                let _entered = stream.span.clone().entered();
+                let waker = stream.waker.clone();
+                let mut cx = Context::from_waker(&waker);
+                if let Poll::Ready(event) = stream.poll(&mut cx, now, max) {
+                    self.schedule.reschedule(key, Some(stream.deadline), None);
+                    self.outbound.remove(&id);
+                    self.events.push_back(event);
                 }
             }
-        });
-    }
-
-    fn next_deadline(&self) -> Option<Instant> {
-        let inbound = self.inbound.iter().map(InboundStream::next_deadline);
-        let outbound = self.outbound.iter().map(|s| s.deadline);
-        inbound.chain(outbound).min()
+        }
     }
 }
 
@@ -241,13 +263,15 @@ impl ConnectionHandler for Handler {
                 self.queued.push_back((request, deadline));
             }
             FromBehaviour::Answer { id, rpc, frame } => {
-                if let Some(stream) = self.inbound.iter_mut().find(|s| s.id == id) {
+                if let Some(stream) = self.inbound.get_mut(&id.0) {
                     stream.answer(rpc, frame);
+                    self.schedule.wake(StreamKey::Inbound(id.0));
                 }
             }
             FromBehaviour::Reject { id, reason } => {
-                if let Some(stream) = self.inbound.iter_mut().find(|s| s.id == id) {
+                if let Some(stream) = self.inbound.get_mut(&id.0) {
                     stream.reject(reason);
+                    self.schedule.wake(StreamKey::Inbound(id.0));
                 }
             }
         }
@@ -286,29 +310,14 @@ impl ConnectionHandler for Handler {
                 return Poll::Ready(ConnectionHandlerEvent::OutboundSubstreamRequest { protocol });
             }
 
-            self.poll_streams(cx, now);
-            if !self.events.is_empty() {
-                continue;
+            let Poll::Ready(due) = self.schedule.poll_due(cx) else {
+                return Poll::Pending;
+            };
+            let now = Instant::now();
+            for &key in &due {
+                self.poll_stream(key, now);
             }
-
-            match self.next_deadline() {
-                None => self.timer = None,
-                Some(at) => {
-                    let timer = match &mut self.timer {
-                        Some((armed_at, timer)) if *armed_at == at => timer,
-                        slot => {
-                            &mut slot
-                                .insert((at, Delay::new(at.saturating_duration_since(now))))
-                                .1
-                        }
-                    };
-                    if timer.poll_unpin(cx).is_ready() {
-                        self.timer = None;
-                        continue;
-                    }
-                }
-            }
-            return Poll::Pending;
+            self.schedule.recycle(due);
         }
     }
 
@@ -346,6 +355,9 @@ struct InboundStream {
     state: InboundState,
     /// The handshake deadline: the whole exchange, from the stream's opening.
     deadline: Instant,
+    /// The deadline registered with the schedule.
+    armed: Option<Instant>,
+    waker: std::task::Waker,
     span: tracing::Span,
     _permit: StreamPermit,
 }
@@ -507,6 +519,7 @@ struct OutboundStream {
     stream: Stream,
     state: OutboundState,
     deadline: Instant,
+    waker: std::task::Waker,
     span: tracing::Span,
 }
 

@@ -62,6 +62,7 @@ mod message;
 mod metrics;
 mod negative_cache;
 mod node;
+mod schedule;
 mod store;
 
 /// Types generated from `proto/coord.proto`; never part of the public API.

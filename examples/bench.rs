@@ -1,0 +1,847 @@
+//! Side-by-side benchmark, in one process and one run, of the same workload through:
+//! (a) this crate's behaviour, (b) `libp2p-request-response` carrying the same protobuf
+//! messages with the same framing, and (c) a raw `libp2p-stream` baseline that opens a
+//! stream, writes the request bytes, reads the reply bytes and closes, with no protocol
+//! logic. Over the memory transport and over TCP + Noise + Yamux on loopback.
+//!
+//! `cargo run --release --example bench [-- --quick]`. The last lines are
+//! `ratio NAME VALUE`, each ours divided by the other (for latency and bytes, lower is
+//! better; for throughput, higher is).
+
+use std::{
+    alloc::{GlobalAlloc, Layout, System},
+    collections::HashMap,
+    io,
+    sync::atomic::{AtomicUsize, Ordering},
+    time::{Duration, Instant, SystemTime},
+};
+
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
+use gantry_coord::{
+    Config, Digest, FailureClass, OriginRefKind, Outcome, PleasePull, PleasePullOutcome,
+    PullIntent, RecentFailure, PROTOCOL_NAME,
+};
+use libp2p::{
+    core::{transport::MemoryTransport, upgrade::Version},
+    identity::Keypair,
+    noise, request_response,
+    swarm::{NetworkBehaviour, SwarmEvent},
+    tcp, yamux, Multiaddr, StreamProtocol, Swarm, Transport,
+};
+use prost::Message;
+
+mod wire {
+    include!(concat!(env!("OUT_DIR"), "/gantry.coord.v1.rs"));
+}
+
+/// Counts live heap bytes, for the idle-stream measurement.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let ptr = unsafe { System.alloc(layout) };
+        if !ptr.is_null() {
+            LIVE.fetch_add(layout.size(), Ordering::Relaxed);
+        }
+        ptr
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+const MAX_MESSAGE: usize = 1 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Net {
+    Memory,
+    Tcp,
+}
+
+impl Net {
+    fn name(self) -> &'static str {
+        match self {
+            Net::Memory => "mem",
+            Net::Tcp => "tcp",
+        }
+    }
+
+    fn listen_addr(self) -> Multiaddr {
+        match self {
+            Net::Memory => "/memory/0".parse().unwrap(),
+            Net::Tcp => "/ip4/127.0.0.1/tcp/0".parse().unwrap(),
+        }
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn swarm<B: NetworkBehaviour>(net: Net, behaviour: impl FnOnce(&Keypair) -> B) -> Swarm<B> {
+    let idle = |c: libp2p::swarm::Config| c.with_idle_connection_timeout(Duration::from_secs(300));
+    match net {
+        Net::Tcp => libp2p::SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .expect("tcp")
+            .with_behaviour(|key| behaviour(key))
+            .expect("behaviour")
+            .with_swarm_config(idle)
+            .build(),
+        Net::Memory => libp2p::SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_other_transport(|key| {
+                Ok::<_, BoxError>(
+                    MemoryTransport::default()
+                        .upgrade(Version::V1)
+                        .authenticate(noise::Config::new(key)?)
+                        .multiplex(yamux::Config::default()),
+                )
+            })
+            .expect("memory")
+            .with_behaviour(|key| behaviour(key))
+            .expect("behaviour")
+            .with_swarm_config(idle)
+            .build(),
+    }
+}
+
+async fn listen<B: NetworkBehaviour>(swarm: &mut Swarm<B>, net: Net) -> Multiaddr {
+    swarm.listen_on(net.listen_addr()).unwrap();
+    loop {
+        if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
+            return address;
+        }
+    }
+}
+
+async fn connect<B: NetworkBehaviour>(swarm: &mut Swarm<B>, addr: Multiaddr) {
+    swarm.dial(addr).unwrap();
+    loop {
+        if let SwarmEvent::ConnectionEstablished { .. } = swarm.select_next_some().await {
+            return;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The workload: the same messages for all three stacks.
+
+fn digest(n: u32) -> Digest {
+    Digest::parse(&format!("sha256:{n:064x}")).unwrap()
+}
+
+#[derive(Clone)]
+enum Work {
+    Query(Digest),
+    Batch(PleasePull),
+}
+
+impl Work {
+    fn name(&self) -> String {
+        match self {
+            Work::Query(_) => "pull_intent".into(),
+            Work::Batch(r) => format!("please_pull x{}", r.digests().len()),
+        }
+    }
+
+    fn request_envelope(&self) -> wire::Envelope {
+        use wire::envelope::Msg;
+        let msg = match self {
+            Work::Query(d) => Msg::PullIntentRequest(wire::PullIntentRequest {
+                digest: d.to_string(),
+            }),
+            Work::Batch(r) => Msg::PleasePullRequest(wire::PleasePullRequest {
+                digests: r.digests().iter().map(Digest::to_string).collect(),
+                upstream_registry: r.registry().into(),
+                repository: r.repository().into(),
+                kind: wire::please_pull_request::Kind::Blob as i32,
+                authorization: String::new(),
+            }),
+        };
+        wire::Envelope { msg: Some(msg) }
+    }
+}
+
+fn answer_intent() -> PullIntent {
+    PullIntent {
+        has_cached: true,
+        in_flight_since: None,
+        hrw_rank: Some(1),
+        recently_failed: Some(RecentFailure {
+            cooldown_until: SystemTime::now() + Duration::from_secs(30),
+            class: FailureClass::Transient,
+        }),
+    }
+}
+
+fn answer_outcomes(digests: impl Iterator<Item = Digest>) -> Vec<PleasePullOutcome> {
+    let now = SystemTime::now();
+    digests
+        .map(|digest| PleasePullOutcome {
+            digest,
+            outcome: Outcome::Started { started_at: now },
+        })
+        .collect()
+}
+
+/// The reply a responder sends, as the same wire envelope every stack uses.
+fn answer_envelope(request: &wire::Envelope) -> wire::Envelope {
+    use wire::envelope::Msg;
+    let now = Some(prost_types::Timestamp::from(SystemTime::now()));
+    let msg = match &request.msg {
+        Some(Msg::PleasePullRequest(r)) => Msg::PleasePullResponse(wire::PleasePullResponse {
+            results: r
+                .digests
+                .iter()
+                .map(|d| wire::please_pull_response::Result {
+                    digest: d.clone(),
+                    outcome: wire::please_pull_response::result::Outcome::Started as i32,
+                    started_at: now,
+                    ..Default::default()
+                })
+                .collect(),
+        }),
+        _ => Msg::PullIntentResponse(wire::PullIntentResponse {
+            has_cached: true,
+            hrw_rank: 1,
+            recently_failed: true,
+            cooldown_until: Some(prost_types::Timestamp::from(
+                SystemTime::now() + Duration::from_secs(30),
+            )),
+            failure_class: wire::FailureClass::Transient as i32,
+            ..Default::default()
+        }),
+    };
+    wire::Envelope { msg: Some(msg) }
+}
+
+// ---------------------------------------------------------------------------------------
+// Framing shared by the request-response codec and the raw baseline: uvarint length and
+// a protobuf body, capped, exactly as the coord wire.
+
+async fn read_frame<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<Vec<u8>> {
+    let mut len: u64 = 0;
+    for i in 0..9 {
+        let mut byte = [0u8];
+        io.read_exact(&mut byte).await?;
+        len |= u64::from(byte[0] & 0x7f) << (7 * i);
+        if byte[0] & 0x80 == 0 {
+            if len as usize > MAX_MESSAGE {
+                return Err(io::ErrorKind::InvalidData.into());
+            }
+            let mut body = vec![0; len as usize];
+            io.read_exact(&mut body).await?;
+            return Ok(body);
+        }
+    }
+    Err(io::ErrorKind::InvalidData.into())
+}
+
+async fn read_envelope<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<wire::Envelope> {
+    let body = read_frame(io).await?;
+    wire::Envelope::decode(body.as_slice()).map_err(|_| io::ErrorKind::InvalidData.into())
+}
+
+async fn write_envelope<T: AsyncWrite + Unpin>(
+    io: &mut T,
+    envelope: &wire::Envelope,
+) -> io::Result<()> {
+    io.write_all(&envelope.encode_length_delimited_to_vec())
+        .await
+}
+
+#[derive(Clone, Default)]
+struct CoordCodec;
+
+impl request_response::Codec for CoordCodec {
+    type Protocol = StreamProtocol;
+    type Request = wire::Envelope;
+    type Response = wire::Envelope;
+
+    async fn read_request<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<wire::Envelope> {
+        read_envelope(io).await
+    }
+
+    async fn read_response<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<wire::Envelope> {
+        read_envelope(io).await
+    }
+
+    async fn write_request<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: wire::Envelope,
+    ) -> io::Result<()> {
+        write_envelope(io, &req).await
+    }
+
+    async fn write_response<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: wire::Envelope,
+    ) -> io::Result<()> {
+        write_envelope(io, &res).await
+    }
+}
+
+type RrBehaviour = request_response::Behaviour<CoordCodec>;
+
+fn rr_behaviour() -> RrBehaviour {
+    request_response::Behaviour::with_codec(
+        CoordCodec,
+        [(PROTOCOL_NAME, request_response::ProtocolSupport::Full)],
+        request_response::Config::default()
+            .with_max_concurrent_streams(1024)
+            .with_request_timeout(Duration::from_secs(30)),
+    )
+}
+
+fn coord_config() -> Config {
+    // The default per-peer share (128) would reset a single client's 256 in flight.
+    Config::default()
+        .with_max_inbound_streams(1024)
+        .with_max_inbound_streams_per_peer(1024)
+        .with_request_timeout(Duration::from_secs(30))
+        .with_answer_timeout(Duration::from_secs(30))
+        .with_handshake_timeout(Duration::from_secs(60))
+}
+
+// ---------------------------------------------------------------------------------------
+// Measurements.
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Cell {
+    tput: f64,
+    p50: Duration,
+    p99: Duration,
+    cpu_per_req: Duration,
+}
+
+fn process_cpu() -> Duration {
+    // utime and stime, fields 14 and 15 of /proc/self/stat, in clock ticks (100 Hz).
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<u64> = after_name
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    Duration::from_millis(fields.iter().sum::<u64>() * 10)
+}
+
+/// What one closed loop measured.
+struct Samples {
+    latencies: Vec<Duration>,
+    elapsed: Duration,
+    cpu: Duration,
+}
+
+impl Samples {
+    fn summary(self) -> Cell {
+        summarize(self.latencies, self.elapsed, self.cpu)
+    }
+}
+
+fn summarize(mut latencies: Vec<Duration>, elapsed: Duration, cpu: Duration) -> Cell {
+    latencies.sort_unstable();
+    let n = latencies.len().max(1);
+    Cell {
+        tput: latencies.len() as f64 / elapsed.as_secs_f64(),
+        p50: latencies.get(n / 2).copied().unwrap_or_default(),
+        p99: latencies.get(n * 99 / 100).copied().unwrap_or_default(),
+        cpu_per_req: cpu / n as u32,
+    }
+}
+
+/// Keeps `concurrency` requests in flight for `duration` (after a warm-up) and returns the
+/// latencies and the measured span. `send` issues one request and returns its key;
+/// `next_reply` awaits the key of the next completed request.
+async fn closed_loop<K: std::hash::Hash + Eq + Copy, S>(
+    state: &mut S,
+    concurrency: usize,
+    duration: Duration,
+    mut send: impl FnMut(&mut S) -> K,
+    mut next_reply: impl AsyncFnMut(&mut S) -> K,
+) -> Samples {
+    let warmup = duration / 5;
+    let mut inflight: HashMap<K, Instant> = HashMap::new();
+    for _ in 0..concurrency {
+        inflight.insert(send(state), Instant::now());
+    }
+    let started = Instant::now();
+    let mut measuring_since = None;
+    let mut cpu_start = Duration::ZERO;
+    let mut latencies = Vec::new();
+    loop {
+        let key = next_reply(state).await;
+        let Some(sent) = inflight.remove(&key) else {
+            continue;
+        };
+        let now = Instant::now();
+        match measuring_since {
+            None if now - started >= warmup => {
+                measuring_since = Some(now);
+                cpu_start = process_cpu();
+            }
+            Some(since) => {
+                latencies.push(now - sent);
+                if now - since >= duration {
+                    let cpu = process_cpu().saturating_sub(cpu_start);
+                    // Drain what is still in flight before the next cell.
+                    while !inflight.is_empty() {
+                        let key = next_reply(state).await;
+                        inflight.remove(&key);
+                    }
+                    return Samples {
+                        latencies,
+                        elapsed: now - since,
+                        cpu,
+                    };
+                }
+            }
+            None => {}
+        }
+        inflight.insert(send(state), Instant::now());
+    }
+}
+
+async fn bench_ours(net: Net, work: &Work, concurrency: usize, duration: Duration) -> Cell {
+    use gantry_coord::Event;
+    let mut server = swarm(net, |_| gantry_coord::Behaviour::new(coord_config()));
+    let addr = listen(&mut server, net).await;
+    let server_peer = *server.local_peer_id();
+    let serving = tokio::spawn(async move {
+        loop {
+            if let SwarmEvent::Behaviour(event) = server.select_next_some().await {
+                match event {
+                    Event::PullIntentQuery { responder, .. } => {
+                        let _ = server.behaviour_mut().respond(responder, answer_intent());
+                    }
+                    Event::PleasePull {
+                        request, responder, ..
+                    } => {
+                        let outcomes = answer_outcomes(request.digests().iter().cloned());
+                        let _ = server.behaviour_mut().respond(responder, outcomes);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    });
+    let mut client = swarm(net, |_| gantry_coord::Behaviour::new(coord_config()));
+    connect(&mut client, addr).await;
+    let cell = closed_loop(
+        &mut client,
+        concurrency,
+        duration,
+        |c| match work {
+            Work::Query(d) => c.behaviour_mut().pull_intent_query(server_peer, d),
+            Work::Batch(r) => c.behaviour_mut().please_pull(server_peer, r),
+        },
+        async |c| loop {
+            match c.select_next_some().await {
+                SwarmEvent::Behaviour(Event::PullIntentReply { request_id, .. })
+                | SwarmEvent::Behaviour(Event::PleasePullReply { request_id, .. }) => {
+                    return request_id
+                }
+                SwarmEvent::Behaviour(Event::OutboundFailure { error, .. }) => {
+                    panic!("ours: {error}")
+                }
+                _ => {}
+            }
+        },
+    )
+    .await;
+    serving.abort();
+    cell.summary()
+}
+
+async fn bench_rr(net: Net, work: &Work, concurrency: usize, duration: Duration) -> Cell {
+    use request_response::{Event, Message};
+    let mut server = swarm(net, |_| rr_behaviour());
+    let addr = listen(&mut server, net).await;
+    let server_peer = *server.local_peer_id();
+    let serving = tokio::spawn(async move {
+        loop {
+            if let SwarmEvent::Behaviour(Event::Message {
+                message:
+                    Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            }) = server.select_next_some().await
+            {
+                let _ = server
+                    .behaviour_mut()
+                    .send_response(channel, answer_envelope(&request));
+            }
+        }
+    });
+    let mut client = swarm(net, |_| rr_behaviour());
+    connect(&mut client, addr).await;
+    let request = work.request_envelope();
+    let cell = closed_loop(
+        &mut client,
+        concurrency,
+        duration,
+        |c| {
+            c.behaviour_mut()
+                .send_request(&server_peer, request.clone())
+        },
+        async |c| loop {
+            match c.select_next_some().await {
+                SwarmEvent::Behaviour(Event::Message {
+                    message: Message::Response { request_id, .. },
+                    ..
+                }) => return request_id,
+                SwarmEvent::Behaviour(Event::OutboundFailure { error, .. }) => {
+                    panic!("rr: {error}")
+                }
+                _ => {}
+            }
+        },
+    )
+    .await;
+    serving.abort();
+    cell.summary()
+}
+
+async fn bench_raw(net: Net, work: &Work, concurrency: usize, duration: Duration) -> Cell {
+    let mut server = swarm(net, |_| libp2p_stream::Behaviour::new());
+    let addr = listen(&mut server, net).await;
+    let server_peer = *server.local_peer_id();
+    let mut incoming = server
+        .behaviour()
+        .new_control()
+        .accept(PROTOCOL_NAME)
+        .unwrap();
+    let reply = answer_envelope(&work.request_envelope()).encode_length_delimited_to_vec();
+    let serving = tokio::spawn(async move {
+        let accept = async move {
+            while let Some((_, mut stream)) = incoming.next().await {
+                let reply = reply.clone();
+                tokio::spawn(async move {
+                    if read_frame(&mut stream).await.is_ok() {
+                        let _ = stream.write_all(&reply).await;
+                        let _ = stream.close().await;
+                    }
+                });
+            }
+        };
+        let drive = async move {
+            loop {
+                server.select_next_some().await;
+            }
+        };
+        futures::join!(accept, drive);
+    });
+    let mut client = swarm(net, |_| libp2p_stream::Behaviour::new());
+    connect(&mut client, addr).await;
+    let control = client.behaviour().new_control();
+    let driving = tokio::spawn(async move {
+        loop {
+            client.select_next_some().await;
+        }
+    });
+    let request = work.request_envelope().encode_length_delimited_to_vec();
+    // One closed loop per slot: open, write, close, read to end, again.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (samples_tx, mut samples_rx) =
+        tokio::sync::mpsc::unbounded_channel::<(Instant, Duration)>();
+    let slots: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (mut control, request, samples, stop) = (
+                control.clone(),
+                request.clone(),
+                samples_tx.clone(),
+                stop.clone(),
+            );
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let sent = Instant::now();
+                    let exchange = async {
+                        let mut stream = control
+                            .open_stream(server_peer, PROTOCOL_NAME)
+                            .await
+                            .map_err(io::Error::other)?;
+                        stream.write_all(&request).await?;
+                        stream.close().await?;
+                        let mut reply = Vec::new();
+                        stream.read_to_end(&mut reply).await?;
+                        Ok::<_, io::Error>(reply.len())
+                    };
+                    match exchange.await {
+                        Ok(len) if len > 0 => {
+                            let now = Instant::now();
+                            let _ = samples.send((now, now - sent));
+                        }
+                        result => {
+                            eprintln!("raw baseline exchange failed: {result:?}");
+                            return;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    drop(samples_tx);
+    tokio::time::sleep(duration / 5).await;
+    let (start, cpu_start) = (Instant::now(), process_cpu());
+    tokio::time::sleep(duration).await;
+    let (end, cpu) = (Instant::now(), process_cpu().saturating_sub(cpu_start));
+    stop.store(true, Ordering::Relaxed);
+    for slot in slots {
+        let _ = slot.await;
+    }
+    let mut latencies = Vec::new();
+    while let Some((at, latency)) = samples_rx.recv().await {
+        if at >= start && at <= end {
+            latencies.push(latency);
+        }
+    }
+    driving.abort();
+    serving.abort();
+    summarize(latencies, end - start, cpu)
+}
+
+/// Heap bytes held per inbound stream that waits for its request: 512 idle streams from
+/// one raw peer (memory transport), ours or request-response on the other side.
+async fn idle_stream_bytes(ours: bool) -> f64 {
+    const STREAMS: usize = 512;
+    let net = Net::Memory;
+    let (addr, serving) = if ours {
+        let mut server = swarm(net, |_| gantry_coord::Behaviour::new(coord_config()));
+        let addr = listen(&mut server, net).await;
+        (
+            addr,
+            tokio::spawn(async move {
+                loop {
+                    server.select_next_some().await;
+                }
+            }),
+        )
+    } else {
+        let mut server = swarm(net, |_| rr_behaviour());
+        let addr = listen(&mut server, net).await;
+        (
+            addr,
+            tokio::spawn(async move {
+                loop {
+                    server.select_next_some().await;
+                }
+            }),
+        )
+    };
+    let mut client = swarm(net, |_| libp2p_stream::Behaviour::new());
+    client.dial(addr).unwrap();
+    let peer = loop {
+        if let SwarmEvent::ConnectionEstablished { peer_id, .. } = client.select_next_some().await {
+            break peer_id;
+        }
+    };
+    let mut control = client.behaviour().new_control();
+    let driving = tokio::spawn(async move {
+        loop {
+            client.select_next_some().await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = LIVE.load(Ordering::Relaxed);
+    let mut held = Vec::with_capacity(STREAMS);
+    for _ in 0..STREAMS {
+        held.push(control.open_stream(peer, PROTOCOL_NAME).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = LIVE.load(Ordering::Relaxed);
+    drop(held);
+    driving.abort();
+    serving.abort();
+    after.saturating_sub(before) as f64 / STREAMS as f64
+}
+
+/// One coord server, `peers` clients on the memory transport, each with `per_peer`
+/// queries in flight: aggregate throughput and p99.
+async fn scale(peers: usize, per_peer: usize, duration: Duration) -> Cell {
+    use gantry_coord::Event;
+    let net = Net::Memory;
+    let mut server = swarm(net, |_| gantry_coord::Behaviour::new(coord_config()));
+    let addr = listen(&mut server, net).await;
+    let server_peer = *server.local_peer_id();
+    let serving = tokio::spawn(async move {
+        loop {
+            if let SwarmEvent::Behaviour(Event::PullIntentQuery { responder, .. }) =
+                server.select_next_some().await
+            {
+                let _ = server.behaviour_mut().respond(responder, answer_intent());
+            }
+        }
+    });
+    let mut clients = Vec::new();
+    for _ in 0..peers {
+        let mut client = swarm(net, |_| gantry_coord::Behaviour::new(coord_config()));
+        connect(&mut client, addr.clone()).await;
+        clients.push(client);
+    }
+    let query = digest(7);
+    let runs: Vec<_> = clients
+        .into_iter()
+        .map(|mut client| {
+            let query = query.clone();
+            tokio::spawn(async move {
+                closed_loop(
+                    &mut client,
+                    per_peer,
+                    duration,
+                    |c| c.behaviour_mut().pull_intent_query(server_peer, &query),
+                    async |c| loop {
+                        if let SwarmEvent::Behaviour(Event::PullIntentReply {
+                            request_id, ..
+                        }) = c.select_next_some().await
+                        {
+                            return request_id;
+                        }
+                    },
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    let mut tput = 0.0;
+    for run in runs {
+        let samples = run.await.unwrap();
+        tput += samples.latencies.len() as f64 / samples.elapsed.as_secs_f64();
+        latencies.extend(samples.latencies);
+    }
+    serving.abort();
+    let mut cell = summarize(latencies, Duration::from_secs(1), Duration::ZERO);
+    cell.tput = tput;
+    cell
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3}", d.as_secs_f64() * 1e3)
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1e6)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let duration = Duration::from_millis(if quick { 300 } else { 1500 });
+    let query = Work::Query(digest(7));
+    let batch = Work::Batch(
+        PleasePull::new(
+            "registry.example.com",
+            "library/demo",
+            OriginRefKind::Blob,
+            (0..250).map(digest).collect(),
+        )
+        .unwrap(),
+    );
+    // A please_pull of 1,000 digests goes as 4 requests of 250 in flight at once: the
+    // requester refuses batches above 256, as the Go client does.
+    let cells: [(&Work, usize, &str); 4] = [
+        (&query, 1, "1"),
+        (&query, 16, "16"),
+        (&query, 256, "256"),
+        (&batch, 4, "pp1000"),
+    ];
+    let started = Instant::now();
+    let mut ratios: Vec<(String, f64)> = Vec::new();
+    println!(
+        "measuring {} per cell after a warm-up (2 cores, one process)",
+        ms(duration) + " ms"
+    );
+    println!();
+    println!("| net | workload | in flight | stack | req/s | p50 ms | p99 ms | CPU µs/req |");
+    println!("|---|---|---|---|---:|---:|---:|---:|");
+    for net in [Net::Memory, Net::Tcp] {
+        for (work, concurrency, label) in cells {
+            let ours = bench_ours(net, work, concurrency, duration).await;
+            let rr = bench_rr(net, work, concurrency, duration).await;
+            let raw = bench_raw(net, work, concurrency, duration).await;
+            for (stack, cell) in [
+                ("coord (ours)", ours),
+                ("request-response", rr),
+                ("raw libp2p-stream", raw),
+            ] {
+                println!(
+                    "| {} | {} | {concurrency} | {stack} | {:.0} | {} | {} | {} |",
+                    net.name(),
+                    work.name(),
+                    cell.tput,
+                    ms(cell.p50),
+                    ms(cell.p99),
+                    us(cell.cpu_per_req)
+                );
+            }
+            let key = format!("{}_{label}", net.name());
+            let div = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+            ratios.push((format!("tput_vs_rr_{key}"), div(ours.tput, rr.tput)));
+            ratios.push((
+                format!("p99_vs_rr_{key}"),
+                div(ours.p99.as_secs_f64(), rr.p99.as_secs_f64()),
+            ));
+            ratios.push((
+                format!("cpu_vs_rr_{key}"),
+                div(ours.cpu_per_req.as_secs_f64(), rr.cpu_per_req.as_secs_f64()),
+            ));
+            ratios.push((format!("tput_vs_raw_{key}"), div(ours.tput, raw.tput)));
+            ratios.push((
+                format!("p99_vs_raw_{key}"),
+                div(ours.p99.as_secs_f64(), raw.p99.as_secs_f64()),
+            ));
+        }
+    }
+
+    let ours_bytes = idle_stream_bytes(true).await;
+    let rr_bytes = idle_stream_bytes(false).await;
+    println!();
+    println!("idle inbound stream, heap bytes each (512 streams, memory transport): coord {ours_bytes:.0}, request-response {rr_bytes:.0}");
+    ratios.push(("idle_stream_bytes_vs_rr".into(), ours_bytes / rr_bytes));
+
+    let one = scale(1, 4, duration).await;
+    let many = scale(200, 4, duration).await;
+    println!(
+        "scale, coord, 4 queries in flight per peer (memory transport): 1 peer {:.0} req/s p99 {} ms; 200 peers {:.0} req/s p99 {} ms",
+        one.tput,
+        ms(one.p99),
+        many.tput,
+        ms(many.p99)
+    );
+    ratios.push(("scale_tput_200_vs_1".into(), many.tput / one.tput));
+    ratios.push((
+        "scale_p99_200_vs_1".into(),
+        many.p99.as_secs_f64() / one.p99.as_secs_f64(),
+    ));
+
+    println!();
+    println!("finished in {:.1} s", started.elapsed().as_secs_f64());
+    for (name, value) in ratios {
+        println!("ratio {name} {value:.2}");
+    }
+}

@@ -1,0 +1,136 @@
+//! Wake-ups and deadlines of the many streams one handler drives: a poll touches only the
+//! streams whose I/O woke them or whose deadline passed, never every open stream, so the
+//! cost of an event does not grow with the number of streams in flight.
+
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, Mutex},
+    task::{Context, Poll, Wake, Waker},
+    time::Instant,
+};
+
+use futures::{task::AtomicWaker, FutureExt};
+use futures_timer::Delay;
+
+/// Names one stream of a handler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) enum StreamKey {
+    Inbound(u64),
+    Outbound(u64),
+}
+
+/// Keys of streams woken since the handler last looked, and the handler's own waker.
+#[derive(Debug, Default)]
+struct ReadySet {
+    keys: Mutex<Vec<StreamKey>>,
+    handler: AtomicWaker,
+}
+
+impl ReadySet {
+    fn push(&self, key: StreamKey) {
+        self.keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(key);
+        self.handler.wake();
+    }
+}
+
+/// The waker handed to one stream's I/O.
+struct StreamWaker {
+    key: StreamKey,
+    ready: Arc<ReadySet>,
+}
+
+impl Wake for StreamWaker {
+    fn wake(self: Arc<Self>) {
+        self.ready.push(self.key);
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.ready.push(self.key);
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Schedule {
+    ready: Arc<ReadySet>,
+    /// Each stream's next deadline; the first entry arms the one timer.
+    deadlines: BTreeSet<(Instant, StreamKey)>,
+    timer: Option<(Instant, Delay)>,
+    /// Reused between polls.
+    due: Vec<StreamKey>,
+}
+
+impl Schedule {
+    /// A waker that marks `key` ready.
+    pub(crate) fn waker(&self, key: StreamKey) -> Waker {
+        Waker::from(Arc::new(StreamWaker {
+            key,
+            ready: self.ready.clone(),
+        }))
+    }
+
+    /// Marks `key` ready for the next poll.
+    pub(crate) fn wake(&self, key: StreamKey) {
+        self.ready.push(key);
+    }
+
+    /// Moves the deadline registered for `key` from `old` to `new`.
+    pub(crate) fn reschedule(
+        &mut self,
+        key: StreamKey,
+        old: Option<Instant>,
+        new: Option<Instant>,
+    ) {
+        if old == new {
+            return;
+        }
+        if let Some(old) = old {
+            self.deadlines.remove(&(old, key));
+        }
+        if let Some(new) = new {
+            self.deadlines.insert((new, key));
+        }
+    }
+
+    /// The streams to poll now: those woken and those whose deadline passed. When there
+    /// are none, the handler's task is registered to be woken by either.
+    pub(crate) fn poll_due(&mut self, cx: &mut Context<'_>) -> Poll<Vec<StreamKey>> {
+        self.ready.handler.register(cx.waker());
+        loop {
+            let mut due = std::mem::take(&mut self.due);
+            due.append(&mut self.ready.keys.lock().unwrap_or_else(|e| e.into_inner()));
+            let now = Instant::now();
+            while let Some(&(at, key)) = self.deadlines.first() {
+                if at > now {
+                    break;
+                }
+                self.deadlines.pop_first();
+                due.push(key);
+            }
+            if !due.is_empty() {
+                return Poll::Ready(due);
+            }
+            self.due = due;
+            let Some(&(next, _)) = self.deadlines.first() else {
+                self.timer = None;
+                return Poll::Pending;
+            };
+            let timer = match &mut self.timer {
+                Some((at, timer)) if *at == next => timer,
+                slot => &mut slot.insert((next, Delay::new(next - now))).1,
+            };
+            if timer.poll_unpin(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.timer = None;
+        }
+    }
+
+    /// Hands back the buffer of a finished round, to be reused.
+    pub(crate) fn recycle(&mut self, mut due: Vec<StreamKey>) {
+        due.clear();
+        self.due = due;
+    }
+}
