@@ -146,7 +146,7 @@ impl sealed::Sealed for PleasePullResponder {
         Answer {
             route: self.0,
             rpc: Rpc::PleasePull,
-            envelope: message::please_pull_response(&reply),
+            envelope: message::please_pull_response(reply),
         }
     }
 }

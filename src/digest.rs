@@ -27,29 +27,7 @@ pub enum DigestError {
 impl Digest {
     /// Parses and validates a digest.
     pub fn parse(s: &str) -> Result<Self, DigestError> {
-        let Some((algorithm, encoded)) = s.split_once(':') else {
-            return Err(DigestError::InvalidFormat);
-        };
-        if algorithm.is_empty() || encoded.is_empty() {
-            return Err(DigestError::InvalidFormat);
-        }
-        let hex_len = match algorithm {
-            "sha256" => 64,
-            "sha512" => 128,
-            _ if is_algorithm(algorithm) && is_encoded(encoded) => {
-                return Err(DigestError::Unsupported)
-            }
-            _ => return Err(DigestError::InvalidFormat),
-        };
-        if encoded.len() != hex_len {
-            return Err(DigestError::InvalidLength);
-        }
-        if !encoded
-            .bytes()
-            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-        {
-            return Err(DigestError::InvalidFormat);
-        }
+        validate(s)?;
         Ok(Digest(s.to_owned()))
     }
 
@@ -64,6 +42,34 @@ impl Digest {
             .split_once(':')
             .map_or("", |(algorithm, _)| algorithm)
     }
+}
+
+/// `digest.Parse`'s checks, without allocating.
+fn validate(s: &str) -> Result<(), DigestError> {
+    let Some((algorithm, encoded)) = s.split_once(':') else {
+        return Err(DigestError::InvalidFormat);
+    };
+    if algorithm.is_empty() || encoded.is_empty() {
+        return Err(DigestError::InvalidFormat);
+    }
+    let hex_len = match algorithm {
+        "sha256" => 64,
+        "sha512" => 128,
+        _ if is_algorithm(algorithm) && is_encoded(encoded) => {
+            return Err(DigestError::Unsupported)
+        }
+        _ => return Err(DigestError::InvalidFormat),
+    };
+    if encoded.len() != hex_len {
+        return Err(DigestError::InvalidLength);
+    }
+    if !encoded
+        .bytes()
+        .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        return Err(DigestError::InvalidFormat);
+    }
+    Ok(())
 }
 
 /// `[a-z0-9]+([+._-][a-z0-9]+)*`
@@ -94,7 +100,7 @@ impl TryFrom<String> for Digest {
     type Error = DigestError;
 
     fn try_from(s: String) -> Result<Self, Self::Error> {
-        Digest::parse(&s)?;
+        validate(&s)?;
         Ok(Digest(s))
     }
 }

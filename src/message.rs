@@ -463,10 +463,10 @@ impl PullIntent {
 }
 
 impl PleasePullOutcome {
-    pub(crate) fn to_wire(&self) -> wire::please_pull_response::Result {
+    pub(crate) fn into_wire(self) -> wire::please_pull_response::Result {
         use wire::please_pull_response::result::Outcome as W;
         let mut result = wire::please_pull_response::Result {
-            digest: self.digest.to_string(),
+            digest: self.digest.into(),
             ..Default::default()
         };
         match self.outcome {
@@ -583,7 +583,7 @@ pub(crate) fn pull_intent_request(digest: &Digest) -> wire::Envelope {
     wire::Envelope {
         msg: Some(wire::envelope::Msg::PullIntentRequest(
             wire::PullIntentRequest {
-                digest: digest.to_string(),
+                digest: digest.as_str().to_owned(),
             },
         )),
     }
@@ -593,7 +593,11 @@ pub(crate) fn please_pull_request(request: &PleasePull) -> wire::Envelope {
     wire::Envelope {
         msg: Some(wire::envelope::Msg::PleasePullRequest(
             wire::PleasePullRequest {
-                digests: request.digests.iter().map(Digest::to_string).collect(),
+                digests: request
+                    .digests
+                    .iter()
+                    .map(|d| d.as_str().to_owned())
+                    .collect(),
                 upstream_registry: request.registry.clone(),
                 repository: request.repository.clone(),
                 kind: request.kind.to_wire(),
@@ -613,11 +617,14 @@ pub(crate) fn pull_intent_response(intent: PullIntent) -> wire::Envelope {
     }
 }
 
-pub(crate) fn please_pull_response(outcomes: &[PleasePullOutcome]) -> wire::Envelope {
+pub(crate) fn please_pull_response(outcomes: Vec<PleasePullOutcome>) -> wire::Envelope {
     wire::Envelope {
         msg: Some(wire::envelope::Msg::PleasePullResponse(
             wire::PleasePullResponse {
-                results: outcomes.iter().map(PleasePullOutcome::to_wire).collect(),
+                results: outcomes
+                    .into_iter()
+                    .map(PleasePullOutcome::into_wire)
+                    .collect(),
             },
         )),
     }

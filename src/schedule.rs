@@ -117,8 +117,10 @@ impl Schedule {
                 self.timer = None;
                 return Poll::Pending;
             };
+            // A timer armed for an earlier instant stays: it wakes early at worst, and
+            // creating timers as streams come and go would cost more than that.
             let timer = match &mut self.timer {
-                Some((at, timer)) if *at == next => timer,
+                Some((at, timer)) if *at <= next => timer,
                 slot => &mut slot.insert((next, Delay::new(next - now))).1,
             };
             if timer.poll_unpin(cx).is_pending() {
