@@ -821,9 +821,27 @@ async fn main() {
             {
                 continue;
             }
-            let ours = bench_ours(net, work, concurrency, duration).await;
-            let rr = bench_rr(net, work, concurrency, duration).await;
-            let raw = bench_raw(net, work, concurrency, duration).await;
+            // `--stack ours|rr|raw` runs one stack only (for profiling).
+            let stack = args
+                .iter()
+                .position(|a| a == "--stack")
+                .and_then(|i| args.get(i + 1).map(String::as_str));
+            let runs = |name: &str| stack.is_none_or(|s| s == name);
+            let ours = if runs("ours") {
+                bench_ours(net, work, concurrency, duration).await
+            } else {
+                Cell::default()
+            };
+            let rr = if runs("rr") {
+                bench_rr(net, work, concurrency, duration).await
+            } else {
+                Cell::default()
+            };
+            let raw = if runs("raw") {
+                bench_raw(net, work, concurrency, duration).await
+            } else {
+                Cell::default()
+            };
             for (stack, cell) in [
                 ("coord (ours)", ours),
                 ("request-response", rr),

@@ -12,7 +12,10 @@ use std::{
     time::{Instant, SystemTime},
 };
 
-use futures::{channel::mpsc, FutureExt, StreamExt};
+use futures::{
+    channel::{mpsc, oneshot},
+    FutureExt, StreamExt,
+};
 use futures_timer::Delay;
 
 use hashlink::LruCache;
@@ -29,7 +32,7 @@ use crate::{
     budget::StreamBudget,
     client::{Command, Coordinator, Reply as ClientReply, ReplySender, Request as ClientRequest},
     codec::encode_frame,
-    handler::{FromBehaviour, Handler, OutboundRequest, ToBehaviour},
+    handler::{FromBehaviour, Handler, OutboundRequest, ToBehaviour, Verdict},
     message::{self, ClockBounds, WireRequest},
     wire, AuthorizationMode, Config, Digest, InboundFailure, OutboundFailure, PleasePull,
     PleasePullOutcome, PullIntent, RespondError, UnauthorizedReason,
@@ -73,12 +76,14 @@ struct Route {
 }
 
 /// The token to answer one inbound pull_intent query with [`Behaviour::respond`].
+/// Dropping it unanswered closes the request's stream without a reply.
 #[derive(Debug)]
-pub struct PullIntentResponder(Route);
+pub struct PullIntentResponder(Route, oneshot::Sender<Verdict>);
 
 /// The token to answer one inbound please_pull with [`Behaviour::respond`].
+/// Dropping it unanswered closes the request's stream without a reply.
 #[derive(Debug)]
-pub struct PleasePullResponder(Route);
+pub struct PleasePullResponder(Route, oneshot::Sender<Verdict>);
 
 mod sealed {
     pub trait Sealed {
@@ -103,6 +108,7 @@ pub trait Responder: sealed::Sealed {
 #[doc(hidden)]
 pub struct Answer {
     route: Route,
+    verdict: oneshot::Sender<Verdict>,
     rpc: crate::Rpc,
     envelope: wire::Envelope,
 }
@@ -123,6 +129,7 @@ impl sealed::Sealed for PullIntentResponder {
     fn into_reply(self, reply: PullIntent) -> Answer {
         Answer {
             route: self.0,
+            verdict: self.1,
             rpc: Rpc::PullIntent,
             envelope: message::pull_intent_response(reply),
         }
@@ -145,6 +152,7 @@ impl sealed::Sealed for PleasePullResponder {
     fn into_reply(self, reply: Vec<PleasePullOutcome>) -> Answer {
         Answer {
             route: self.0,
+            verdict: self.1,
             rpc: Rpc::PleasePull,
             envelope: message::please_pull_response(reply),
         }
@@ -350,6 +358,7 @@ impl Behaviour {
     ) -> Result<(), RespondError> {
         let Answer {
             route,
+            verdict,
             rpc,
             envelope,
         } = sealed::Sealed::into_reply(responder, reply);
@@ -357,30 +366,19 @@ impl Behaviour {
             return Err(RespondError::Expired);
         }
         let max = self.config.max_message_bytes;
-        let (event, result) = match encode_frame(&envelope, max) {
-            Ok(frame) => (
-                FromBehaviour::Answer {
-                    id: route.id,
-                    rpc,
-                    frame,
-                },
-                Ok(()),
-            ),
+        let (answer, result) = match encode_frame(&envelope, max) {
+            Ok(frame) => (Verdict::Reply { rpc, frame }, Ok(())),
             Err(_) => {
                 let len = envelope_len(&envelope);
                 let reason = InboundFailure::ReplyTooLarge { len };
-                let event = FromBehaviour::Reject {
-                    id: route.id,
-                    reason,
-                };
-                (event, Err(RespondError::TooLarge { len, max }))
+                (
+                    Verdict::Reject(reason),
+                    Err(RespondError::TooLarge { len, max }),
+                )
             }
         };
-        self.pending.push_back(ToSwarm::NotifyHandler {
-            peer_id: route.peer,
-            handler: NotifyHandler::One(route.connection),
-            event,
-        });
+        // The stream may have just hit its deadline: then it is gone.
+        verdict.send(answer).map_err(|_| RespondError::Expired)?;
         result
     }
 
@@ -500,7 +498,12 @@ impl Behaviour {
         }
     }
 
-    fn on_request(&mut self, route: Route, request: WireRequest) {
+    fn on_request(
+        &mut self,
+        route: Route,
+        request: WireRequest,
+        verdict: oneshot::Sender<Verdict>,
+    ) {
         if let Some(reason) = self.authorize(&route.peer) {
             tracing::debug!(peer = %route.peer, %reason, "request from unauthorized peer");
             self.emit(Event::UnauthorizedPeer {
@@ -508,14 +511,7 @@ impl Behaviour {
                 reason,
             });
             if self.config.authorization_mode == AuthorizationMode::Enforce {
-                self.pending.push_back(ToSwarm::NotifyHandler {
-                    peer_id: route.peer,
-                    handler: NotifyHandler::One(route.connection),
-                    event: FromBehaviour::Reject {
-                        id: route.id,
-                        reason: InboundFailure::Unauthorized(reason),
-                    },
-                });
+                let _ = verdict.send(Verdict::Reject(InboundFailure::Unauthorized(reason)));
                 return;
             }
         }
@@ -524,7 +520,7 @@ impl Behaviour {
             WireRequest::PullIntent(digest) => Event::PullIntentQuery {
                 peer: route.peer,
                 digest,
-                responder: PullIntentResponder(route),
+                responder: PullIntentResponder(route, verdict),
             },
             WireRequest::PleasePull {
                 request,
@@ -533,7 +529,7 @@ impl Behaviour {
                 peer: route.peer,
                 request,
                 skipped_digests,
-                responder: PleasePullResponder(route),
+                responder: PleasePullResponder(route, verdict),
             },
         };
         self.emit(event);
@@ -822,13 +818,18 @@ impl NetworkBehaviour for Behaviour {
         event: THandlerOutEvent<Self>,
     ) {
         match event {
-            ToBehaviour::Request { id, request } => self.on_request(
+            ToBehaviour::Request {
+                id,
+                request,
+                verdict,
+            } => self.on_request(
                 Route {
                     peer,
                     connection,
                     id,
                 },
                 request,
+                verdict,
             ),
             ToBehaviour::Answered { id, rpc } => self.emit(Event::ResponseSent {
                 peer,

@@ -60,6 +60,9 @@ pub enum InboundFailure {
     /// The swarm loop did not answer within the answer deadline.
     #[error("request not answered in time")]
     AnswerTimeout,
+    /// The responder token was dropped without an answer, so none can come.
+    #[error("request dropped without an answer")]
+    Unanswered,
     /// The length prefix declared a body above the cap; nothing of it was read.
     #[error("request of {len} bytes exceeds the cap")]
     Oversized {

@@ -12,6 +12,7 @@ use std::{
     time::Instant,
 };
 
+use futures::{channel::oneshot, FutureExt};
 use libp2p_core::upgrade::ReadyUpgrade;
 use libp2p_identity::PeerId;
 use libp2p_swarm::{
@@ -33,17 +34,16 @@ use crate::{
 pub enum FromBehaviour {
     /// Send an encoded request frame.
     Send(OutboundRequest),
-    /// Write this encoded reply frame on the stream of an inbound request.
-    Answer {
-        id: InboundRequestId,
-        rpc: Rpc,
-        frame: Vec<u8>,
-    },
-    /// Close the stream of an inbound request without a reply.
-    Reject {
-        id: InboundRequestId,
-        reason: InboundFailure,
-    },
+}
+
+/// What becomes of an inbound request once it is read. It goes straight to the waiting
+/// stream, not through the swarm, so an answer costs no extra hop.
+#[derive(Debug)]
+pub enum Verdict {
+    /// Write this encoded reply frame and close.
+    Reply { rpc: Rpc, frame: Vec<u8> },
+    /// Close without a reply.
+    Reject(InboundFailure),
 }
 
 /// An outbound request on its way to a stream.
@@ -57,10 +57,11 @@ pub struct OutboundRequest {
 /// Reports to the behaviour.
 #[derive(Debug)]
 pub enum ToBehaviour {
-    /// A request was read and accepted; the behaviour owes an answer.
+    /// A request was read and accepted; the behaviour owes a verdict.
     Request {
         id: InboundRequestId,
         request: WireRequest,
+        verdict: oneshot::Sender<Verdict>,
     },
     /// The reply to an inbound request was written and the stream closed.
     Answered { id: InboundRequestId, rpc: Rpc },
@@ -218,10 +219,13 @@ impl Handler {
                         let next = stream.next_deadline();
                         stream.armed = Some(next);
                         self.schedule.reschedule(key, armed, Some(next));
-                        if let Poll::Ready(InboundStep::Read(request)) = step {
+                        if let Poll::Ready(InboundStep::Read(request, verdict)) = step {
+                            // Poll it again so it waits on its verdict with its own waker.
+                            self.schedule.wake(key);
                             self.events.push_back(ToBehaviour::Request {
                                 id: stream.id,
                                 request,
+                                verdict,
                             });
                         }
                     }
@@ -261,18 +265,6 @@ impl ConnectionHandler for Handler {
             FromBehaviour::Send(request) => {
                 let deadline = Instant::now() + self.config.request_timeout;
                 self.queued.push_back((request, deadline));
-            }
-            FromBehaviour::Answer { id, rpc, frame } => {
-                if let Some(stream) = self.inbound.get_mut(&id.0) {
-                    stream.answer(rpc, frame);
-                    self.schedule.wake(StreamKey::Inbound(id.0));
-                }
-            }
-            FromBehaviour::Reject { id, reason } => {
-                if let Some(stream) = self.inbound.get_mut(&id.0) {
-                    stream.reject(reason);
-                    self.schedule.wake(StreamKey::Inbound(id.0));
-                }
             }
         }
     }
@@ -366,6 +358,7 @@ enum InboundState {
     Reading(FrameReader),
     AwaitingAnswer {
         answer_by: Instant,
+        verdict: oneshot::Receiver<Verdict>,
     },
     /// Writing the reply (or nothing, to reject) and closing.
     Closing {
@@ -381,8 +374,8 @@ enum Ending {
 }
 
 enum InboundStep {
-    /// A request was read; the stream now waits for its answer.
-    Read(WireRequest),
+    /// A request was read; the stream now waits for its verdict.
+    Read(WireRequest, oneshot::Sender<Verdict>),
     /// The stream is finished.
     Done(ToBehaviour),
 }
@@ -390,23 +383,8 @@ enum InboundStep {
 impl InboundStream {
     fn next_deadline(&self) -> Instant {
         match self.state {
-            InboundState::AwaitingAnswer { answer_by } => answer_by.min(self.deadline),
+            InboundState::AwaitingAnswer { answer_by, .. } => answer_by.min(self.deadline),
             _ => self.deadline,
-        }
-    }
-
-    fn answer(&mut self, rpc: Rpc, frame: Vec<u8>) {
-        if matches!(self.state, InboundState::AwaitingAnswer { .. }) {
-            self.state = InboundState::Closing {
-                writer: FrameWriter::new(frame),
-                ending: Ending::Replied(rpc),
-            };
-        }
-    }
-
-    fn reject(&mut self, reason: InboundFailure) {
-        if matches!(self.state, InboundState::AwaitingAnswer { .. }) {
-            self.close_without_reply(reason);
         }
     }
 
@@ -451,10 +429,12 @@ impl InboundStream {
                             match WireRequest::from_wire(envelope, len) {
                                 Ok(request) => {
                                     tracing::trace!(?request, "request read");
+                                    let (verdict, receiver) = oneshot::channel();
                                     self.state = InboundState::AwaitingAnswer {
                                         answer_by: now + answer_timeout,
+                                        verdict: receiver,
                                     };
-                                    return Poll::Ready(InboundStep::Read(request));
+                                    return Poll::Ready(InboundStep::Read(request, verdict));
                                 }
                                 Err(rejection) => self.close_without_reply(rejection.into()),
                             }
@@ -469,11 +449,25 @@ impl InboundStream {
                         }
                     }
                 }
-                InboundState::AwaitingAnswer { answer_by } => {
+                InboundState::AwaitingAnswer { answer_by, verdict } => {
                     if now >= *answer_by {
                         return self.done(InboundFailure::AnswerTimeout);
                     }
-                    return Poll::Pending;
+                    match verdict.poll_unpin(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Ok(Verdict::Reply { rpc, frame })) => {
+                            self.state = InboundState::Closing {
+                                writer: FrameWriter::new(frame),
+                                ending: Ending::Replied(rpc),
+                            };
+                        }
+                        Poll::Ready(Ok(Verdict::Reject(reason))) => {
+                            self.close_without_reply(reason)
+                        }
+                        Poll::Ready(Err(oneshot::Canceled)) => {
+                            self.close_without_reply(InboundFailure::Unanswered)
+                        }
+                    }
                 }
                 InboundState::Closing { writer, ending } => {
                     let result = futures::ready!(writer.poll_write_and_close(&mut self.stream, cx));

@@ -146,6 +146,7 @@ fn inbound_reason(error: &InboundFailure) -> &'static str {
         InboundFailure::StreamCap(StreamCap::Peer) => "peer_cap",
         InboundFailure::Timeout => "deadline",
         InboundFailure::AnswerTimeout => "answer_timeout",
+        InboundFailure::Unanswered => "unanswered",
         InboundFailure::Oversized { .. } => "oversize",
         InboundFailure::Malformed(_) => "malformed",
         InboundFailure::EmptyEnvelope => "empty",

@@ -246,14 +246,14 @@ async fn unanswered_request_fails_on_both_sides_and_leaks_nothing() {
     let id = requester
         .behaviour_mut()
         .pull_intent_query(target, &digest(1));
-    // Drive both; the responder's loop sees the query and never answers.
-    let mut query_seen = false;
+    // Drive both; the responder's loop holds the query and never answers.
+    let mut held = None;
     let mut responder_failure = None;
     let mut requester_failure = None;
     while responder_failure.is_none() || requester_failure.is_none() {
         tokio::select! {
             event = responder.next_behaviour_event() => match event {
-                Event::PullIntentQuery { .. } => query_seen = true,
+                Event::PullIntentQuery { responder: token, .. } => held = Some(token),
                 Event::InboundFailure { error, .. } => responder_failure = Some(error),
                 other => panic!("unexpected {other:?}"),
             },
@@ -266,7 +266,7 @@ async fn unanswered_request_fails_on_both_sides_and_leaks_nothing() {
             },
         }
     }
-    assert!(query_seen);
+    assert!(held.is_some(), "the query arrived");
     assert_eq!(responder_failure, Some(InboundFailure::AnswerTimeout));
     assert!(matches!(requester_failure, Some(OutboundFailure::NoReply)));
     assert_eq!(responder.behaviour().pending_answers(), 0);
@@ -345,6 +345,39 @@ async fn connection_closed_mid_request_fails_both_sides() {
             .behaviour_mut()
             .respond(token, PullIntent::UNKNOWN),
         Err(gantry_coord::RespondError::Expired)
+    );
+    assert_eq!(responder.behaviour().pending_answers(), 0);
+}
+
+#[tokio::test]
+async fn a_dropped_responder_closes_the_stream_at_once() {
+    // Long deadlines: only the dropped token can end the request quickly.
+    let (mut requester, mut responder) = pair(Config::default(), Config::default()).await;
+    let target = *responder.local_peer_id();
+    let started = std::time::Instant::now();
+    requester
+        .behaviour_mut()
+        .pull_intent_query(target, &digest(1));
+    let mut responder_failure = None;
+    let mut requester_failure = None;
+    while responder_failure.is_none() || requester_failure.is_none() {
+        tokio::select! {
+            event = responder.next_behaviour_event() => match event {
+                Event::PullIntentQuery { responder: token, .. } => drop(token),
+                Event::InboundFailure { error, .. } => responder_failure = Some(error),
+                other => panic!("unexpected {other:?}"),
+            },
+            event = requester.next_behaviour_event() => match event {
+                Event::OutboundFailure { error, .. } => requester_failure = Some(error),
+                other => panic!("unexpected {other:?}"),
+            },
+        }
+    }
+    assert_eq!(responder_failure, Some(InboundFailure::Unanswered));
+    assert!(matches!(requester_failure, Some(OutboundFailure::NoReply)));
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "well before any deadline"
     );
     assert_eq!(responder.behaviour().pending_answers(), 0);
 }
