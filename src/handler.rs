@@ -302,14 +302,10 @@ impl ConnectionHandler for Handler {
                 return Poll::Ready(ConnectionHandlerEvent::OutboundSubstreamRequest { protocol });
             }
 
-            let Poll::Ready(due) = self.schedule.poll_due(cx) else {
+            let Poll::Ready(key) = self.schedule.poll_next_due(cx) else {
                 return Poll::Pending;
             };
-            let now = Instant::now();
-            for &key in &due {
-                self.poll_stream(key, now);
-            }
-            self.schedule.recycle(due);
+            self.poll_stream(key, Instant::now());
         }
     }
 

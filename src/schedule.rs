@@ -3,7 +3,7 @@
 //! cost of an event does not grow with the number of streams in flight.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, VecDeque},
     sync::{Arc, Mutex},
     task::{Context, Poll, Wake, Waker},
     time::Instant,
@@ -58,8 +58,8 @@ pub(crate) struct Schedule {
     /// Each stream's next deadline; the first entry arms the one timer.
     deadlines: BTreeSet<(Instant, StreamKey)>,
     timer: Option<(Instant, Delay)>,
-    /// Reused between polls.
-    due: Vec<StreamKey>,
+    /// Streams found due and not yet handed out.
+    due: VecDeque<StreamKey>,
 }
 
 impl Schedule {
@@ -94,25 +94,28 @@ impl Schedule {
         }
     }
 
-    /// The streams to poll now: those woken and those whose deadline passed. When there
-    /// are none, the handler's task is registered to be woken by either.
-    pub(crate) fn poll_due(&mut self, cx: &mut Context<'_>) -> Poll<Vec<StreamKey>> {
+    /// The next stream to poll: one that was woken or whose deadline passed. Handing
+    /// them out one at a time lets the handler report each result as soon as it has it.
+    /// When none is due, the handler's task is registered to be woken by either.
+    pub(crate) fn poll_next_due(&mut self, cx: &mut Context<'_>) -> Poll<StreamKey> {
+        if let Some(key) = self.due.pop_front() {
+            return Poll::Ready(key);
+        }
         self.ready.handler.register(cx.waker());
         loop {
-            let mut due = std::mem::take(&mut self.due);
-            due.append(&mut self.ready.keys.lock().unwrap_or_else(|e| e.into_inner()));
+            self.due
+                .extend(self.ready.keys.lock().unwrap_or_else(|e| e.into_inner()).drain(..));
             let now = Instant::now();
             while let Some(&(at, key)) = self.deadlines.first() {
                 if at > now {
                     break;
                 }
                 self.deadlines.pop_first();
-                due.push(key);
+                self.due.push_back(key);
             }
-            if !due.is_empty() {
-                return Poll::Ready(due);
+            if let Some(key) = self.due.pop_front() {
+                return Poll::Ready(key);
             }
-            self.due = due;
             let Some(&(next, _)) = self.deadlines.first() else {
                 self.timer = None;
                 return Poll::Pending;
@@ -128,11 +131,5 @@ impl Schedule {
             }
             self.timer = None;
         }
-    }
-
-    /// Hands back the buffer of a finished round, to be reused.
-    pub(crate) fn recycle(&mut self, mut due: Vec<StreamKey>) {
-        due.clear();
-        self.due = due;
     }
 }
