@@ -103,8 +103,13 @@ impl Schedule {
         }
         self.ready.handler.register(cx.waker());
         loop {
-            self.due
-                .extend(self.ready.keys.lock().unwrap_or_else(|e| e.into_inner()).drain(..));
+            self.due.extend(
+                self.ready
+                    .keys
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .drain(..),
+            );
             let now = Instant::now();
             while let Some(&(at, key)) = self.deadlines.first() {
                 if at > now {
