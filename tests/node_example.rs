@@ -4,40 +4,26 @@
 use std::{
     io::{BufRead, BufReader},
     path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::{Duration, SystemTime},
+    process::{Command, Stdio},
+    time::Duration,
 };
 
 use serde_json::Value;
 
 mod common;
 
-use common::example_binary;
+use common::{example_binary, hex_digest as digest, now_ms, Killed};
 
 fn example() -> PathBuf {
     example_binary("node")
 }
 
-fn digest(c: char) -> String {
-    format!("sha256:{}", c.to_string().repeat(64))
-}
-
-/// A server that is killed when the test ends, however it ends.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_server(args: &[&str]) -> (Server, String) {
+fn start_server(args: &[&str]) -> (Killed, String) {
     let (server, announced) = start_server_json(args);
     (server, announced["listen"][0].as_str().unwrap().to_owned())
 }
 
-fn start_server_json(args: &[&str]) -> (Server, Value) {
+fn start_server_json(args: &[&str]) -> (Killed, Value) {
     let mut child = Command::new(example())
         .args(args)
         .stdout(Stdio::piped())
@@ -45,7 +31,7 @@ fn start_server_json(args: &[&str]) -> (Server, Value) {
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
-    let server = Server(child);
+    let server = Killed(child);
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line).unwrap();
     let announced: Value = serde_json::from_str(&line).unwrap();
@@ -84,13 +70,6 @@ fn client(args: &[&str]) -> (bool, Value, String) {
         value,
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
 }
 
 #[test]

@@ -213,3 +213,26 @@ pub fn example_binary(name: &str) -> std::path::PathBuf {
     }
     path
 }
+
+/// A child process that is killed when the test ends, however it ends.
+pub struct Killed(pub std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A digest of one repeated hex character, for tests that pass digests as text.
+pub fn hex_digest(c: char) -> String {
+    format!("sha256:{}", c.to_string().repeat(64))
+}
+
+/// Now, in Unix milliseconds, as the examples print times.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
