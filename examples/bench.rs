@@ -435,12 +435,19 @@ async fn closed_loop<K: std::hash::Hash + Eq + Copy, S>(
     }
 }
 
-async fn bench_ours(net: Net, work: &Work, concurrency: usize, duration: Duration) -> Cell {
+/// A server, running in its own task until aborted.
+struct Server {
+    addr: Multiaddr,
+    peer: libp2p::PeerId,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn serve_ours(net: Net) -> Server {
     use gantry_coord::Event;
     let mut server = swarm(net, |_| gantry_coord::Behaviour::new(coord_config()));
     let addr = listen(&mut server, net).await;
-    let server_peer = *server.local_peer_id();
-    let serving = tokio::spawn(async move {
+    let peer = *server.local_peer_id();
+    let task = tokio::spawn(async move {
         loop {
             if let SwarmEvent::Behaviour(event) = server.select_next_some().await {
                 match event {
@@ -458,40 +465,15 @@ async fn bench_ours(net: Net, work: &Work, concurrency: usize, duration: Duratio
             }
         }
     });
-    let mut client = swarm(net, |_| gantry_coord::Behaviour::new(coord_config()));
-    connect(&mut client, addr).await;
-    let cell = closed_loop(
-        &mut client,
-        concurrency,
-        duration,
-        |c| match work {
-            Work::Query(d) => c.behaviour_mut().pull_intent_query(server_peer, d),
-            Work::Batch(r) => c.behaviour_mut().please_pull(server_peer, r),
-        },
-        async |c| loop {
-            match c.select_next_some().await {
-                SwarmEvent::Behaviour(Event::PullIntentReply { request_id, .. })
-                | SwarmEvent::Behaviour(Event::PleasePullReply { request_id, .. }) => {
-                    return request_id
-                }
-                SwarmEvent::Behaviour(Event::OutboundFailure { error, .. }) => {
-                    panic!("ours: {error}")
-                }
-                _ => {}
-            }
-        },
-    )
-    .await;
-    serving.abort();
-    cell.summary()
+    Server { addr, peer, task }
 }
 
-async fn bench_rr(net: Net, work: &Work, concurrency: usize, duration: Duration) -> Cell {
+async fn serve_rr(net: Net) -> Server {
     use request_response::{Event, Message};
     let mut server = swarm(net, |_| rr_behaviour());
     let addr = listen(&mut server, net).await;
-    let server_peer = *server.local_peer_id();
-    let serving = tokio::spawn(async move {
+    let peer = *server.local_peer_id();
+    let task = tokio::spawn(async move {
         loop {
             if let SwarmEvent::Behaviour(Event::Message {
                 message:
@@ -507,17 +489,61 @@ async fn bench_rr(net: Net, work: &Work, concurrency: usize, duration: Duration)
             }
         }
     });
-    let mut client = swarm(net, |_| rr_behaviour());
-    connect(&mut client, addr).await;
-    let request = work.request_envelope();
-    let cell = closed_loop(
+    Server { addr, peer, task }
+}
+
+async fn ask_ours(
+    net: Net,
+    server: &Server,
+    work: &Work,
+    concurrency: usize,
+    duration: Duration,
+) -> Cell {
+    use gantry_coord::Event;
+    let mut client = swarm(net, |_| gantry_coord::Behaviour::new(coord_config()));
+    connect(&mut client, server.addr.clone()).await;
+    let peer = server.peer;
+    closed_loop(
         &mut client,
         concurrency,
         duration,
-        |c| {
-            c.behaviour_mut()
-                .send_request(&server_peer, request.clone())
+        |c| match work {
+            Work::Query(d) => c.behaviour_mut().pull_intent_query(peer, d),
+            Work::Batch(r) => c.behaviour_mut().please_pull(peer, r),
         },
+        async |c| loop {
+            match c.select_next_some().await {
+                SwarmEvent::Behaviour(Event::PullIntentReply { request_id, .. })
+                | SwarmEvent::Behaviour(Event::PleasePullReply { request_id, .. }) => {
+                    return request_id
+                }
+                SwarmEvent::Behaviour(Event::OutboundFailure { error, .. }) => {
+                    panic!("ours: {error}")
+                }
+                _ => {}
+            }
+        },
+    )
+    .await
+    .summary()
+}
+
+async fn ask_rr(
+    net: Net,
+    server: &Server,
+    work: &Work,
+    concurrency: usize,
+    duration: Duration,
+) -> Cell {
+    use request_response::{Event, Message};
+    let mut client = swarm(net, |_| rr_behaviour());
+    connect(&mut client, server.addr.clone()).await;
+    let (peer, request) = (server.peer, work.request_envelope());
+    closed_loop(
+        &mut client,
+        concurrency,
+        duration,
+        |c| c.behaviour_mut().send_request(&peer, request.clone()),
         async |c| loop {
             match c.select_next_some().await {
                 SwarmEvent::Behaviour(Event::Message {
@@ -531,9 +557,47 @@ async fn bench_rr(net: Net, work: &Work, concurrency: usize, duration: Duration)
             }
         },
     )
-    .await;
-    serving.abort();
-    cell.summary()
+    .await
+    .summary()
+}
+
+async fn bench_ours(net: Net, work: &Work, concurrency: usize, duration: Duration) -> Cell {
+    let server = serve_ours(net).await;
+    let cell = ask_ours(net, &server, work, concurrency, duration).await;
+    server.task.abort();
+    cell
+}
+
+async fn bench_rr(net: Net, work: &Work, concurrency: usize, duration: Duration) -> Cell {
+    let server = serve_rr(net).await;
+    let cell = ask_rr(net, &server, work, concurrency, duration).await;
+    server.task.abort();
+    cell
+}
+
+/// Both stacks speak the same wire, so each can ask the other: this tells which side of
+/// a difference between them is the client and which the server.
+async fn cross(net: Net, work: &Work, concurrency: usize, duration: Duration) {
+    let rr_server = serve_rr(net).await;
+    let ours_to_rr = ask_ours(net, &rr_server, work, concurrency, duration).await;
+    rr_server.task.abort();
+    let ours_server = serve_ours(net).await;
+    let rr_to_ours = ask_rr(net, &ours_server, work, concurrency, duration).await;
+    ours_server.task.abort();
+    for (pair, cell) in [
+        ("coord client -> rr server", ours_to_rr),
+        ("rr client -> coord server", rr_to_ours),
+    ] {
+        println!(
+            "| {} | {} | {concurrency} | {pair} | {:.0} | {} | {} | {} |",
+            net.name(),
+            work.name(),
+            cell.tput,
+            ms(cell.p50),
+            ms(cell.p99),
+            us(cell.cpu_per_req)
+        );
+    }
 }
 
 async fn bench_raw(net: Net, work: &Work, concurrency: usize, duration: Duration) -> Cell {
@@ -876,6 +940,11 @@ async fn main() {
         }
     }
 
+    if args.iter().any(|a| a == "--cross") {
+        for net in [Net::Memory, Net::Tcp] {
+            cross(net, &query, 16, duration).await;
+        }
+    }
     if only.is_some() {
         return;
     }
