@@ -32,7 +32,7 @@ use crate::{
     budget::StreamBudget,
     client::{Command, Coordinator, Reply as ClientReply, ReplySender, Request as ClientRequest},
     codec::encode_frame,
-    handler::{FromBehaviour, Handler, OutboundRequest, ToBehaviour, Verdict},
+    handler::{FromBehaviour, Handler, OutboundRequest, Report, ToBehaviour, Verdict},
     message::{self, ClockBounds, WireRequest},
     wire, AuthorizationMode, Config, Digest, InboundFailure, OutboundFailure, PleasePull,
     PleasePullOutcome, PullIntent, RespondError, UnauthorizedReason,
@@ -815,46 +815,10 @@ impl NetworkBehaviour for Behaviour {
         &mut self,
         peer: PeerId,
         connection: ConnectionId,
-        event: THandlerOutEvent<Self>,
+        ToBehaviour(reports): THandlerOutEvent<Self>,
     ) {
-        match event {
-            ToBehaviour::Request {
-                id,
-                request,
-                verdict,
-            } => self.on_request(
-                Route {
-                    peer,
-                    connection,
-                    id,
-                },
-                request,
-                verdict,
-            ),
-            ToBehaviour::Answered { id, rpc } => self.emit(Event::ResponseSent {
-                peer,
-                request_id: id,
-                rpc,
-            }),
-            ToBehaviour::InboundFailed { id, error } => {
-                self.awaiting_answer.remove(&id);
-                self.emit(Event::InboundFailure {
-                    peer,
-                    request_id: id,
-                    error,
-                });
-            }
-            ToBehaviour::Reply { id, rpc, envelope } => {
-                if self.outbound.contains_key(&id) {
-                    let result = self.decode_reply(rpc, envelope);
-                    self.finish_outbound(peer, id, result);
-                }
-            }
-            ToBehaviour::OutboundFailed { id, error } => {
-                if self.outbound.contains_key(&id) {
-                    self.finish_outbound(peer, id, Err(error));
-                }
-            }
+        for report in reports {
+            self.on_report(peer, connection, report);
         }
     }
 
@@ -871,6 +835,50 @@ impl NetworkBehaviour for Behaviour {
             match self.commands.poll_next_unpin(cx) {
                 Poll::Ready(Some(command)) => self.on_command(command),
                 Poll::Ready(None) | Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+impl Behaviour {
+    fn on_report(&mut self, peer: PeerId, connection: ConnectionId, report: Report) {
+        match report {
+            Report::Request {
+                id,
+                request,
+                verdict,
+            } => self.on_request(
+                Route {
+                    peer,
+                    connection,
+                    id,
+                },
+                request,
+                verdict,
+            ),
+            Report::Answered { id, rpc } => self.emit(Event::ResponseSent {
+                peer,
+                request_id: id,
+                rpc,
+            }),
+            Report::InboundFailed { id, error } => {
+                self.awaiting_answer.remove(&id);
+                self.emit(Event::InboundFailure {
+                    peer,
+                    request_id: id,
+                    error,
+                });
+            }
+            Report::Reply { id, rpc, envelope } => {
+                if self.outbound.contains_key(&id) {
+                    let result = self.decode_reply(rpc, envelope);
+                    self.finish_outbound(peer, id, result);
+                }
+            }
+            Report::OutboundFailed { id, error } => {
+                if self.outbound.contains_key(&id) {
+                    self.finish_outbound(peer, id, Err(error));
+                }
             }
         }
     }

@@ -54,9 +54,17 @@ pub struct OutboundRequest {
     pub(crate) frame: Vec<u8>,
 }
 
-/// Reports to the behaviour.
+/// Reports to the behaviour, delivered in batches: each crossing from the connection's
+/// task to the swarm's costs more than handling the report itself.
 #[derive(Debug)]
-pub enum ToBehaviour {
+pub struct ToBehaviour(pub(crate) Vec<Report>);
+
+/// Reports in a batch stop growing here, so the first does not wait on too many more.
+const MAX_BATCH: usize = 8;
+
+/// One report to the behaviour.
+#[derive(Debug)]
+pub enum Report {
     /// A request was read and accepted; the behaviour owes a verdict.
     Request {
         id: InboundRequestId,
@@ -95,7 +103,7 @@ pub struct Handler {
     queued: VecDeque<(OutboundRequest, Instant)>,
     /// Streams requested from the connection and not yet negotiated.
     opening: usize,
-    events: VecDeque<ToBehaviour>,
+    reports: Vec<Report>,
     /// Which streams to poll next, and the one timer for all their deadlines.
     schedule: Schedule,
 }
@@ -116,7 +124,7 @@ impl Handler {
             outbound: HashMap::new(),
             queued: VecDeque::new(),
             opening: 0,
-            events: VecDeque::new(),
+            reports: Vec::new(),
             schedule: Schedule::default(),
         }
     }
@@ -147,7 +155,7 @@ impl Handler {
                 // Dropping an open stream resets it: nothing is read.
                 drop(stream);
                 tracing::debug!(peer = %self.peer, ?cap, "inbound stream over the cap, reset");
-                self.events.push_back(ToBehaviour::InboundFailed {
+                self.reports.push(Report::InboundFailed {
                     id,
                     error: InboundFailure::StreamCap(cap),
                 });
@@ -190,10 +198,20 @@ impl Handler {
             StreamUpgradeError::Io(e) => OutboundFailure::Io(e),
             StreamUpgradeError::Apply(never) => match never {},
         };
-        self.events.push_back(ToBehaviour::OutboundFailed {
+        self.reports.push(Report::OutboundFailed {
             id: request.id,
             error,
         });
+    }
+
+    fn flush_reports(
+        &mut self,
+    ) -> ConnectionHandlerEvent<
+        ReadyUpgrade<libp2p_swarm::StreamProtocol>,
+        (OutboundRequest, Instant),
+        ToBehaviour,
+    > {
+        ConnectionHandlerEvent::NotifyBehaviour(ToBehaviour(std::mem::take(&mut self.reports)))
     }
 
     /// Polls one stream that is due, queueing what it reports and dropping it once done.
@@ -213,7 +231,7 @@ impl Handler {
                     Poll::Ready(InboundStep::Done(event)) => {
                         self.schedule.reschedule(key, armed, None);
                         self.inbound.remove(&id);
-                        self.events.push_back(event);
+                        self.reports.push(event);
                     }
                     step => {
                         let next = stream.next_deadline();
@@ -222,7 +240,7 @@ impl Handler {
                         if let Poll::Ready(InboundStep::Read(request, verdict)) = step {
                             // Poll it again so it waits on its verdict with its own waker.
                             self.schedule.wake(key);
-                            self.events.push_back(ToBehaviour::Request {
+                            self.reports.push(Report::Request {
                                 id: stream.id,
                                 request,
                                 verdict,
@@ -238,10 +256,16 @@ impl Handler {
                 let _entered = stream.span.clone().entered();
                 let waker = stream.waker.clone();
                 let mut cx = Context::from_waker(&waker);
-                if let Poll::Ready(event) = stream.poll(&mut cx, now, max) {
-                    self.schedule.reschedule(key, Some(stream.deadline), None);
-                    self.outbound.remove(&id);
-                    self.events.push_back(event);
+                match stream.poll(&mut cx, now, max) {
+                    Poll::Ready(event) => {
+                        self.schedule.reschedule(key, Some(stream.deadline), None);
+                        self.outbound.remove(&id);
+                        self.reports.push(event);
+                    }
+                    Poll::Pending => {
+                        let deadline = Some(stream.deadline);
+                        self.schedule.reschedule(key, deadline, deadline);
+                    }
                 }
             }
         }
@@ -282,14 +306,11 @@ impl ConnectionHandler for Handler {
     ) -> Poll<ConnectionHandlerEvent<Self::OutboundProtocol, Self::OutboundOpenInfo, ToBehaviour>>
     {
         loop {
-            // Local work first: reports, then streams for queued requests.
-            if let Some(event) = self.events.pop_front() {
-                return Poll::Ready(ConnectionHandlerEvent::NotifyBehaviour(event));
-            }
+            // Local work first: streams for queued requests, then a full batch of reports.
             let now = Instant::now();
             if let Some((request, deadline)) = self.queued.pop_front() {
                 if deadline <= now {
-                    self.events.push_back(ToBehaviour::OutboundFailed {
+                    self.reports.push(Report::OutboundFailed {
                         id: request.id,
                         error: OutboundFailure::Timeout,
                     });
@@ -302,11 +323,24 @@ impl ConnectionHandler for Handler {
                 return Poll::Ready(ConnectionHandlerEvent::OutboundSubstreamRequest { protocol });
             }
 
-            let Poll::Ready(key) = self.schedule.poll_next_due(cx) else {
-                return Poll::Pending;
-            };
-            self.poll_stream(key, Instant::now());
+            if self.reports.len() >= MAX_BATCH {
+                return Poll::Ready(self.flush_reports());
+            }
+            match self.schedule.poll_next_due(cx) {
+                // A fresh `now`: the deadline that made the stream due may be later than
+                // the one read at the top of the loop.
+                Poll::Ready(key) => self.poll_stream(key, Instant::now()),
+                Poll::Pending if self.reports.is_empty() => return Poll::Pending,
+                Poll::Pending => return Poll::Ready(self.flush_reports()),
+            }
         }
+    }
+
+    fn poll_close(&mut self, _: &mut Context<'_>) -> Poll<Option<ToBehaviour>> {
+        // What the streams reported before the connection went is still delivered.
+        Poll::Ready(
+            (!self.reports.is_empty()).then(|| ToBehaviour(std::mem::take(&mut self.reports))),
+        )
     }
 
     fn on_connection_event(
@@ -373,7 +407,7 @@ enum InboundStep {
     /// A request was read; the stream now waits for its verdict.
     Read(WireRequest, oneshot::Sender<Verdict>),
     /// The stream is finished.
-    Done(ToBehaviour),
+    Done(Report),
 }
 
 impl InboundStream {
@@ -393,7 +427,7 @@ impl InboundStream {
     }
 
     fn done(&self, error: InboundFailure) -> Poll<InboundStep> {
-        Poll::Ready(InboundStep::Done(ToBehaviour::InboundFailed {
+        Poll::Ready(InboundStep::Done(Report::InboundFailed {
             id: self.id,
             error,
         }))
@@ -468,18 +502,18 @@ impl InboundStream {
                 InboundState::Closing { writer, ending } => {
                     let result = futures::ready!(writer.poll_write_and_close(&mut self.stream, cx));
                     let event = match (ending, result) {
-                        (Ending::Rejected(reason), _) => ToBehaviour::InboundFailed {
+                        (Ending::Rejected(reason), _) => Report::InboundFailed {
                             id: self.id,
                             error: reason.clone(),
                         },
                         (Ending::Replied(rpc), Ok(())) => {
                             tracing::trace!(?rpc, "reply written");
-                            ToBehaviour::Answered {
+                            Report::Answered {
                                 id: self.id,
                                 rpc: *rpc,
                             }
                         }
-                        (Ending::Replied(_), Err(error)) => ToBehaviour::InboundFailed {
+                        (Ending::Replied(_), Err(error)) => Report::InboundFailed {
                             id: self.id,
                             error: InboundFailure::Io(error.kind()),
                         },
@@ -519,8 +553,8 @@ enum OutboundState {
 }
 
 impl OutboundStream {
-    fn poll(&mut self, cx: &mut Context<'_>, now: Instant, max: usize) -> Poll<ToBehaviour> {
-        let failed = |error| Poll::Ready(ToBehaviour::OutboundFailed { id: self.id, error });
+    fn poll(&mut self, cx: &mut Context<'_>, now: Instant, max: usize) -> Poll<Report> {
+        let failed = |error| Poll::Ready(Report::OutboundFailed { id: self.id, error });
         if now >= self.deadline {
             return failed(OutboundFailure::Timeout);
         }
@@ -534,7 +568,7 @@ impl OutboundStream {
                 }
                 OutboundState::Reading(reader) => {
                     return match futures::ready!(reader.poll_read(&mut self.stream, cx, max)) {
-                        Ok((envelope, _)) => Poll::Ready(ToBehaviour::Reply {
+                        Ok((envelope, _)) => Poll::Ready(Report::Reply {
                             id: self.id,
                             rpc: self.rpc,
                             envelope,
