@@ -100,10 +100,6 @@ impl Victim {
         }
     }
 
-    fn count(&self, wanted: &Seen) -> usize {
-        self.seen.iter().filter(|s| *s == wanted).count()
-    }
-
     fn assert_idle(&self) {
         let behaviour = self.swarm.behaviour();
         assert_eq!(behaviour.open_inbound_streams(), 0, "open streams");
