@@ -169,6 +169,7 @@ impl Handler {
         (request, deadline): (OutboundRequest, Instant),
     ) {
         self.opening -= 1;
+        tracing::trace!(peer = %self.peer, id = request.id.0, "stream negotiated");
         let key = StreamKey::Outbound(request.id.0);
         self.outbound.insert(
             request.id.0,
@@ -287,6 +288,7 @@ impl ConnectionHandler for Handler {
     fn on_behaviour_event(&mut self, event: FromBehaviour) {
         match event {
             FromBehaviour::Send(request) => {
+                tracing::trace!(peer = %self.peer, id = request.id.0, "request queued");
                 let deadline = Instant::now() + self.config.request_timeout;
                 self.queued.push_back((request, deadline));
             }
@@ -317,6 +319,7 @@ impl ConnectionHandler for Handler {
                     continue;
                 }
                 self.opening += 1;
+                tracing::trace!(peer = %self.peer, id = request.id.0, "stream requested");
                 let protocol =
                     SubstreamProtocol::new(ReadyUpgrade::new(PROTOCOL_NAME), (request, deadline))
                         .with_timeout(deadline - now);
@@ -562,17 +565,23 @@ impl OutboundStream {
             match &mut self.state {
                 OutboundState::Writing(writer) => {
                     match futures::ready!(writer.poll_write_and_close(&mut self.stream, cx)) {
-                        Ok(()) => self.state = OutboundState::Reading(FrameReader::default()),
+                        Ok(()) => {
+                            tracing::trace!("request written");
+                            self.state = OutboundState::Reading(FrameReader::default());
+                        }
                         Err(error) => return failed(OutboundFailure::Io(error)),
                     }
                 }
                 OutboundState::Reading(reader) => {
                     return match futures::ready!(reader.poll_read(&mut self.stream, cx, max)) {
-                        Ok((envelope, _)) => Poll::Ready(Report::Reply {
-                            id: self.id,
-                            rpc: self.rpc,
-                            envelope,
-                        }),
+                        Ok((envelope, _)) => {
+                            tracing::trace!("reply read");
+                            Poll::Ready(Report::Reply {
+                                id: self.id,
+                                rpc: self.rpc,
+                                envelope,
+                            })
+                        }
                         Err(ReadError::Closed) => failed(OutboundFailure::NoReply),
                         Err(ReadError::Frame(error)) => {
                             failed(OutboundFailure::MalformedReply(error))
