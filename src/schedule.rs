@@ -71,9 +71,10 @@ impl Schedule {
         }))
     }
 
-    /// Marks `key` ready for the next poll.
-    pub(crate) fn wake(&self, key: StreamKey) {
-        self.ready.push(key);
+    /// Marks `key` ready for the next poll. Called from within the handler, which the
+    /// connection polls next anyway, so the task is not woken again.
+    pub(crate) fn wake(&mut self, key: StreamKey) {
+        self.due.push_back(key);
     }
 
     /// Moves the deadline registered for `key` from `old` to `new`.
