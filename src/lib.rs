@@ -14,34 +14,55 @@
 //!
 //! # Example
 //!
-//! A swarm loop that composes the behaviour and answers every query. `swarm` is any
-//! [`Swarm`](libp2p_swarm::Swarm) whose behaviour holds a coord [`Behaviour`].
+//! Compose the behaviour beside others with `#[derive(NetworkBehaviour)]` and answer
+//! inbound queries from the swarm loop, here from a [`NodeState`]:
 //!
 //! ```no_run
 //! use futures::StreamExt;
-//! use gantry_coord::{Behaviour, Config, Event, PullIntent};
-//! use libp2p_swarm::{Swarm, SwarmEvent};
+//! use gantry_coord::{Config, Digest, Event, Member, NodeState, StaticMembership};
+//! use libp2p::{identify, swarm::{NetworkBehaviour, SwarmEvent}, Swarm};
 //!
-//! async fn serve(mut swarm: Swarm<Behaviour>) {
+//! #[derive(NetworkBehaviour)]
+//! struct Node {
+//!     identify: identify::Behaviour,
+//!     coord: gantry_coord::Behaviour,
+//! }
+//!
+//! async fn run(mut swarm: Swarm<Node>, state: NodeState, peer: libp2p::PeerId) {
+//!     let digest = Digest::parse(
+//!         "sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae",
+//!     )
+//!     .unwrap();
+//!     // Ask a peer; the reply comes back as an event with the same request id.
+//!     let asked = swarm.behaviour_mut().coord.pull_intent_query(peer, &digest);
 //!     loop {
 //!         match swarm.select_next_some().await {
-//!             SwarmEvent::Behaviour(Event::PullIntentQuery { digest, responder, .. }) => {
-//!                 let intent = PullIntent {
-//!                     has_cached: digest.algorithm() == "sha256",
-//!                     ..PullIntent::UNKNOWN
-//!                 };
-//!                 // The request may have expired meanwhile; nothing else can fail here.
-//!                 let _ = swarm.behaviour_mut().respond(responder, intent);
-//!             }
-//!             SwarmEvent::Behaviour(Event::PullIntentReply { peer, intent, .. }) => {
-//!                 println!("{peer} answered {intent:?}");
+//!             SwarmEvent::Behaviour(NodeEvent::Coord(Event::PullIntentReply {
+//!                 request_id, intent, ..
+//!             })) if request_id == asked => println!("{peer} says {intent:?}"),
+//!             // Answers queries and please_pull requests; hands back every other event.
+//!             SwarmEvent::Behaviour(NodeEvent::Coord(event)) => {
+//!                 if let Some(other) = state.answer(&mut swarm.behaviour_mut().coord, event) {
+//!                     println!("{other:?}");
+//!                 }
 //!             }
 //!             _ => {}
 //!         }
 //!     }
 //! }
-//! # let _ = Behaviour::new(Config::default());
+//!
+//! # fn node(key: &libp2p::identity::Keypair) -> Node {
+//! #     let identify = identify::Behaviour::new(identify::Config::new("/app/1".into(), key.public()));
+//! #     let coord = gantry_coord::Behaviour::new(Config::default());
+//! #     let membership = StaticMembership::new("node-a", vec![Member::new("node-a", None)]);
+//! #     let _state = NodeState::builder(membership).build();
+//! #     Node { identify, coord }
+//! # }
 //! ```
+//!
+//! Without a [`NodeState`], answer with [`Behaviour::respond`] directly: the event carries
+//! a responder token whose reply type matches the request. Code outside the swarm loop
+//! uses [`Behaviour::coordinator`], a cloneable async handle.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
