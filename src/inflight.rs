@@ -8,10 +8,21 @@ use std::{
 
 use crate::{Digest, OriginRefKind};
 
+/// What claiming a digest for an origin pull came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// The digest is now in flight, from the given time.
+    Claimed,
+    /// A pull of it was already in flight, since this time.
+    InFlightSince(SystemTime),
+    /// The node runs as many pulls as it will; this one is declined (load shedding).
+    Full,
+}
+
 /// The in-flight map a node answers from. Bring your own or use [`InFlightMap`].
 pub trait InFlightPulls: Send + Sync + 'static {
-    /// Marks `digest` in flight from `now`; if it already is, returns when that pull started.
-    fn begin(&self, digest: &Digest, now: SystemTime) -> Result<(), SystemTime>;
+    /// Claims `digest` for an origin pull starting `now`, unless one is in flight already.
+    fn begin(&self, digest: &Digest, now: SystemTime) -> Claim;
 
     /// When the in-flight pull of `digest` started, if one is in flight.
     fn started_at(&self, digest: &Digest) -> Option<SystemTime>;
@@ -21,7 +32,8 @@ pub trait InFlightPulls: Send + Sync + 'static {
 }
 
 /// An in-memory in-flight map, bounded by `max_entries`: a node does not run unbounded
-/// origin pulls, so a full map refuses new ones until some finish.
+/// origin pulls, so a full map declines new ones until some finish (as the Go pump does
+/// at its concurrent-pull ceiling).
 #[derive(Debug)]
 pub struct InFlightMap {
     entries: Mutex<HashMap<Digest, SystemTime>>,
@@ -59,18 +71,16 @@ impl InFlightMap {
 }
 
 impl InFlightPulls for InFlightMap {
-    fn begin(&self, digest: &Digest, now: SystemTime) -> Result<(), SystemTime> {
+    fn begin(&self, digest: &Digest, now: SystemTime) -> Claim {
         let mut entries = self.lock();
         if let Some(started) = entries.get(digest) {
-            return Err(*started);
+            return Claim::InFlightSince(*started);
         }
         if entries.len() >= self.max_entries {
-            // Full: report as already pulling since now, so the requester waits and
-            // then takes over once the entry is stale, rather than piling on.
-            return Err(now);
+            return Claim::Full;
         }
         entries.insert(digest.clone(), now);
-        Ok(())
+        Claim::Claimed
     }
 
     fn started_at(&self, digest: &Digest) -> Option<SystemTime> {
@@ -109,14 +119,14 @@ mod tests {
         let map = InFlightMap::new(2);
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(100);
         let t1 = t0 + Duration::from_secs(1);
-        assert_eq!(map.begin(&digest(1), t0), Ok(()));
-        assert_eq!(map.begin(&digest(1), t1), Err(t0));
+        assert_eq!(map.begin(&digest(1), t0), Claim::Claimed);
+        assert_eq!(map.begin(&digest(1), t1), Claim::InFlightSince(t0));
         assert_eq!(map.started_at(&digest(1)), Some(t0));
-        assert_eq!(map.begin(&digest(2), t1), Ok(()));
-        assert_eq!(map.begin(&digest(3), t1), Err(t1), "full");
+        assert_eq!(map.begin(&digest(2), t1), Claim::Claimed);
+        assert_eq!(map.begin(&digest(3), t1), Claim::Full);
         map.finish(&digest(1));
         assert_eq!(map.started_at(&digest(1)), None);
-        assert_eq!(map.begin(&digest(3), t1), Ok(()));
+        assert_eq!(map.begin(&digest(3), t1), Claim::Claimed);
         assert_eq!(map.len(), 2);
     }
 

@@ -103,7 +103,7 @@ pub use config::{AuthorizationMode, Config};
 pub use digest::{Digest, DigestError};
 pub use failure::{InboundFailure, OutboundFailure, RespondError, UnauthorizedReason};
 pub use handler::Handler;
-pub use inflight::{stale_after, InFlightMap, InFlightPulls};
+pub use inflight::{stale_after, Claim, InFlightMap, InFlightPulls};
 pub use membership::{published_peer_ids, Member, Membership, NodeId, StaticMembership};
 pub use message::{
     Authorization, FailureClass, OriginRefKind, Outcome, PleasePull, PleasePullError,

@@ -11,9 +11,9 @@ use std::{
 };
 
 use crate::{
-    hrw, Authorization, Behaviour, ContentStore, Digest, Event, FailureCache, FailureClass,
-    InFlightMap, InFlightPulls, Membership, NegativeCache, OriginRefKind, Outcome, PleasePull,
-    PleasePullOutcome, PullIntent, RecentFailure, StoreLookup,
+    hrw, inflight::Claim, Authorization, Behaviour, ContentStore, Digest, Event, FailureCache,
+    FailureClass, InFlightMap, InFlightPulls, Membership, NegativeCache, OriginRefKind, Outcome,
+    PleasePull, PleasePullOutcome, PullIntent, RecentFailure, StoreLookup,
 };
 
 /// Where "now" comes from; tests bring a clock they control.
@@ -57,6 +57,9 @@ pub enum PumpDecision {
     AlreadyPulling,
     /// The pump knows the digest failed recently.
     RecentlyFailed(RecentFailure),
+    /// The pump refuses the pull for now (at its ceiling, shutting down): answered as
+    /// `Unspecified`, as the Go nodes answer a declined pull.
+    Declined,
 }
 
 /// Starts origin pulls. Runs on the swarm loop, so it must return promptly: it hands
@@ -240,8 +243,11 @@ impl NodeState {
         if let Some(failure) = inner.failures.get(digest, now) {
             return Outcome::RecentlyFailed(failure);
         }
-        if let Err(started_at) = inner.in_flight.begin(digest, now) {
-            return Outcome::AlreadyPulling { started_at };
+        match inner.in_flight.begin(digest, now) {
+            Claim::Claimed => {}
+            Claim::InFlightSince(started_at) => return Outcome::AlreadyPulling { started_at },
+            // Declined: the requester gives up on this puller for this digest.
+            Claim::Full => return Outcome::Unspecified,
         }
         let order = PullOrder {
             registry: request.registry(),
@@ -260,6 +266,10 @@ impl NodeState {
             PumpDecision::RecentlyFailed(failure) => {
                 inner.in_flight.finish(digest);
                 Outcome::RecentlyFailed(failure)
+            }
+            PumpDecision::Declined => {
+                inner.in_flight.finish(digest);
+                Outcome::Unspecified
             }
         }
     }
