@@ -717,6 +717,48 @@ impl Behaviour {
         }
     }
 
+    fn on_report(&mut self, peer: PeerId, connection: ConnectionId, report: Report) {
+        match report {
+            Report::Request {
+                id,
+                request,
+                verdict,
+            } => self.on_request(
+                Route {
+                    peer,
+                    connection,
+                    id,
+                },
+                request,
+                verdict,
+            ),
+            Report::Answered { id, rpc } => self.emit(Event::ResponseSent {
+                peer,
+                request_id: id,
+                rpc,
+            }),
+            Report::InboundFailed { id, error } => {
+                self.awaiting_answer.remove(&id);
+                self.emit(Event::InboundFailure {
+                    peer,
+                    request_id: id,
+                    error,
+                });
+            }
+            Report::Reply { id, rpc, envelope } => {
+                if self.outbound.contains_key(&id) {
+                    let result = self.decode_reply(rpc, envelope);
+                    self.finish_outbound(peer, id, result);
+                }
+            }
+            Report::OutboundFailed { id, error } => {
+                if self.outbound.contains_key(&id) {
+                    self.finish_outbound(peer, id, Err(error));
+                }
+            }
+        }
+    }
+
     fn remember_address(&mut self, peer: PeerId, addr: Multiaddr) {
         let addresses = match self.addresses.get_mut(&peer) {
             Some(addresses) => addresses,
@@ -835,50 +877,6 @@ impl NetworkBehaviour for Behaviour {
             match self.commands.poll_next_unpin(cx) {
                 Poll::Ready(Some(command)) => self.on_command(command),
                 Poll::Ready(None) | Poll::Pending => return Poll::Pending,
-            }
-        }
-    }
-}
-
-impl Behaviour {
-    fn on_report(&mut self, peer: PeerId, connection: ConnectionId, report: Report) {
-        match report {
-            Report::Request {
-                id,
-                request,
-                verdict,
-            } => self.on_request(
-                Route {
-                    peer,
-                    connection,
-                    id,
-                },
-                request,
-                verdict,
-            ),
-            Report::Answered { id, rpc } => self.emit(Event::ResponseSent {
-                peer,
-                request_id: id,
-                rpc,
-            }),
-            Report::InboundFailed { id, error } => {
-                self.awaiting_answer.remove(&id);
-                self.emit(Event::InboundFailure {
-                    peer,
-                    request_id: id,
-                    error,
-                });
-            }
-            Report::Reply { id, rpc, envelope } => {
-                if self.outbound.contains_key(&id) {
-                    let result = self.decode_reply(rpc, envelope);
-                    self.finish_outbound(peer, id, result);
-                }
-            }
-            Report::OutboundFailed { id, error } => {
-                if self.outbound.contains_key(&id) {
-                    self.finish_outbound(peer, id, Err(error));
-                }
             }
         }
     }

@@ -211,12 +211,21 @@ fn a_full_in_flight_map_or_a_declining_pump_answers_unspecified() {
         .build();
     let outcomes = state.start_local_pull(&request(vec![digest("01"), digest("02")]));
     assert!(matches!(outcomes[0].outcome, Outcome::Started { .. }));
-    assert_eq!(outcomes[1].outcome, Outcome::Unspecified, "over the ceiling");
+    assert_eq!(
+        outcomes[1].outcome,
+        Outcome::Unspecified,
+        "over the ceiling"
+    );
     assert_eq!(state.local_pull_intent(&digest("02")).in_flight_since, None);
 
-    let declining = NodeState::builder(cluster("node-a")).pump(DecliningPump).build();
+    let declining = NodeState::builder(cluster("node-a"))
+        .pump(DecliningPump)
+        .build();
     let outcomes = declining.start_local_pull(&request(vec![digest("03")]));
     assert_eq!(outcomes[0].outcome, Outcome::Unspecified);
-    assert_eq!(declining.local_pull_intent(&digest("03")).in_flight_since, None);
+    assert_eq!(
+        declining.local_pull_intent(&digest("03")).in_flight_since,
+        None
+    );
     assert_eq!(declining.signals().moved_in_flight, 0);
 }
