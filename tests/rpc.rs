@@ -6,6 +6,7 @@ mod common;
 use std::time::{Duration, SystemTime};
 
 use common::*;
+use futures::StreamExt;
 use gantry_coord::{
     Authorization, Behaviour, Config, Event, FailureClass, InboundFailure, OriginRefKind,
     OutboundFailure, Outcome, PleasePull, PleasePullOutcome, PullIntent, RecentFailure, Rpc,
@@ -380,4 +381,53 @@ async fn a_dropped_responder_closes_the_stream_at_once() {
         "well before any deadline"
     );
     assert_eq!(responder.behaviour().pending_answers(), 0);
+}
+
+#[tokio::test]
+async fn the_connection_is_kept_alive_while_pending_and_goes_idle_after() {
+    use libp2p_swarm::SwarmEvent;
+    // Connections close after 100 ms without a reason to stay; the answer takes 300 ms.
+    let idle = Duration::from_millis(100);
+    let mut responder = coord_idle(Config::default(), idle);
+    responder.listen_on("/memory/0".parse().unwrap()).unwrap();
+    let addr = loop {
+        if let SwarmEvent::NewListenAddr { address, .. } = responder.next_swarm_event().await {
+            break address;
+        }
+    };
+    let target = *responder.local_peer_id();
+    let mut requester = coord_idle(Config::default(), idle);
+    requester.add_peer_address(target, addr);
+    requester
+        .behaviour_mut()
+        .pull_intent_query(target, &digest(1));
+
+    let mut held = None;
+    let answer_at = tokio::time::sleep(Duration::from_millis(300));
+    tokio::pin!(answer_at);
+    let mut replied = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        tokio::select! {
+            event = responder.select_next_some() => {
+                if let SwarmEvent::Behaviour(Event::PullIntentQuery { responder: token, .. }) = event {
+                    held = Some(token);
+                }
+            }
+            () = &mut answer_at, if held.is_some() => {
+                let token = held.take().unwrap();
+                responder.behaviour_mut().respond(token, PullIntent::UNKNOWN).unwrap();
+            }
+            event = requester.select_next_some() => match event {
+                SwarmEvent::Behaviour(Event::PullIntentReply { .. }) => replied = true,
+                SwarmEvent::Behaviour(other) => panic!("unexpected {other:?}"),
+                SwarmEvent::ConnectionClosed { .. } => {
+                    assert!(replied, "the connection stayed up while the request was pending");
+                    break;
+                }
+                _ => {}
+            },
+            () = tokio::time::sleep_until(deadline) => panic!("the idle connection never closed"),
+        }
+    }
 }

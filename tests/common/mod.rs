@@ -27,6 +27,27 @@ pub fn coord(config: Config) -> Swarm<Behaviour> {
     Swarm::new_ephemeral_tokio(|_| Behaviour::new(config))
 }
 
+/// A coord swarm on the memory transport (Noise, Yamux) that closes a connection once it
+/// has been idle for `idle`.
+pub fn coord_idle(config: Config, idle: Duration) -> Swarm<Behaviour> {
+    use libp2p::{core::transport::MemoryTransport, core::upgrade::Version, Transport};
+    libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_other_transport(|key| {
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                MemoryTransport::default()
+                    .upgrade(Version::V1)
+                    .authenticate(libp2p::noise::Config::new(key)?)
+                    .multiplex(libp2p::yamux::Config::default()),
+            )
+        })
+        .unwrap()
+        .with_behaviour(|_| Behaviour::new(config))
+        .unwrap()
+        .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+        .build()
+}
+
 /// Listens on a memory address and returns it.
 pub async fn listen<B>(swarm: &mut Swarm<B>) -> Multiaddr
 where
