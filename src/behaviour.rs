@@ -690,7 +690,12 @@ impl Behaviour {
             }
         }
         if remaining == 0 {
-            self.open_inbound_per_peer.remove(&peer);
+            // A counter outlives its peer's connections while their streams wind down, so a
+            // peer that reconnects at once still counts them against its share.
+            let connections = &self.connections;
+            self.open_inbound_per_peer.retain(|peer, open| {
+                connections.contains_key(peer) || open.load(Ordering::Acquire) > 0
+            });
         }
         let lost: Vec<_> = self
             .outbound
