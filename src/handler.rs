@@ -257,16 +257,10 @@ impl Handler {
                 let _entered = stream.span.clone().entered();
                 let waker = stream.waker.clone();
                 let mut cx = Context::from_waker(&waker);
-                match stream.poll(&mut cx, now, max) {
-                    Poll::Ready(event) => {
-                        self.schedule.reschedule(key, Some(stream.deadline), None);
-                        self.outbound.remove(&id);
-                        self.reports.push(event);
-                    }
-                    Poll::Pending => {
-                        let deadline = Some(stream.deadline);
-                        self.schedule.reschedule(key, deadline, deadline);
-                    }
+                if let Poll::Ready(event) = stream.poll(&mut cx, now, max) {
+                    self.schedule.reschedule(key, Some(stream.deadline), None);
+                    self.outbound.remove(&id);
+                    self.reports.push(event);
                 }
             }
         }

@@ -77,7 +77,9 @@ impl Schedule {
         self.due.push_back(key);
     }
 
-    /// Moves the deadline registered for `key` from `old` to `new`.
+    /// Moves the deadline registered for `key` from `old` to `new`. A deadline handed out
+    /// as due has passed, so its stream, polled with a later `now`, ends and never asks to
+    /// keep it: an unchanged deadline needs no work.
     pub(crate) fn reschedule(
         &mut self,
         key: StreamKey,
