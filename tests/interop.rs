@@ -6,12 +6,11 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader},
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
 };
 
-use common::{hex_digest as digest, now_ms, Killed};
+use common::{hex_digest as digest, now_ms, spawn_announcing};
 use serde_json::Value;
 
 fn interop_dir() -> PathBuf {
@@ -30,38 +29,23 @@ fn node_modules() {
     }
 }
 
-fn first_line(child: &mut Child) -> Value {
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
-}
-
 #[test]
 fn js_libp2p_asks_our_node_both_families() {
     node_modules();
     let (cached, pulling, failed, fresh) = (digest('a'), digest('b'), digest('c'), digest('d'));
     let failed_flag = format!("{failed}=rate-limited:60");
     let before = now_ms();
-    let mut ours = Command::new(common::example_binary("node"))
-        .args([
-            "--node-id",
-            "node-a",
-            "--cached",
-            &cached,
-            "--pulling",
-            &pulling,
-            "--failed",
-            &failed_flag,
-            "--origin-pull",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let announced = first_line(&mut ours);
-    let _ours = Killed(ours);
+    let (_ours, announced) = spawn_announcing(Command::new(common::example_binary("node")).args([
+        "--node-id",
+        "node-a",
+        "--cached",
+        &cached,
+        "--pulling",
+        &pulling,
+        "--failed",
+        &failed_flag,
+        "--origin-pull",
+    ]));
     let addr = announced["listen"][0].as_str().unwrap();
 
     let output = Command::new("node")
@@ -129,15 +113,11 @@ fn js_libp2p_asks_our_node_both_families() {
 #[test]
 fn our_node_asks_a_js_libp2p_responder() {
     node_modules();
-    let mut js = Command::new("node")
-        .arg(interop_dir().join("peer.mjs"))
-        .arg("server")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let announced = first_line(&mut js);
-    let _js = Killed(js);
+    let (_js, announced) = spawn_announcing(
+        Command::new("node")
+            .arg(interop_dir().join("peer.mjs"))
+            .arg("server"),
+    );
     let addr = announced["addr"].as_str().unwrap();
     let started = announced["started_ms"].as_u64().unwrap();
 

@@ -2,7 +2,6 @@
 //! every field of the replies they print.
 
 use std::{
-    io::{BufRead, BufReader},
     path::PathBuf,
     process::{Command, Stdio},
     time::Duration,
@@ -12,7 +11,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::{example_binary, hex_digest as digest, now_ms, Killed};
+use common::{example_binary, hex_digest as digest, now_ms, spawn_announcing, Killed};
 
 fn example() -> PathBuf {
     example_binary("node")
@@ -24,17 +23,7 @@ fn start_server(args: &[&str]) -> (Killed, String) {
 }
 
 fn start_server_json(args: &[&str]) -> (Killed, Value) {
-    let mut child = Command::new(example())
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let server = Killed(child);
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    let announced: Value = serde_json::from_str(&line).unwrap();
+    let (server, announced) = spawn_announcing(Command::new(example()).args(args));
     let addr = announced["listen"][0].as_str().unwrap().to_owned();
     assert!(addr.starts_with("/ip4/127.0.0.1/tcp/"));
     assert!(addr.ends_with(&format!("/p2p/{}", announced["peer_id"].as_str().unwrap())));

@@ -245,6 +245,25 @@ impl Drop for Killed {
     }
 }
 
+/// Starts a process that announces itself with one JSON line on stdout; returns it, to be
+/// killed when dropped, and that line.
+pub fn spawn_announcing(command: &mut std::process::Command) -> (Killed, serde_json::Value) {
+    use std::io::BufRead;
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let child = Killed(child);
+    let mut line = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .unwrap();
+    let announced = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    (child, announced)
+}
+
 /// A digest of one repeated hex character, for tests that pass digests as text.
 pub fn hex_digest(c: char) -> String {
     format!("sha256:{}", c.to_string().repeat(64))
