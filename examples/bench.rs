@@ -12,7 +12,7 @@ use std::{
     alloc::{GlobalAlloc, Layout, System},
     collections::HashMap,
     io,
-    sync::atomic::{AtomicUsize, Ordering},
+    sync::atomic::{AtomicBool, AtomicUsize, Ordering},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -34,15 +34,18 @@ mod wire {
     include!(concat!(env!("OUT_DIR"), "/gantry.coord.v1.rs"));
 }
 
-/// Counts live heap bytes, for the idle-stream measurement.
+/// Counts live heap bytes, for the idle-stream measurement, and only while `COUNTING`
+/// is set: a counter shared by every thread would otherwise bounce between the cores on
+/// each allocation and tax whichever stack runs on more threads at once.
 struct Counting;
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
+static COUNTING: AtomicBool = AtomicBool::new(false);
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         let ptr = unsafe { System.alloc(layout) };
-        if !ptr.is_null() {
+        if !ptr.is_null() && COUNTING.load(Ordering::Relaxed) {
             LIVE.fetch_add(layout.size(), Ordering::Relaxed);
         }
         ptr
@@ -50,7 +53,9 @@ unsafe impl GlobalAlloc for Counting {
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         unsafe { System.dealloc(ptr, layout) };
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        if COUNTING.load(Ordering::Relaxed) {
+            LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        }
     }
 }
 
@@ -646,7 +651,7 @@ async fn bench_raw(net: Net, work: &Work, concurrency: usize, duration: Duration
     });
     let request = work.request_envelope().encode_length_delimited_to_vec();
     // One closed loop per slot: open, write, close, read to end, again.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
     let (samples_tx, mut samples_rx) =
         tokio::sync::mpsc::unbounded_channel::<(Instant, Duration)>();
     let slots: Vec<_> = (0..concurrency)
@@ -753,6 +758,9 @@ async fn idle_stream_bytes(ours: bool) -> f64 {
         }
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
+    // Growth while counting is what the window allocated net of what it freed, whether
+    // or not the freed blocks were allocated before it.
+    COUNTING.store(true, Ordering::Relaxed);
     let before = LIVE.load(Ordering::Relaxed);
     let mut held = Vec::with_capacity(STREAMS);
     for _ in 0..STREAMS {
@@ -760,10 +768,11 @@ async fn idle_stream_bytes(ours: bool) -> f64 {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let after = LIVE.load(Ordering::Relaxed);
+    COUNTING.store(false, Ordering::Relaxed);
     drop(held);
     driving.abort();
     serving.abort();
-    after.saturating_sub(before) as f64 / STREAMS as f64
+    after.wrapping_sub(before) as isize as f64 / STREAMS as f64
 }
 
 /// One coord server, `peers` clients on the memory transport, each with `per_peer`
@@ -848,7 +857,8 @@ fn main() {
         .enable_all()
         .build()
         .expect("a tokio runtime")
-        .block_on(run());
+        .block_on(async { tokio::spawn(run()).await })
+        .expect("the benchmark task");
 }
 
 async fn run() {
