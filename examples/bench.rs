@@ -375,6 +375,13 @@ impl Samples {
     fn summary(self) -> Cell {
         summarize(self.latencies, self.elapsed, self.cpu)
     }
+
+    /// Pools another round of the same cell into this one.
+    fn merge(&mut self, other: Samples) {
+        self.latencies.extend(other.latencies);
+        self.elapsed += other.elapsed;
+        self.cpu += other.cpu;
+    }
 }
 
 fn summarize(mut latencies: Vec<Duration>, elapsed: Duration, cpu: Duration) -> Cell {
@@ -503,7 +510,7 @@ async fn ask_ours(
     work: &Work,
     concurrency: usize,
     duration: Duration,
-) -> Cell {
+) -> Samples {
     use gantry_coord::Event;
     let mut client = swarm(net, |_| gantry_coord::Behaviour::new(coord_config()));
     connect(&mut client, server.addr.clone()).await;
@@ -530,7 +537,6 @@ async fn ask_ours(
         },
     )
     .await
-    .summary()
 }
 
 async fn ask_rr(
@@ -539,7 +545,7 @@ async fn ask_rr(
     work: &Work,
     concurrency: usize,
     duration: Duration,
-) -> Cell {
+) -> Samples {
     use request_response::{Event, Message};
     let mut client = swarm(net, |_| rr_behaviour());
     connect(&mut client, server.addr.clone()).await;
@@ -563,17 +569,16 @@ async fn ask_rr(
         },
     )
     .await
-    .summary()
 }
 
-async fn bench_ours(net: Net, work: &Work, concurrency: usize, duration: Duration) -> Cell {
+async fn bench_ours(net: Net, work: &Work, concurrency: usize, duration: Duration) -> Samples {
     let server = serve_ours(net).await;
     let cell = ask_ours(net, &server, work, concurrency, duration).await;
     server.task.abort();
     cell
 }
 
-async fn bench_rr(net: Net, work: &Work, concurrency: usize, duration: Duration) -> Cell {
+async fn bench_rr(net: Net, work: &Work, concurrency: usize, duration: Duration) -> Samples {
     let server = serve_rr(net).await;
     let cell = ask_rr(net, &server, work, concurrency, duration).await;
     server.task.abort();
@@ -584,10 +589,14 @@ async fn bench_rr(net: Net, work: &Work, concurrency: usize, duration: Duration)
 /// a difference between them is the client and which the server.
 async fn cross(net: Net, work: &Work, concurrency: usize, duration: Duration) {
     let rr_server = serve_rr(net).await;
-    let ours_to_rr = ask_ours(net, &rr_server, work, concurrency, duration).await;
+    let ours_to_rr = ask_ours(net, &rr_server, work, concurrency, duration)
+        .await
+        .summary();
     rr_server.task.abort();
     let ours_server = serve_ours(net).await;
-    let rr_to_ours = ask_rr(net, &ours_server, work, concurrency, duration).await;
+    let rr_to_ours = ask_rr(net, &ours_server, work, concurrency, duration)
+        .await
+        .summary();
     ours_server.task.abort();
     for (pair, cell) in [
         ("coord client -> rr server", ours_to_rr),
@@ -605,7 +614,7 @@ async fn cross(net: Net, work: &Work, concurrency: usize, duration: Duration) {
     }
 }
 
-async fn bench_raw(net: Net, work: &Work, concurrency: usize, duration: Duration) -> Cell {
+async fn bench_raw(net: Net, work: &Work, concurrency: usize, duration: Duration) -> Samples {
     let mut server = swarm(net, |_| libp2p_stream::Behaviour::new());
     let addr = listen(&mut server, net).await;
     let server_peer = *server.local_peer_id();
@@ -713,7 +722,11 @@ async fn bench_raw(net: Net, work: &Work, concurrency: usize, duration: Duration
             work.name()
         );
     }
-    summarize(latencies, end - start, cpu)
+    Samples {
+        latencies,
+        elapsed: end - start,
+        cpu,
+    }
 }
 
 /// Heap bytes held per inbound stream that waits for its request: 512 idle streams from
@@ -876,6 +889,7 @@ async fn run() {
         .position(|a| a == "--only")
         .and_then(|i| args.get(i + 1).cloned());
     let duration = Duration::from_millis(if quick { 300 } else { 1500 });
+    let rounds = if quick { 1 } else { 3 };
     let query = Work::Query(digest(7));
     let batch = Work::Batch(
         PleasePull::new(
@@ -897,8 +911,8 @@ async fn run() {
     let started = Instant::now();
     let mut ratios: Vec<(String, f64)> = Vec::new();
     println!(
-        "measuring {} per cell after a warm-up (2 cores, one process)",
-        ms(duration) + " ms"
+        "measuring {} ms per stack and cell, in {rounds} rounds after a warm-up each (2 cores, one process)",
+        ms(duration)
     );
     println!();
     println!("| net | workload | in flight | stack | req/s | p50 ms | p99 ms | CPU µs/req |");
@@ -917,21 +931,29 @@ async fn run() {
                 .position(|a| a == "--stack")
                 .and_then(|i| args.get(i + 1).map(String::as_str));
             let runs = |name: &str| stack.is_none_or(|s| s == name);
-            let ours = if runs("ours") {
-                bench_ours(net, work, concurrency, duration).await
-            } else {
-                Cell::default()
-            };
-            let rr = if runs("rr") {
-                bench_rr(net, work, concurrency, duration).await
-            } else {
-                Cell::default()
-            };
-            let raw = if runs("raw") {
-                bench_raw(net, work, concurrency, duration).await
-            } else {
-                Cell::default()
-            };
+            // Short rounds, each stack in turn and the order rotating, so that drift in
+            // the machine's state (frequency, caches, other load) falls on all three alike.
+            let mut pooled: [Option<Samples>; 3] = [None, None, None];
+            for round in 0..rounds {
+                for turn in 0..3 {
+                    let which = (round + turn) % 3;
+                    if !runs(["ours", "rr", "raw"][which]) {
+                        continue;
+                    }
+                    let slice = duration / rounds as u32;
+                    let samples = match which {
+                        0 => bench_ours(net, work, concurrency, slice).await,
+                        1 => bench_rr(net, work, concurrency, slice).await,
+                        _ => bench_raw(net, work, concurrency, slice).await,
+                    };
+                    match &mut pooled[which] {
+                        Some(pool) => pool.merge(samples),
+                        slot => *slot = Some(samples),
+                    }
+                }
+            }
+            let [ours, rr, raw] =
+                pooled.map(|samples| samples.map(Samples::summary).unwrap_or_default());
             for (stack, cell) in [
                 ("coord (ours)", ours),
                 ("request-response", rr),
