@@ -124,15 +124,15 @@ impl Schedule {
             if let Some(key) = self.due.pop_front() {
                 return Poll::Ready(key);
             }
-            let Some(&(next, _)) = self.deadlines.first() else {
-                self.timer = None;
-                return Poll::Pending;
-            };
-            // A timer armed for an earlier instant stays: it wakes early at worst, and
-            // creating timers as streams come and go would cost more than that.
-            let timer = match &mut self.timer {
-                Some((at, timer)) if *at <= next => timer,
-                slot => &mut slot.insert((next, Delay::new(next - now))).1,
+            // A timer armed for an earlier instant stays, also when no deadline is left:
+            // it wakes the handler early at worst, once, and creating and dropping a
+            // timer as each stream comes and goes would cost more (each wakes the timer
+            // thread).
+            let timer = match (&mut self.timer, self.deadlines.first()) {
+                (Some((_, timer)), None) => timer,
+                (None, None) => return Poll::Pending,
+                (Some((at, timer)), Some(&(next, _))) if *at <= next => timer,
+                (slot, Some(&(next, _))) => &mut slot.insert((next, Delay::new(next - now))).1,
             };
             if timer.poll_unpin(cx).is_pending() {
                 return Poll::Pending;
