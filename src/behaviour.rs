@@ -9,7 +9,7 @@ use std::{
         Arc,
     },
     task::{Context, Poll},
-    time::{Instant, SystemTime},
+    time::Instant,
 };
 
 use futures::{
@@ -33,7 +33,7 @@ use crate::{
     client::{Command, Coordinator, Reply as ClientReply, ReplySender, Request as ClientRequest},
     codec::encode_frame,
     handler::{FromBehaviour, Handler, OutboundRequest, Report, ToBehaviour, Verdict},
-    message::{self, ClockBounds, WireRequest},
+    message::{self, WireRequest},
     wire, AuthorizationMode, Config, Digest, InboundFailure, OutboundFailure, PleasePull,
     PleasePullOutcome, PullIntent, RespondError, UnauthorizedReason,
 };
@@ -365,17 +365,18 @@ impl Behaviour {
         if self.awaiting_answer.remove(&route.id).is_none() {
             return Err(RespondError::Expired);
         }
+        // Only the length is checked here; the stream's connection task encodes the
+        // reply, so the swarm loop does not spend its time on large batches.
         let max = self.config.max_message_bytes;
-        let (answer, result) = match encode_frame(&envelope, max) {
-            Ok(frame) => (Verdict::Reply { rpc, frame }, Ok(())),
-            Err(_) => {
-                let len = envelope_len(&envelope);
-                let reason = InboundFailure::ReplyTooLarge { len };
-                (
-                    Verdict::Reject(reason),
-                    Err(RespondError::TooLarge { len, max }),
-                )
-            }
+        let len = envelope_len(&envelope);
+        let (answer, result) = if len > max as u64 {
+            let reason = InboundFailure::ReplyTooLarge { len };
+            (
+                Verdict::Reject(reason),
+                Err(RespondError::TooLarge { len, max }),
+            )
+        } else {
+            (Verdict::Reply { rpc, envelope }, Ok(()))
         };
         // The stream may have just hit its deadline: then it is gone.
         verdict.send(answer).map_err(|_| RespondError::Expired)?;
@@ -533,31 +534,6 @@ impl Behaviour {
             },
         };
         self.emit(event);
-    }
-
-    fn decode_reply(
-        &self,
-        rpc: Rpc,
-        envelope: wire::Envelope,
-    ) -> Result<ClientReply, OutboundFailure> {
-        use wire::envelope::Msg;
-        let clock = ClockBounds {
-            now: SystemTime::now(),
-            max_cooldown: self.config.max_cooldown,
-        };
-        match (rpc, envelope.msg) {
-            (Rpc::PullIntent, Some(Msg::PullIntentResponse(msg))) => {
-                Ok(ClientReply::PullIntent(PullIntent::from_wire(msg, clock)))
-            }
-            (Rpc::PleasePull, Some(Msg::PleasePullResponse(msg))) => msg
-                .results
-                .into_iter()
-                .map(|result| PleasePullOutcome::from_wire(result, clock))
-                .collect::<Result<_, _>>()
-                .map(ClientReply::PleasePull)
-                .map_err(|_| OutboundFailure::UnexpectedReply),
-            _ => Err(OutboundFailure::UnexpectedReply),
-        }
     }
 
     fn emit(&mut self, event: Event) {
@@ -750,10 +726,9 @@ impl Behaviour {
                     error,
                 });
             }
-            Report::Reply { id, rpc, envelope } => {
+            Report::Reply { id, reply } => {
                 if self.outbound.contains_key(&id) {
-                    let result = self.decode_reply(rpc, envelope);
-                    self.finish_outbound(peer, id, result);
+                    self.finish_outbound(peer, id, Ok(reply));
                 }
             }
             Report::OutboundFailed { id, error } => {

@@ -72,6 +72,7 @@ pub(crate) enum Request {
     PleasePull(PleasePull),
 }
 
+#[derive(Debug)]
 pub(crate) enum Reply {
     PullIntent(PullIntent),
     PleasePull(Vec<PleasePullOutcome>),

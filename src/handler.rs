@@ -22,8 +22,9 @@ use libp2p_swarm::{
 
 use crate::{
     budget::{StreamBudget, StreamPermit},
-    codec::{FrameError, FrameReader, FrameWriter, ReadError},
-    message::{RequestRejection, WireRequest},
+    client,
+    codec::{encode_frame, FrameError, FrameReader, FrameWriter, ReadError},
+    message::{decode_reply, RequestRejection, WireRequest},
     schedule::{Schedule, StreamKey},
     wire, Config, InboundFailure, InboundRequestId, OutboundFailure, OutboundRequestId, Rpc,
     PROTOCOL_NAME,
@@ -40,8 +41,8 @@ pub enum FromBehaviour {
 /// stream, not through the swarm, so an answer costs no extra hop.
 #[derive(Debug)]
 pub enum Verdict {
-    /// Write this encoded reply frame and close.
-    Reply { rpc: Rpc, frame: Vec<u8> },
+    /// Encode this reply, write it and close. Its length was checked against the cap.
+    Reply { rpc: Rpc, envelope: wire::Envelope },
     /// Close without a reply.
     Reject(InboundFailure),
 }
@@ -78,11 +79,10 @@ pub enum Report {
         id: InboundRequestId,
         error: InboundFailure,
     },
-    /// A reply arrived; the behaviour checks its family.
+    /// A reply arrived and was decoded.
     Reply {
         id: OutboundRequestId,
-        rpc: Rpc,
-        envelope: wire::Envelope,
+        reply: client::Reply,
     },
     /// An outbound request failed.
     OutboundFailed {
@@ -257,7 +257,7 @@ impl Handler {
                 let _entered = stream.span.clone().entered();
                 let waker = stream.waker.clone();
                 let mut cx = Context::from_waker(&waker);
-                if let Poll::Ready(event) = stream.poll(&mut cx, now, max) {
+                if let Poll::Ready(event) = stream.poll(&mut cx, now, &self.config) {
                     self.schedule.reschedule(key, Some(stream.deadline), None);
                     self.outbound.remove(&id);
                     self.reports.push(event);
@@ -482,11 +482,18 @@ impl InboundStream {
                     }
                     match verdict.poll_unpin(cx) {
                         Poll::Pending => return Poll::Pending,
-                        Poll::Ready(Ok(Verdict::Reply { rpc, frame })) => {
-                            self.state = InboundState::Closing {
-                                writer: FrameWriter::new(frame),
-                                ending: Ending::Replied(rpc),
-                            };
+                        Poll::Ready(Ok(Verdict::Reply { rpc, envelope })) => {
+                            match encode_frame(&envelope, max) {
+                                Ok(frame) => {
+                                    self.state = InboundState::Closing {
+                                        writer: FrameWriter::new(frame),
+                                        ending: Ending::Replied(rpc),
+                                    }
+                                }
+                                Err(_) => self.close_without_reply(InboundFailure::ReplyTooLarge {
+                                    len: prost::Message::encoded_len(&envelope) as u64,
+                                }),
+                            }
                         }
                         Poll::Ready(Ok(Verdict::Reject(reason))) => {
                             self.close_without_reply(reason)
@@ -550,7 +557,7 @@ enum OutboundState {
 }
 
 impl OutboundStream {
-    fn poll(&mut self, cx: &mut Context<'_>, now: Instant, max: usize) -> Poll<Report> {
+    fn poll(&mut self, cx: &mut Context<'_>, now: Instant, config: &Config) -> Poll<Report> {
         let failed = |error| Poll::Ready(Report::OutboundFailed { id: self.id, error });
         if now >= self.deadline {
             return failed(OutboundFailure::Timeout);
@@ -567,14 +574,14 @@ impl OutboundStream {
                     }
                 }
                 OutboundState::Reading(reader) => {
+                    let max = config.max_message_bytes;
                     return match futures::ready!(reader.poll_read(&mut self.stream, cx, max)) {
                         Ok((envelope, _)) => {
                             tracing::trace!("reply read");
-                            Poll::Ready(Report::Reply {
-                                id: self.id,
-                                rpc: self.rpc,
-                                envelope,
-                            })
+                            match decode_reply(self.rpc, envelope, config.max_cooldown) {
+                                Ok(reply) => Poll::Ready(Report::Reply { id: self.id, reply }),
+                                Err(error) => failed(error),
+                            }
                         }
                         Err(ReadError::Closed) => failed(OutboundFailure::NoReply),
                         Err(ReadError::Frame(error)) => {

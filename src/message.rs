@@ -630,6 +630,34 @@ pub(crate) fn please_pull_response(outcomes: Vec<PleasePullOutcome>) -> wire::En
     }
 }
 
+/// Turns a reply envelope into the domain reply of the request it answers. Runs on the
+/// connection's task: a please_pull reply carries hundreds of digests to check.
+pub(crate) fn decode_reply(
+    rpc: crate::Rpc,
+    envelope: wire::Envelope,
+    max_cooldown: Duration,
+) -> Result<crate::client::Reply, crate::OutboundFailure> {
+    use crate::{client::Reply, OutboundFailure, Rpc};
+    use wire::envelope::Msg;
+    let clock = ClockBounds {
+        now: SystemTime::now(),
+        max_cooldown,
+    };
+    match (rpc, envelope.msg) {
+        (Rpc::PullIntent, Some(Msg::PullIntentResponse(msg))) => {
+            Ok(Reply::PullIntent(PullIntent::from_wire(msg, clock)))
+        }
+        (Rpc::PleasePull, Some(Msg::PleasePullResponse(msg))) => msg
+            .results
+            .into_iter()
+            .map(|result| PleasePullOutcome::from_wire(result, clock))
+            .collect::<Result<_, _>>()
+            .map(Reply::PleasePull)
+            .map_err(|_| OutboundFailure::UnexpectedReply),
+        _ => Err(OutboundFailure::UnexpectedReply),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

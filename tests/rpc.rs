@@ -431,3 +431,55 @@ async fn the_connection_is_kept_alive_while_pending_and_goes_idle_after() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_reply_over_the_cap_is_refused_and_the_stream_closed() {
+    // A batch of 20 digests fits in 1,700 bytes; its 20 outcomes with timestamps do not.
+    let cap = 1_700;
+    let (mut requester, mut responder) = pair(
+        Config::default().with_max_message_bytes(cap),
+        Config::default(),
+    )
+    .await;
+    let target = *responder.local_peer_id();
+    let request = PleasePull::new(
+        "registry.example.com",
+        "library/demo",
+        OriginRefKind::Blob,
+        (1..=20).map(digest).collect(),
+    )
+    .unwrap();
+    requester.behaviour_mut().please_pull(target, &request);
+    let now = SystemTime::now();
+    let mut refused = None;
+    let (mut responder_failure, mut requester_failure) = (None, None);
+    while responder_failure.is_none() || requester_failure.is_none() {
+        tokio::select! {
+            event = responder.next_behaviour_event() => match event {
+                Event::PleasePull { request, responder: token, .. } => {
+                    refused = Some(
+                        responder
+                            .behaviour_mut()
+                            .respond(token, outcomes_for(&request, now)),
+                    );
+                }
+                Event::InboundFailure { error, .. } => responder_failure = Some(error),
+                other => panic!("unexpected {other:?}"),
+            },
+            event = requester.next_behaviour_event() => match event {
+                Event::OutboundFailure { error, .. } => requester_failure = Some(error),
+                other => panic!("unexpected {other:?}"),
+            },
+        }
+    }
+    let Some(Err(gantry_coord::RespondError::TooLarge { len, max })) = refused else {
+        panic!("respond should refuse the reply, got {refused:?}");
+    };
+    assert!(len > cap as u64 && max == cap, "len {len}, max {max}");
+    assert_eq!(
+        responder_failure,
+        Some(InboundFailure::ReplyTooLarge { len })
+    );
+    assert!(matches!(requester_failure, Some(OutboundFailure::NoReply)));
+    assert_eq!(responder.behaviour().pending_answers(), 0);
+}
