@@ -193,6 +193,57 @@ pub mod fuzzing {
         }
     }
 
+    /// Decodes `data` as a reply envelope body to either request, as a requester's
+    /// connection does: a reply of the other family is refused, a please_pull reply keeps
+    /// one outcome per result, and no time read from the peer lies beyond the bounds.
+    pub fn reply_decoding(data: &[u8]) {
+        use crate::{client::Reply, Outcome, Rpc};
+        use std::time::{Duration, SystemTime};
+        use wire::envelope::Msg;
+
+        let Ok(envelope) = wire::Envelope::decode(data) else {
+            return;
+        };
+        let max_cooldown = Duration::from_secs(3600);
+        for rpc in [Rpc::PullIntent, Rpc::PleasePull] {
+            let results = match &envelope.msg {
+                Some(Msg::PleasePullResponse(msg)) => msg.results.len(),
+                _ => 0,
+            };
+            let family_matches = matches!(
+                (rpc, &envelope.msg),
+                (Rpc::PullIntent, Some(Msg::PullIntentResponse(_)))
+                    | (Rpc::PleasePull, Some(Msg::PleasePullResponse(_)))
+            );
+            let decoded = message::decode_reply(rpc, envelope.clone(), max_cooldown);
+            let now = SystemTime::now();
+            let latest_cooldown = now + max_cooldown;
+            match decoded {
+                Err(_) => {}
+                Ok(_) if !family_matches => panic!("a {rpc:?} reply of the other family"),
+                Ok(Reply::PullIntent(intent)) => {
+                    assert!(intent.in_flight_since.is_none_or(|t| t <= now));
+                    assert!(intent
+                        .recently_failed
+                        .is_none_or(|f| f.cooldown_until <= latest_cooldown));
+                }
+                Ok(Reply::PleasePull(outcomes)) => {
+                    assert_eq!(outcomes.len(), results);
+                    for outcome in outcomes {
+                        match outcome.outcome {
+                            Outcome::Started { started_at }
+                            | Outcome::AlreadyPulling { started_at } => assert!(started_at <= now),
+                            Outcome::RecentlyFailed(f) => {
+                                assert!(f.cooldown_until <= latest_cooldown)
+                            }
+                            Outcome::Unspecified => {}
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     struct Chunked<'a> {
         bytes: &'a [u8],
         chunk: usize,
