@@ -889,7 +889,7 @@ async fn run() {
         .position(|a| a == "--only")
         .and_then(|i| args.get(i + 1).cloned());
     let duration = Duration::from_millis(if quick { 300 } else { 1500 });
-    let rounds = if quick { 1 } else { 3 };
+    let rounds: u32 = if quick { 1 } else { 3 };
     let query = Work::Query(digest(7));
     let batch = Work::Batch(
         PleasePull::new(
@@ -908,6 +908,13 @@ async fn run() {
         (&query, 256, "256"),
         (&batch, 4, "pp1000"),
     ];
+    // `--stack ours|rr|raw` runs one stack only (for profiling).
+    let stack = args
+        .iter()
+        .position(|a| a == "--stack")
+        .and_then(|i| args.get(i + 1).map(String::as_str));
+    let runs = |name: &str| stack.is_none_or(|s| s == name);
+    let slice = duration / rounds;
     let started = Instant::now();
     let mut ratios: Vec<(String, f64)> = Vec::new();
     println!(
@@ -925,22 +932,15 @@ async fn run() {
             {
                 continue;
             }
-            // `--stack ours|rr|raw` runs one stack only (for profiling).
-            let stack = args
-                .iter()
-                .position(|a| a == "--stack")
-                .and_then(|i| args.get(i + 1).map(String::as_str));
-            let runs = |name: &str| stack.is_none_or(|s| s == name);
             // Short rounds, each stack in turn and the order rotating, so that drift in
             // the machine's state (frequency, caches, other load) falls on all three alike.
             let mut pooled: [Option<Samples>; 3] = [None, None, None];
             for round in 0..rounds {
                 for turn in 0..3 {
-                    let which = (round + turn) % 3;
+                    let which = (round as usize + turn) % 3;
                     if !runs(["ours", "rr", "raw"][which]) {
                         continue;
                     }
-                    let slice = duration / rounds as u32;
                     let samples = match which {
                         0 => bench_ours(net, work, concurrency, slice).await,
                         1 => bench_rr(net, work, concurrency, slice).await,

@@ -23,7 +23,7 @@ use libp2p_swarm::{
 use crate::{
     budget::{StreamBudget, StreamPermit},
     client,
-    codec::{encode_frame, FrameError, FrameReader, FrameWriter, ReadError},
+    codec::{FrameError, FrameReader, FrameWriter, ReadError},
     message::{decode_reply, RequestRejection, WireRequest},
     schedule::{Schedule, StreamKey},
     wire, Config, InboundFailure, InboundRequestId, OutboundFailure, OutboundRequestId, Rpc,
@@ -41,7 +41,7 @@ pub enum FromBehaviour {
 /// stream, not through the swarm, so an answer costs no extra hop.
 #[derive(Debug)]
 pub enum Verdict {
-    /// Encode this reply, write it and close. Its length was checked against the cap.
+    /// Encode this reply, write it and close. `respond` has checked it fits the cap.
     Reply { rpc: Rpc, envelope: wire::Envelope },
     /// Close without a reply.
     Reject(InboundFailure),
@@ -217,7 +217,6 @@ impl Handler {
 
     /// Polls one stream that is due, queueing what it reports and dropping it once done.
     fn poll_stream(&mut self, key: StreamKey, now: Instant) {
-        let max = self.config.max_message_bytes;
         match key {
             StreamKey::Inbound(id) => {
                 let Some(stream) = self.inbound.get_mut(&id) else {
@@ -226,7 +225,7 @@ impl Handler {
                 let _entered = stream.span.clone().entered();
                 let waker = stream.waker.clone();
                 let mut cx = Context::from_waker(&waker);
-                let step = stream.poll(&mut cx, now, max, self.config.answer_timeout);
+                let step = stream.poll(&mut cx, now, &self.config);
                 let armed = stream.armed;
                 match step {
                     Poll::Ready(InboundStep::Done(event)) => {
@@ -430,13 +429,7 @@ impl InboundStream {
         }))
     }
 
-    fn poll(
-        &mut self,
-        cx: &mut Context<'_>,
-        now: Instant,
-        max: usize,
-        answer_timeout: std::time::Duration,
-    ) -> Poll<InboundStep> {
+    fn poll(&mut self, cx: &mut Context<'_>, now: Instant, config: &Config) -> Poll<InboundStep> {
         loop {
             if now >= self.deadline {
                 let error = match &self.state {
@@ -450,7 +443,7 @@ impl InboundStream {
             }
             match &mut self.state {
                 InboundState::Reading(reader) => {
-                    match reader.poll_read(&mut self.stream, cx, max) {
+                    match reader.poll_read(&mut self.stream, cx, config.max_message_bytes) {
                         Poll::Pending => return Poll::Pending,
                         Poll::Ready(Ok((envelope, len))) => {
                             match WireRequest::from_wire(envelope, len) {
@@ -458,7 +451,7 @@ impl InboundStream {
                                     tracing::trace!(?request, "request read");
                                     let (verdict, receiver) = oneshot::channel();
                                     self.state = InboundState::AwaitingAnswer {
-                                        answer_by: now + answer_timeout,
+                                        answer_by: now + config.answer_timeout,
                                         verdict: receiver,
                                     };
                                     return Poll::Ready(InboundStep::Read(request, verdict));
@@ -483,17 +476,12 @@ impl InboundStream {
                     match verdict.poll_unpin(cx) {
                         Poll::Pending => return Poll::Pending,
                         Poll::Ready(Ok(Verdict::Reply { rpc, envelope })) => {
-                            match encode_frame(&envelope, max) {
-                                Ok(frame) => {
-                                    self.state = InboundState::Closing {
-                                        writer: FrameWriter::new(frame),
-                                        ending: Ending::Replied(rpc),
-                                    }
-                                }
-                                Err(_) => self.close_without_reply(InboundFailure::ReplyTooLarge {
-                                    len: prost::Message::encoded_len(&envelope) as u64,
-                                }),
-                            }
+                            self.state = InboundState::Closing {
+                                writer: FrameWriter::new(
+                                    prost::Message::encode_length_delimited_to_vec(&envelope),
+                                ),
+                                ending: Ending::Replied(rpc),
+                            };
                         }
                         Poll::Ready(Ok(Verdict::Reject(reason))) => {
                             self.close_without_reply(reason)

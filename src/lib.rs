@@ -205,11 +205,11 @@ pub mod fuzzing {
             return;
         };
         let max_cooldown = Duration::from_secs(3600);
+        let results = match &envelope.msg {
+            Some(Msg::PleasePullResponse(msg)) => msg.results.len(),
+            _ => 0,
+        };
         for rpc in [Rpc::PullIntent, Rpc::PleasePull] {
-            let results = match &envelope.msg {
-                Some(Msg::PleasePullResponse(msg)) => msg.results.len(),
-                _ => 0,
-            };
             let family_matches = matches!(
                 (rpc, &envelope.msg),
                 (Rpc::PullIntent, Some(Msg::PullIntentResponse(_)))

@@ -5,16 +5,25 @@
 
 mod common;
 
-use std::{
-    path::PathBuf,
-    process::{Command, Stdio},
-};
+use std::{path::PathBuf, process::Command};
 
 use common::{hex_digest as digest, now_ms, spawn_announcing};
 use serde_json::Value;
 
 fn interop_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop")
+}
+
+/// Runs `command` to the end and reads its output as one JSON value; a failed run fails
+/// the test with what the command wrote to stderr.
+fn json_output(command: &mut Command) -> Value {
+    let output = command.output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
 }
 
 fn node_modules() {
@@ -48,17 +57,11 @@ fn js_libp2p_asks_our_node_both_families() {
     ]));
     let addr = announced["listen"][0].as_str().unwrap();
 
-    let output = Command::new("node")
-        .arg(interop_dir().join("peer.mjs"))
-        .args(["client", addr, &cached, &pulling, &failed, &fresh])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+    let v = json_output(
+        Command::new("node")
+            .arg(interop_dir().join("peer.mjs"))
+            .args(["client", addr, &cached, &pulling, &failed, &fresh]),
     );
-    let v: Value = serde_json::from_slice(&output.stdout).unwrap();
     let after = now_ms();
 
     let intents = v["pull_intent"].as_array().unwrap();
@@ -121,19 +124,7 @@ fn our_node_asks_a_js_libp2p_responder() {
     let addr = announced["addr"].as_str().unwrap();
     let started = announced["started_ms"].as_u64().unwrap();
 
-    let ask = |args: &[&str]| -> Value {
-        let output = Command::new(common::example_binary("node"))
-            .args(args)
-            .stderr(Stdio::piped())
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        serde_json::from_slice(&output.stdout).unwrap()
-    };
+    let ask = |args: &[&str]| json_output(Command::new(common::example_binary("node")).args(args));
     let before = now_ms();
     let intent = ask(&["--query", addr, "--digest", &digest('a')]);
     assert_eq!(intent["has_cached"], true);

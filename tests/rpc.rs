@@ -9,7 +9,8 @@ use common::*;
 use futures::StreamExt;
 use gantry_coord::{
     Authorization, Behaviour, Config, Event, FailureClass, InboundFailure, OriginRefKind,
-    OutboundFailure, Outcome, PleasePull, PleasePullOutcome, PullIntent, RecentFailure, Rpc,
+    OutboundFailure, OutboundRequestId, Outcome, PleasePull, PleasePullOutcome, PullIntent,
+    RecentFailure, Rpc,
 };
 use libp2p_swarm::Swarm;
 use libp2p_swarm_test::SwarmExt;
@@ -98,6 +99,35 @@ async fn pair(
     let mut requester = coord(requester_config);
     requester.add_peer_address(*responder.local_peer_id(), addr);
     (requester, responder)
+}
+
+/// Drives both swarms until the responder reports an inbound failure and the requester
+/// an outbound one. Every other responder event goes to `on_responder_event`, with both
+/// swarms; any other requester event fails the test.
+async fn until_both_fail(
+    requester: &mut Swarm<Behaviour>,
+    responder: &mut Swarm<Behaviour>,
+    mut on_responder_event: impl FnMut(Event, &mut Swarm<Behaviour>, &mut Swarm<Behaviour>),
+) -> (InboundFailure, OutboundRequestId, OutboundFailure) {
+    let (mut inbound, mut outbound) = (None, None);
+    while inbound.is_none() || outbound.is_none() {
+        tokio::select! {
+            event = responder.next_behaviour_event() => match event {
+                Event::InboundFailure { error, .. } => inbound = Some(error),
+                other => on_responder_event(other, responder, requester),
+            },
+            event = requester.next_behaviour_event() => match event {
+                Event::OutboundFailure { request_id, error, .. } => {
+                    outbound = Some((request_id, error))
+                }
+                other => panic!("unexpected {other:?}"),
+            },
+        }
+    }
+    match (inbound, outbound) {
+        (Some(inbound), Some((id, outbound))) => (inbound, id, outbound),
+        _ => unreachable!("the loop ends once both are set"),
+    }
 }
 
 #[tokio::test]
@@ -249,27 +279,18 @@ async fn unanswered_request_fails_on_both_sides_and_leaks_nothing() {
         .pull_intent_query(target, &digest(1));
     // Drive both; the responder's loop holds the query and never answers.
     let mut held = None;
-    let mut responder_failure = None;
-    let mut requester_failure = None;
-    while responder_failure.is_none() || requester_failure.is_none() {
-        tokio::select! {
-            event = responder.next_behaviour_event() => match event {
-                Event::PullIntentQuery { responder: token, .. } => held = Some(token),
-                Event::InboundFailure { error, .. } => responder_failure = Some(error),
-                other => panic!("unexpected {other:?}"),
-            },
-            event = requester.next_behaviour_event() => match event {
-                Event::OutboundFailure { request_id, error, .. } => {
-                    assert_eq!(request_id, id);
-                    requester_failure = Some(error);
-                }
-                other => panic!("unexpected {other:?}"),
-            },
-        }
-    }
+    let (responder_failure, request_id, requester_failure) =
+        until_both_fail(&mut requester, &mut responder, |event, _, _| match event {
+            Event::PullIntentQuery {
+                responder: token, ..
+            } => held = Some(token),
+            other => panic!("unexpected {other:?}"),
+        })
+        .await;
+    assert_eq!(request_id, id);
     assert!(held.is_some(), "the query arrived");
-    assert_eq!(responder_failure, Some(InboundFailure::AnswerTimeout));
-    assert!(matches!(requester_failure, Some(OutboundFailure::NoReply)));
+    assert_eq!(responder_failure, InboundFailure::AnswerTimeout);
+    assert!(matches!(requester_failure, OutboundFailure::NoReply));
     assert_eq!(responder.behaviour().pending_answers(), 0);
     assert_eq!(responder.behaviour().open_inbound_streams(), 0);
     assert_eq!(requester.behaviour().pending_requests(), 0);
@@ -312,34 +333,28 @@ async fn connection_closed_mid_request_fails_both_sides() {
         .behaviour_mut()
         .pull_intent_query(target, &digest(1));
 
-    let mut requester_failure = None;
-    let mut responder_failure = None;
     let mut held = None;
-    while requester_failure.is_none() || responder_failure.is_none() {
-        tokio::select! {
-            event = responder.next_behaviour_event() => match event {
-                Event::PullIntentQuery { responder: token, .. } => {
-                    held = Some(token);
-                    // The query is read and unanswered: now drop the connection.
-                    let _ = requester.disconnect_peer_id(target);
-                }
-                Event::InboundFailure { error, .. } => responder_failure = Some(error),
-                other => panic!("unexpected {other:?}"),
-            },
-            event = requester.next_behaviour_event() => match event {
-                Event::OutboundFailure { request_id, error, .. } => {
-                    assert_eq!(request_id, id);
-                    requester_failure = Some(error);
-                }
-                other => panic!("unexpected {other:?}"),
-            },
-        }
-    }
+    let (responder_failure, request_id, requester_failure) = until_both_fail(
+        &mut requester,
+        &mut responder,
+        |event, _, requester| match event {
+            Event::PullIntentQuery {
+                responder: token, ..
+            } => {
+                held = Some(token);
+                // The query is read and unanswered: now drop the connection.
+                let _ = requester.disconnect_peer_id(target);
+            }
+            other => panic!("unexpected {other:?}"),
+        },
+    )
+    .await;
+    assert_eq!(request_id, id);
     assert!(matches!(
         requester_failure,
-        Some(OutboundFailure::ConnectionClosed)
+        OutboundFailure::ConnectionClosed
     ));
-    assert_eq!(responder_failure, Some(InboundFailure::ConnectionClosed));
+    assert_eq!(responder_failure, InboundFailure::ConnectionClosed);
     let token = held.expect("the query arrived");
     assert_eq!(
         responder
@@ -359,23 +374,16 @@ async fn a_dropped_responder_closes_the_stream_at_once() {
     requester
         .behaviour_mut()
         .pull_intent_query(target, &digest(1));
-    let mut responder_failure = None;
-    let mut requester_failure = None;
-    while responder_failure.is_none() || requester_failure.is_none() {
-        tokio::select! {
-            event = responder.next_behaviour_event() => match event {
-                Event::PullIntentQuery { responder: token, .. } => drop(token),
-                Event::InboundFailure { error, .. } => responder_failure = Some(error),
-                other => panic!("unexpected {other:?}"),
-            },
-            event = requester.next_behaviour_event() => match event {
-                Event::OutboundFailure { error, .. } => requester_failure = Some(error),
-                other => panic!("unexpected {other:?}"),
-            },
-        }
-    }
-    assert_eq!(responder_failure, Some(InboundFailure::Unanswered));
-    assert!(matches!(requester_failure, Some(OutboundFailure::NoReply)));
+    let (responder_failure, _, requester_failure) =
+        until_both_fail(&mut requester, &mut responder, |event, _, _| match event {
+            Event::PullIntentQuery {
+                responder: token, ..
+            } => drop(token),
+            other => panic!("unexpected {other:?}"),
+        })
+        .await;
+    assert_eq!(responder_failure, InboundFailure::Unanswered);
+    assert!(matches!(requester_failure, OutboundFailure::NoReply));
     assert!(
         started.elapsed() < Duration::from_secs(1),
         "well before any deadline"
@@ -452,34 +460,30 @@ async fn a_reply_over_the_cap_is_refused_and_the_stream_closed() {
     requester.behaviour_mut().please_pull(target, &request);
     let now = SystemTime::now();
     let mut refused = None;
-    let (mut responder_failure, mut requester_failure) = (None, None);
-    while responder_failure.is_none() || requester_failure.is_none() {
-        tokio::select! {
-            event = responder.next_behaviour_event() => match event {
-                Event::PleasePull { request, responder: token, .. } => {
-                    refused = Some(
-                        responder
-                            .behaviour_mut()
-                            .respond(token, outcomes_for(&request, now)),
-                    );
-                }
-                Event::InboundFailure { error, .. } => responder_failure = Some(error),
-                other => panic!("unexpected {other:?}"),
-            },
-            event = requester.next_behaviour_event() => match event {
-                Event::OutboundFailure { error, .. } => requester_failure = Some(error),
-                other => panic!("unexpected {other:?}"),
-            },
-        }
-    }
+    let (responder_failure, _, requester_failure) = until_both_fail(
+        &mut requester,
+        &mut responder,
+        |event, responder, _| match event {
+            Event::PleasePull {
+                request,
+                responder: token,
+                ..
+            } => {
+                refused = Some(
+                    responder
+                        .behaviour_mut()
+                        .respond(token, outcomes_for(&request, now)),
+                );
+            }
+            other => panic!("unexpected {other:?}"),
+        },
+    )
+    .await;
     let Some(Err(gantry_coord::RespondError::TooLarge { len, max })) = refused else {
         panic!("respond should refuse the reply, got {refused:?}");
     };
     assert!(len > cap as u64 && max == cap, "len {len}, max {max}");
-    assert_eq!(
-        responder_failure,
-        Some(InboundFailure::ReplyTooLarge { len })
-    );
-    assert!(matches!(requester_failure, Some(OutboundFailure::NoReply)));
+    assert_eq!(responder_failure, InboundFailure::ReplyTooLarge { len });
+    assert!(matches!(requester_failure, OutboundFailure::NoReply));
     assert_eq!(responder.behaviour().pending_answers(), 0);
 }
