@@ -93,15 +93,18 @@ impl InFlightPulls for InFlightMap {
 }
 
 /// How long after its start an in-flight pull counts as stale, so that a requester may
-/// take it over (the Go `inflight` defaults): manifests and configs after 5 s; layers
-/// after 3 × max(10 s, the time to move `size` bytes at 50 MiB/s).
+/// take it over, as the Go `inflight.ResolveStall` computes it: manifests after 5 s;
+/// every other kind, the image config included, after 3 × max(10 s, the whole seconds
+/// it takes to move `size` bytes at 50 MiB/s). A config is not short: taking it over at
+/// 5 s would start a second origin pull that the Go nodes still wait out.
 pub fn stale_after(kind: OriginRefKind, size: Option<u64>) -> Duration {
-    const RATE: u64 = 50 << 20;
+    const BYTES_PER_SEC: u64 = 50 << 20;
+    const FLOOR: Duration = Duration::from_secs(10);
     match kind {
-        OriginRefKind::Manifest | OriginRefKind::Config => Duration::from_secs(5),
-        OriginRefKind::Blob => {
-            let transfer = Duration::from_secs_f64(size.unwrap_or(0) as f64 / RATE as f64);
-            3 * transfer.max(Duration::from_secs(10))
+        OriginRefKind::Manifest => Duration::from_secs(5),
+        OriginRefKind::Config | OriginRefKind::Blob => {
+            let transfer = Duration::from_secs(size.unwrap_or(0) / BYTES_PER_SEC);
+            3 * transfer.max(FLOOR)
         }
     }
 }
@@ -137,8 +140,13 @@ mod tests {
             Duration::from_secs(5)
         );
         assert_eq!(
+            stale_after(OriginRefKind::Config, None),
+            Duration::from_secs(30),
+            "only manifests take the short bound"
+        );
+        assert_eq!(
             stale_after(OriginRefKind::Config, Some(1 << 40)),
-            Duration::from_secs(5)
+            Duration::from_secs(3 * ((1 << 40) / (50 << 20)))
         );
         assert_eq!(
             stale_after(OriginRefKind::Blob, Some(1 << 20)),
@@ -146,6 +154,11 @@ mod tests {
         );
         assert_eq!(
             stale_after(OriginRefKind::Blob, Some(1000 << 20)),
+            Duration::from_secs(60)
+        );
+        // Whole seconds, as Go's integer division: 20.4 s of transfer counts as 20 s.
+        assert_eq!(
+            stale_after(OriginRefKind::Blob, Some(1020 << 20)),
             Duration::from_secs(60)
         );
     }

@@ -11,7 +11,8 @@ use crate::{Digest, FailureClass, RecentFailure};
 
 /// The negative cache a node answers from. Bring your own or use [`NegativeCache`].
 pub trait FailureCache: Send + Sync + 'static {
-    /// The live entry for `digest`: `None` once its cooldown has ended.
+    /// The live entry for `digest` (live while `now` ≤ its cooldown end); an entry found
+    /// expired is dropped, so the next failure starts the ladder again.
     fn get(&self, digest: &Digest, now: SystemTime) -> Option<RecentFailure>;
 
     /// Records a failed pull and returns the entry with its new cooldown.
@@ -22,9 +23,10 @@ pub trait FailureCache: Send + Sync + 'static {
 }
 
 /// A bounded in-memory negative cache with the Go `negcache` cooldowns: 10 s, then ×3
-/// per repeated failure, at most 10 min (10 s, 30 s, 90 s, 270 s, 600 s). An entry keeps
-/// its failure count past its cooldown so a repeat escalates; the least recently used
-/// entry goes when the cache is full.
+/// per failure recorded while the entry lives, at most 10 min (10 s, 30 s, 90 s, 270 s,
+/// 600 s). It heals itself as Go's does: an entry is live while now ≤ its cooldown end,
+/// one found expired is dropped, and a failure after that starts again at 10 s. The
+/// least recently used entry goes when the cache is full.
 #[derive(Debug)]
 pub struct NegativeCache {
     entries: Mutex<LruCache<Digest, Entry>>,
@@ -54,7 +56,7 @@ impl NegativeCache {
         }
     }
 
-    /// Digests held, live or past their cooldown.
+    /// Digests held, live or expired but not yet looked up.
     pub fn len(&self) -> usize {
         self.lock().len()
     }
@@ -90,13 +92,20 @@ impl NegativeCache {
 impl FailureCache for NegativeCache {
     fn get(&self, digest: &Digest, now: SystemTime) -> Option<RecentFailure> {
         let mut entries = self.lock();
-        let entry = entries.get(digest)?;
-        (entry.failure.cooldown_until > now).then_some(entry.failure)
+        let failure = entries.get(digest)?.failure;
+        if now > failure.cooldown_until {
+            entries.remove(digest);
+            return None;
+        }
+        Some(failure)
     }
 
     fn record(&self, digest: &Digest, class: FailureClass, now: SystemTime) -> RecentFailure {
         let mut entries = self.lock();
-        let failures = entries.get(digest).map_or(0, |e| e.failures) + 1;
+        let live = entries
+            .get(digest)
+            .filter(|e| now <= e.failure.cooldown_until);
+        let failures = live.map_or(0, |e| e.failures) + 1;
         let failure = RecentFailure {
             cooldown_until: now + self.cooldown(failures),
             class,
@@ -127,7 +136,7 @@ mod tests {
     }
 
     #[test]
-    fn entries_expire_with_their_cooldown_and_escalate() {
+    fn escalates_only_while_the_entry_lives() {
         let cache = NegativeCache::new(8);
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
         let first = cache.record(&digest(1), FailureClass::Transient, t0);
@@ -136,19 +145,45 @@ mod tests {
             cache.get(&digest(1), t0 + Duration::from_secs(9)),
             Some(first)
         );
-        assert_eq!(cache.get(&digest(1), t0 + Duration::from_secs(10)), None);
-        let t1 = t0 + Duration::from_secs(11);
+        // Live up to and including its end, as Go's `Now().After(until)` test.
+        assert_eq!(
+            cache.get(&digest(1), t0 + Duration::from_secs(10)),
+            Some(first)
+        );
+        let t1 = t0 + Duration::from_secs(5);
         let second = cache.record(&digest(1), FailureClass::NotFound, t1);
         assert_eq!(second.cooldown_until, t1 + Duration::from_secs(30));
         assert_eq!(second.class, FailureClass::NotFound);
+        let t2 = t1 + Duration::from_secs(30);
+        let third = cache.record(&digest(1), FailureClass::NotFound, t2);
+        assert_eq!(third.cooldown_until, t2 + Duration::from_secs(90));
         cache.clear(&digest(1));
-        assert_eq!(cache.get(&digest(1), t1), None);
-        let third = cache.record(&digest(1), FailureClass::Auth, t1);
+        assert_eq!(cache.get(&digest(1), t2), None);
+        let after_success = cache.record(&digest(1), FailureClass::Auth, t2);
         assert_eq!(
-            third.cooldown_until,
-            t1 + Duration::from_secs(10),
+            after_success.cooldown_until,
+            t2 + Duration::from_secs(10),
             "count restarts after success"
         );
+    }
+
+    #[test]
+    fn an_expired_entry_heals() {
+        let cache = NegativeCache::new(8);
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        cache.record(&digest(1), FailureClass::Transient, t0);
+        cache.record(&digest(1), FailureClass::Transient, t0);
+        let expired = t0 + Duration::from_secs(31);
+        assert_eq!(cache.get(&digest(1), expired), None);
+        assert_eq!(cache.len(), 0, "an entry found expired is dropped");
+        let next = cache.record(&digest(1), FailureClass::Transient, expired);
+        assert_eq!(next.cooldown_until, expired + Duration::from_secs(10));
+
+        // Also when the failure comes in before anyone looked the entry up.
+        cache.record(&digest(2), FailureClass::Transient, t0);
+        let late = t0 + Duration::from_secs(11);
+        let restarted = cache.record(&digest(2), FailureClass::Transient, late);
+        assert_eq!(restarted.cooldown_until, late + Duration::from_secs(10));
     }
 
     #[test]

@@ -170,21 +170,31 @@ fn pulls_dedupe_fail_cool_down_and_restart() {
         })
     );
 
-    // The cooldown ends: the digest may be pulled again; a second failure waits 30 s.
+    // Live through its last instant, as Go's `After` test: no pull at the end itself.
     clock.advance(Duration::from_secs(10));
+    assert_eq!(
+        state.start_local_pull(&request(vec![d.clone()]))[0].outcome,
+        failed
+    );
+    // Past it the entry heals: the digest may be pulled again, and a failure after
+    // expiry starts the ladder again at 10 s rather than escalating to 30 s.
+    clock.advance(Duration::from_secs(1));
     let t2 = clock.now();
     assert_eq!(
         state.start_local_pull(&request(vec![d.clone()]))[0].outcome,
         Outcome::Started { started_at: t2 }
     );
     state.finish_pull(&d, Err(FailureClass::Transient));
-    assert_eq!(
+    let until = |state: &NodeState| {
         state
             .local_pull_intent(&d)
             .recently_failed
-            .map(|f| f.cooldown_until),
-        Some(t2 + Duration::from_secs(30))
-    );
+            .map(|f| f.cooldown_until)
+    };
+    assert_eq!(until(&state), Some(t2 + Duration::from_secs(10)));
+    // A failure recorded while the entry lives escalates.
+    state.finish_pull(&d, Err(FailureClass::Transient));
+    assert_eq!(until(&state), Some(t2 + Duration::from_secs(30)));
     assert_eq!(state.signals().moved_in_flight, 2);
 
     // Success clears the failure.
