@@ -82,6 +82,18 @@ impl Metrics {
             metrics.request_duration.clone(),
         );
         registry.register_collector(Box::new(OpenStreams(open_inbound)));
+        // Series a dashboard rates from the start exist at zero before the first event.
+        for rpc in [Rpc::PullIntent, Rpc::PleasePull] {
+            let _ = metrics.served.get_or_create(&[("rpc", rpc_name(rpc))]);
+        }
+        for reason in [
+            UnauthorizedReason::Unrecognized,
+            UnauthorizedReason::Unevaluable,
+        ] {
+            let _ = metrics
+                .unauthorized
+                .get_or_create(&[("reason", unauthorized_reason(reason))]);
+        }
         metrics
     }
 
@@ -99,11 +111,9 @@ impl Metrics {
                 }
             }
             Event::UnauthorizedPeer { reason, .. } => {
-                let reason = match reason {
-                    UnauthorizedReason::Unrecognized => "unrecognized",
-                    UnauthorizedReason::Unevaluable => "unevaluable",
-                };
-                self.unauthorized.get_or_create(&[("reason", reason)]).inc();
+                self.unauthorized
+                    .get_or_create(&[("reason", unauthorized_reason(*reason))])
+                    .inc();
             }
             Event::ResponseSent { rpc, .. } => {
                 self.served.get_or_create(&[("rpc", rpc_name(*rpc))]).inc();
@@ -137,6 +147,13 @@ fn rpc_name(rpc: Rpc) -> &'static str {
     match rpc {
         Rpc::PullIntent => "pull_intent",
         Rpc::PleasePull => "please_pull",
+    }
+}
+
+fn unauthorized_reason(reason: UnauthorizedReason) -> &'static str {
+    match reason {
+        UnauthorizedReason::Unrecognized => "unrecognized",
+        UnauthorizedReason::Unevaluable => "unevaluable",
     }
 }
 
@@ -209,7 +226,7 @@ impl Collector for NodeSignals {
         let counters = [
             (
                 "pull_intent_served",
-                "pull_intent queries answered by the node state, local ones included",
+                "pull_intent queries from peers answered by the node state",
                 signals.pull_intent_served,
             ),
             (
@@ -219,13 +236,18 @@ impl Collector for NodeSignals {
             ),
             (
                 "please_pull_served",
-                "please_pull requests answered by the node state, local ones included",
+                "please_pull requests from peers answered by the node state",
                 signals.please_pull_served,
             ),
             (
                 "moved_in_flight",
                 "Digests moved into the in-flight map",
                 signals.moved_in_flight,
+            ),
+            (
+                "declined_pulls",
+                "Pulls declined for load: in-flight map full or pump refused",
+                signals.declined_pulls,
             ),
             (
                 "skipped_digests",

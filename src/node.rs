@@ -53,8 +53,13 @@ pub enum PumpDecision {
     /// The pull was started elsewhere (a task, a queue); report its end with
     /// [`NodeState::finish_pull`].
     Started,
-    /// The pump already pulls the digest by other means.
-    AlreadyPulling,
+    /// The pump already pulls the digest by other means, since `started_at`: the real
+    /// start, so that a requester can tell a stalled pull from a fresh one. The digest
+    /// stays in flight from then until [`NodeState::finish_pull`].
+    AlreadyPulling {
+        /// When that pull started.
+        started_at: SystemTime,
+    },
     /// The pump knows the digest failed recently.
     RecentlyFailed(RecentFailure),
     /// The pump refuses the pull for now (at its ceiling, shutting down): answered as
@@ -71,15 +76,19 @@ pub trait PullerPump: Send + Sync + 'static {
 
 /// The counts of the original's observability signals.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Signals {
-    /// pull_intent queries answered (local ones included).
+    /// pull_intent queries from peers answered; the node's own local calls are not wire
+    /// traffic and do not count.
     pub pull_intent_served: u64,
     /// pull_intent answered "not cached" because the store was unavailable.
     pub storage_unavailable: u64,
-    /// please_pull requests answered (local ones included).
+    /// please_pull requests from peers answered; local calls do not count.
     pub please_pull_served: u64,
     /// Digests moved into the in-flight map.
     pub moved_in_flight: u64,
+    /// Pulls declined for load: a full in-flight map or a pump that refused.
+    pub declined_pulls: u64,
     /// Invalid digests dropped from inbound please_pull requests.
     pub skipped_digests: u64,
 }
@@ -90,6 +99,7 @@ struct SignalCounters {
     storage_unavailable: AtomicU64,
     please_pull_served: AtomicU64,
     moved_in_flight: AtomicU64,
+    declined_pulls: AtomicU64,
     skipped_digests: AtomicU64,
 }
 
@@ -100,6 +110,7 @@ fn bump(counter: &AtomicU64, by: u64) {
 struct Inner {
     membership: Box<dyn Membership>,
     store: Box<dyn ContentStore>,
+    secondary_store: Option<Box<dyn ContentStore>>,
     in_flight: Box<dyn InFlightPulls>,
     failures: Box<dyn FailureCache>,
     pump: Option<Box<dyn PullerPump>>,
@@ -118,6 +129,7 @@ pub struct NodeState {
 pub struct NodeStateBuilder {
     membership: Box<dyn Membership>,
     store: Option<Box<dyn ContentStore>>,
+    secondary_store: Option<Box<dyn ContentStore>>,
     in_flight: Option<Box<dyn InFlightPulls>>,
     failures: Option<Box<dyn FailureCache>>,
     pump: Option<Box<dyn PullerPump>>,
@@ -128,6 +140,16 @@ impl NodeStateBuilder {
     /// The content store (default: an empty [`MemoryStore`](crate::MemoryStore)).
     pub fn store(mut self, store: impl ContentStore) -> Self {
         self.store = Some(Box::new(store));
+        self
+    }
+
+    /// A second store consulted when the first misses or is unavailable (containerd's
+    /// content store beside the node's own, say), as the Go nodes'
+    /// `WithSecondaryBlobSource`, so a node whose blobs live in two places answers
+    /// `has_cached` truthfully. Only pull_intent consults it; the puller pump checks the
+    /// primary store, as Go's does.
+    pub fn secondary_store(mut self, store: impl ContentStore) -> Self {
+        self.secondary_store = Some(Box::new(store));
         self
     }
 
@@ -163,6 +185,7 @@ impl NodeStateBuilder {
                 store: self
                     .store
                     .unwrap_or_else(|| Box::new(crate::MemoryStore::new())),
+                secondary_store: self.secondary_store,
                 in_flight: self
                     .in_flight
                     .unwrap_or_else(|| Box::new(InFlightMap::default())),
@@ -183,6 +206,7 @@ impl NodeState {
         NodeStateBuilder {
             membership: Box::new(membership),
             store: None,
+            secondary_store: None,
             in_flight: None,
             failures: None,
             pump: None,
@@ -195,35 +219,44 @@ impl NodeState {
         self.inner.membership.as_ref()
     }
 
-    /// This node's answer to a pull_intent query for `digest`, local or remote.
+    /// This node's answer to a pull_intent query for `digest`, as a peer would get it.
+    /// For the node's own cold-start decisions: it does not count as a query served.
     pub fn local_pull_intent(&self, digest: &Digest) -> PullIntent {
         let inner = &*self.inner;
         let now = inner.clock.now();
-        let has_cached = match inner.store.lookup(digest) {
-            StoreLookup::Cached => true,
-            StoreLookup::NotCached => false,
-            StoreLookup::Unavailable => {
-                bump(&inner.signals.storage_unavailable, 1);
-                tracing::warn!(%digest, "content store unavailable; answering not cached");
-                false
-            }
-        };
         let members = inner.membership.members();
         let local = inner.membership.local_id();
-        bump(&inner.signals.pull_intent_served, 1);
         PullIntent {
-            has_cached,
+            has_cached: self.has_cached(digest),
             in_flight_since: inner.in_flight.started_at(digest),
             hrw_rank: hrw::rank_of(members.iter(), local.as_str(), digest),
             recently_failed: inner.failures.get(digest, now),
         }
     }
 
-    /// This node's answer to a please_pull, local or remote: one outcome per digest, in
-    /// request order.
-    pub fn start_local_pull(&self, request: &PleasePull) -> Vec<PleasePullOutcome> {
+    /// The primary store, then the secondary on a miss. Only a store that could not be
+    /// asked, with no other store holding the digest, reads as "storage unavailable".
+    fn has_cached(&self, digest: &Digest) -> bool {
         let inner = &*self.inner;
-        bump(&inner.signals.please_pull_served, 1);
+        let primary = inner.store.lookup(digest);
+        if primary == StoreLookup::Cached {
+            return true;
+        }
+        let secondary = inner.secondary_store.as_ref().map(|s| s.lookup(digest));
+        if secondary == Some(StoreLookup::Cached) {
+            return true;
+        }
+        if primary == StoreLookup::Unavailable || secondary == Some(StoreLookup::Unavailable) {
+            bump(&inner.signals.storage_unavailable, 1);
+            tracing::warn!(%digest, "content store unavailable; answering not cached");
+        }
+        false
+    }
+
+    /// This node's answer to a please_pull, as a peer would get it: one outcome per
+    /// digest, in request order. For the node's own cold-start decisions (self is the
+    /// designated puller): it does not count as a request served.
+    pub fn start_local_pull(&self, request: &PleasePull) -> Vec<PleasePullOutcome> {
         request
             .digests()
             .iter()
@@ -234,6 +267,9 @@ impl NodeState {
             .collect()
     }
 
+    /// The Go pump's order: the negative cache, then the content store (a held digest is
+    /// reported as being pulled since now, so the requester looks for providers and finds
+    /// this node instead of causing a second origin pull), then the in-flight map.
     fn start_one(&self, request: &PleasePull, digest: &Digest) -> Outcome {
         let inner = &*self.inner;
         let Some(pump) = &inner.pump else {
@@ -243,11 +279,16 @@ impl NodeState {
         if let Some(failure) = inner.failures.get(digest, now) {
             return Outcome::RecentlyFailed(failure);
         }
+        if inner.store.lookup(digest) == StoreLookup::Cached {
+            return Outcome::AlreadyPulling { started_at: now };
+        }
         match inner.in_flight.begin(digest, now) {
             Claim::Claimed => {}
             Claim::InFlightSince(started_at) => return Outcome::AlreadyPulling { started_at },
-            // Declined: the requester gives up on this puller for this digest.
-            Claim::Full => return Outcome::Unspecified,
+            Claim::Full => {
+                bump(&inner.signals.declined_pulls, 1);
+                return Outcome::Unspecified;
+            }
         }
         let order = PullOrder {
             registry: request.registry(),
@@ -262,13 +303,20 @@ impl NodeState {
                 tracing::debug!(%digest, "origin pull started");
                 Outcome::Started { started_at: now }
             }
-            PumpDecision::AlreadyPulling => Outcome::AlreadyPulling { started_at: now },
+            PumpDecision::AlreadyPulling { started_at } => {
+                // The pump's own pull is the one in flight: record its real start.
+                let started_at = started_at.min(now);
+                inner.in_flight.finish(digest);
+                inner.in_flight.begin(digest, started_at);
+                Outcome::AlreadyPulling { started_at }
+            }
             PumpDecision::RecentlyFailed(failure) => {
                 inner.in_flight.finish(digest);
                 Outcome::RecentlyFailed(failure)
             }
             PumpDecision::Declined => {
                 inner.in_flight.finish(digest);
+                bump(&inner.signals.declined_pulls, 1);
                 Outcome::Unspecified
             }
         }
@@ -295,6 +343,7 @@ impl NodeState {
                 digest, responder, ..
             } => {
                 let intent = self.local_pull_intent(&digest);
+                bump(&self.inner.signals.pull_intent_served, 1);
                 if let Err(error) = behaviour.respond(responder, intent) {
                     tracing::debug!(%error, "pull_intent answer not sent");
                 }
@@ -308,6 +357,7 @@ impl NodeState {
             } => {
                 bump(&self.inner.signals.skipped_digests, skipped_digests as u64);
                 let outcomes = self.start_local_pull(&request);
+                bump(&self.inner.signals.please_pull_served, 1);
                 if let Err(error) = behaviour.respond(responder, outcomes) {
                     tracing::debug!(%error, "please_pull answer not sent");
                 }
@@ -326,6 +376,7 @@ impl NodeState {
             storage_unavailable: get(&s.storage_unavailable),
             please_pull_served: get(&s.please_pull_served),
             moved_in_flight: get(&s.moved_in_flight),
+            declined_pulls: get(&s.declined_pulls),
             skipped_digests: get(&s.skipped_digests),
         }
     }

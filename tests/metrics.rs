@@ -11,9 +11,7 @@ use prometheus_client::{encoding::text::encode, registry::Registry};
 fn sample(registry: &Registry, name: &str) -> f64 {
     let mut text = String::new();
     encode(&mut text, registry).unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-        .map_or(0.0, |v| v.parse().unwrap())
+    sample_value(&text, name)
 }
 
 #[tokio::test]

@@ -11,7 +11,9 @@ use serde_json::Value;
 
 mod common;
 
-use common::{example_binary, hex_digest as digest, now_ms, spawn_announcing, Killed};
+use common::{
+    example_binary, hex_digest as digest, now_ms, sample_value, spawn_announcing, Killed,
+};
 
 fn example() -> PathBuf {
     example_binary("node")
@@ -40,10 +42,7 @@ fn scrape(metrics: &str, sample: &str) -> f64 {
     let mut response = String::new();
     socket.read_to_string(&mut response).unwrap();
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response
-        .lines()
-        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
-        .map_or(0.0, |v| v.parse().unwrap())
+    sample_value(&response, sample)
 }
 
 fn client(args: &[&str]) -> (bool, Value, String) {

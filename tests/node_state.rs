@@ -85,8 +85,12 @@ fn pull_intent_reports_store_rank_and_nothing_else_when_idle() {
     let miss = state.local_pull_intent(&digest("01"));
     assert!(!miss.has_cached);
     assert_eq!(miss.hrw_rank, Some(3));
-    assert_eq!(state.signals().pull_intent_served, 2);
     assert_eq!(state.signals().storage_unavailable, 0);
+    assert_eq!(
+        state.signals().pull_intent_served,
+        0,
+        "local calls are not wire traffic"
+    );
 }
 
 #[test]
@@ -238,4 +242,115 @@ fn a_full_in_flight_map_or_a_declining_pump_answers_unspecified() {
         None
     );
     assert_eq!(declining.signals().moved_in_flight, 0);
+    assert_eq!(declining.signals().declined_pulls, 1);
+    assert_eq!(declining.signals().please_pull_served, 0, "a local call");
+}
+
+#[test]
+fn full_map_counts_as_declined() {
+    let state = NodeState::builder(cluster("node-a"))
+        .in_flight(gantry_coord::InFlightMap::new(1))
+        .pump(RecordingPump::default())
+        .build();
+    state.start_local_pull(&request(vec![digest("01"), digest("02"), digest("03")]));
+    let signals = state.signals();
+    assert_eq!((signals.moved_in_flight, signals.declined_pulls), (1, 2));
+}
+
+/// A pump that is already pulling everything, since a given time.
+struct BusyPump(SystemTime);
+
+impl PullerPump for BusyPump {
+    fn start(&self, _: PullOrder<'_>) -> PumpDecision {
+        PumpDecision::AlreadyPulling { started_at: self.0 }
+    }
+}
+
+#[test]
+fn a_pumps_already_pulling_keeps_its_real_start() {
+    let clock = ManualClock::new();
+    let started = clock.now() - Duration::from_secs(90);
+    let state = NodeState::builder(cluster("node-a"))
+        .clock(clock.clone())
+        .pump(BusyPump(started))
+        .build();
+    let d = digest("01");
+    assert_eq!(
+        state.start_local_pull(&request(vec![d.clone()]))[0].outcome,
+        Outcome::AlreadyPulling {
+            started_at: started
+        },
+        "a stalled pull must look as old as it is"
+    );
+    assert_eq!(state.local_pull_intent(&d).in_flight_since, Some(started));
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(
+        state.start_local_pull(&request(vec![d.clone()]))[0].outcome,
+        Outcome::AlreadyPulling {
+            started_at: started
+        }
+    );
+    state.finish_pull(&d, Ok(()));
+    assert_eq!(state.local_pull_intent(&d).in_flight_since, None);
+}
+
+#[test]
+fn a_held_digest_starts_no_second_origin_pull() {
+    let clock = ManualClock::new();
+    let pump = RecordingPump::default();
+    let store = MemoryStore::new();
+    let state = NodeState::builder(cluster("node-a"))
+        .clock(clock.clone())
+        .store(store.clone())
+        .pump(pump.clone())
+        .build();
+    let d = digest("01");
+    state.start_local_pull(&request(vec![d.clone()]));
+    // The pull lands, and a please_pull arrives just after.
+    store.insert(d.clone());
+    state.finish_pull(&d, Ok(()));
+    clock.advance(Duration::from_millis(5));
+    assert_eq!(
+        state.start_local_pull(&request(vec![d.clone()]))[0].outcome,
+        Outcome::AlreadyPulling {
+            started_at: clock.now()
+        }
+    );
+    assert_eq!(pump.0.lock().unwrap().len(), 1, "one origin pull");
+    assert_eq!(state.local_pull_intent(&d).in_flight_since, None);
+
+    // The negative cache is asked first, as the Go pump does.
+    state.finish_pull(&d, Err(FailureClass::NotFound));
+    assert!(matches!(
+        state.start_local_pull(&request(vec![d]))[0].outcome,
+        Outcome::RecentlyFailed(_)
+    ));
+}
+
+#[test]
+fn a_secondary_store_answers_when_the_primary_misses() {
+    let primary = MemoryStore::new();
+    let secondary = MemoryStore::new();
+    secondary.insert(digest("ab"));
+    let state = NodeState::builder(cluster("node-a"))
+        .store(primary.clone())
+        .secondary_store(secondary.clone())
+        .build();
+    assert!(state.local_pull_intent(&digest("ab")).has_cached);
+    assert!(!state.local_pull_intent(&digest("cd")).has_cached);
+    assert_eq!(state.signals().storage_unavailable, 0, "a plain miss");
+
+    // The primary is down: the secondary still answers, and a miss in both is told
+    // apart from a plain miss.
+    primary.set_unavailable(true);
+    assert!(state.local_pull_intent(&digest("ab")).has_cached);
+    assert_eq!(state.signals().storage_unavailable, 0);
+    assert!(!state.local_pull_intent(&digest("cd")).has_cached);
+    assert_eq!(state.signals().storage_unavailable, 1);
+
+    // The secondary is down and the primary misses: also unavailable, never cached.
+    primary.set_unavailable(false);
+    secondary.set_unavailable(true);
+    assert!(!state.local_pull_intent(&digest("ab")).has_cached);
+    assert_eq!(state.signals().storage_unavailable, 2);
 }

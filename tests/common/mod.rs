@@ -276,3 +276,15 @@ pub fn now_ms() -> u64 {
         .unwrap()
         .as_millis() as u64
 }
+
+/// The value of one sample in Prometheus text; a series that is not there fails the test,
+/// so that a check for zero cannot pass on a metric that was never registered.
+pub fn sample_value(text: &str, series: &str) -> f64 {
+    let value = text
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no series {series} in:\n{text}"));
+    value
+        .parse()
+        .unwrap_or_else(|_| panic!("{series} has value {value:?}"))
+}
