@@ -201,6 +201,9 @@ pub enum Event {
         request_id: OutboundRequestId,
         /// One outcome per digest it accepted, in request order.
         outcomes: Vec<PleasePullOutcome>,
+        /// Results whose digest was invalid: skipped, as the Go client skips them, so
+        /// the others still count.
+        skipped_results: usize,
     },
     /// An outbound request failed.
     OutboundFailure {
@@ -259,8 +262,8 @@ pub struct Behaviour {
     connections: HashMap<PeerId, Vec<ConnectionId>>,
     /// Addresses learned through `Swarm::add_peer_address`, for dialing; bounded.
     addresses: LruCache<PeerId, Vec<Multiaddr>>,
-    /// Requests waiting for a connection to their peer, until the dial deadline.
-    awaiting_connection: HashMap<PeerId, (Instant, Vec<OutboundRequest>)>,
+    /// Requests waiting for a connection to their peer, each until its dial deadline.
+    awaiting_connection: HashMap<PeerId, Vec<(Instant, OutboundRequest)>>,
     /// Wakes the behaviour at the earliest dial deadline.
     dial_timer: Option<(Instant, Delay)>,
     /// Commands from [`Coordinator`] handles, and where their results go.
@@ -329,23 +332,47 @@ impl Behaviour {
     /// Asks `peer` what it knows about `digest`; dials it if not connected. Ends in one
     /// [`Event::PullIntentReply`] or [`Event::OutboundFailure`] with the returned id.
     pub fn pull_intent_query(&mut self, peer: PeerId, digest: &Digest) -> OutboundRequestId {
+        let deadline = Instant::now() + self.config.request_timeout;
         self.send(
             peer,
             Rpc::PullIntent,
             &message::pull_intent_request(digest),
             None,
+            deadline,
         )
     }
 
     /// Asks `peer` to pull digests from the origin; dials it if not connected. Ends in
     /// one [`Event::PleasePullReply`] or [`Event::OutboundFailure`] with the returned id.
+    ///
+    /// One request carries at most [`MAX_DIGESTS_PER_PLEASE_PULL`](crate::MAX_DIGESTS_PER_PLEASE_PULL)
+    /// digests; a larger batch fails with [`OutboundFailure::TooManyDigests`] and nothing
+    /// is sent. Send [`PleasePull::batches`] one by one, or use
+    /// [`Coordinator::please_pull`], which splits.
     pub fn please_pull(&mut self, peer: PeerId, request: &PleasePull) -> OutboundRequestId {
-        self.send(
-            peer,
-            Rpc::PleasePull,
-            &message::please_pull_request(request),
-            None,
-        )
+        let deadline = Instant::now() + self.config.request_timeout;
+        self.send_please_pull(peer, request, None, deadline)
+    }
+
+    fn send_please_pull(
+        &mut self,
+        peer: PeerId,
+        request: &PleasePull,
+        client: Option<ReplySender>,
+        deadline: Instant,
+    ) -> OutboundRequestId {
+        let count = request.digests().len();
+        let max = crate::MAX_DIGESTS_PER_PLEASE_PULL;
+        if count > max {
+            let id = self.new_outbound(Rpc::PleasePull, client);
+            let error = OutboundFailure::TooManyDigests { count, max };
+            self.finish_outbound(peer, id, Err(error));
+            return id;
+        }
+        let mut envelope = message::please_pull_request(request);
+        let id = self.send(peer, Rpc::PleasePull, &envelope, client, deadline);
+        message::wipe_authorization(&mut envelope);
+        id
     }
 
     /// Answers an inbound request. Fails if the request's answer deadline has passed or
@@ -384,10 +411,10 @@ impl Behaviour {
     }
 
     /// A cloneable async handle that sends requests through this behaviour from any task.
-    /// Its calls give up after the dial timeout plus the request timeout.
+    /// Each call has one budget, the request timeout, that covers the queue, the dial
+    /// and the exchange, as the Go client's RPC context does.
     pub fn coordinator(&self) -> Coordinator {
-        let deadline = self.config.dial_timeout + self.config.request_timeout;
-        Coordinator::new(self.command_sender.clone(), deadline)
+        Coordinator::new(self.command_sender.clone(), self.config.request_timeout)
     }
 
     /// Sets the peer ids the membership publishes; requests from other peers are
@@ -419,14 +446,7 @@ impl Behaviour {
         self.outbound.len()
     }
 
-    /// Sends a request; its result goes to `client` if given, else out as an event.
-    fn send(
-        &mut self,
-        peer: PeerId,
-        rpc: Rpc,
-        envelope: &wire::Envelope,
-        client: Option<ReplySender>,
-    ) -> OutboundRequestId {
+    fn new_outbound(&mut self, rpc: Rpc, client: Option<ReplySender>) -> OutboundRequestId {
         let id = OutboundRequestId(self.next_outbound_id);
         self.next_outbound_id += 1;
         if let Some(client) = client {
@@ -440,13 +460,32 @@ impl Behaviour {
                 since: Instant::now(),
             },
         );
+        id
+    }
+
+    /// Sends a request that must end by `deadline`, its one budget for dial and exchange;
+    /// its result goes to `client` if given, else out as an event.
+    fn send(
+        &mut self,
+        peer: PeerId,
+        rpc: Rpc,
+        envelope: &wire::Envelope,
+        client: Option<ReplySender>,
+        deadline: Instant,
+    ) -> OutboundRequestId {
+        let id = self.new_outbound(rpc, client);
         let max = self.config.max_message_bytes;
         let Ok(frame) = encode_frame(envelope, max) else {
             let len = envelope_len(envelope);
             self.finish_outbound(peer, id, Err(OutboundFailure::RequestTooLarge { len, max }));
             return id;
         };
-        let request = OutboundRequest { id, rpc, frame };
+        let request = OutboundRequest {
+            id,
+            rpc,
+            frame,
+            deadline,
+        };
         match self.connections.get(&peer).and_then(|c| c.first()) {
             Some(&connection) => {
                 self.sent_on(id, connection);
@@ -457,17 +496,15 @@ impl Behaviour {
                 });
             }
             None => {
-                let deadline = Instant::now() + self.config.dial_timeout;
-                let (_, waiting) = self
-                    .awaiting_connection
-                    .entry(peer)
-                    .or_insert_with(|| (deadline, Vec::new()));
+                // The dial spends the request's budget; it never gets more than that.
+                let dial_deadline = deadline.min(Instant::now() + self.config.dial_timeout);
+                let waiting = self.awaiting_connection.entry(peer).or_default();
                 if waiting.is_empty() {
                     self.pending.push_back(ToSwarm::Dial {
                         opts: DialOpts::peer_id(peer).build(),
                     });
                 }
-                waiting.push(request);
+                waiting.push((dial_deadline, request));
             }
         }
         id
@@ -559,6 +596,17 @@ impl Behaviour {
         }
         #[cfg(not(feature = "metrics"))]
         let _ = outstanding;
+        if let Ok(ClientReply::PleasePull {
+            skipped_results: skipped @ 1..,
+            ..
+        }) = &result
+        {
+            tracing::debug!(%peer, skipped, "please_pull reply: results with a bad digest skipped");
+            #[cfg(feature = "metrics")]
+            if let Some(metrics) = &self.metrics {
+                metrics.on_skipped_results(*skipped);
+            }
+        }
         if let Some(client) = self.clients.remove(&id) {
             // A dropped call no longer wants its result.
             let _ = client.send(result);
@@ -570,10 +618,14 @@ impl Behaviour {
                 request_id: id,
                 intent,
             },
-            Ok(ClientReply::PleasePull(outcomes)) => Event::PleasePullReply {
+            Ok(ClientReply::PleasePull {
+                outcomes,
+                skipped_results,
+            }) => Event::PleasePullReply {
                 peer,
                 request_id: id,
                 outcomes,
+                skipped_results,
             },
             Err(error) => Event::OutboundFailure {
                 peer,
@@ -590,37 +642,45 @@ impl Behaviour {
             peer,
             request,
             reply,
+            deadline,
         }: Command,
     ) {
-        let (rpc, envelope) = match &request {
+        match &request {
             ClientRequest::PullIntent(digest) => {
-                (Rpc::PullIntent, message::pull_intent_request(digest))
+                let envelope = message::pull_intent_request(digest);
+                self.send(peer, Rpc::PullIntent, &envelope, Some(reply), deadline);
             }
             ClientRequest::PleasePull(request) => {
-                (Rpc::PleasePull, message::please_pull_request(request))
+                self.send_please_pull(peer, request, Some(reply), deadline);
             }
-        };
-        self.send(peer, rpc, &envelope, Some(reply));
+        }
     }
 
-    /// Fails the requests whose peer did not connect before the dial deadline.
+    /// Fails the requests whose peer did not connect before their dial deadline.
     fn poll_dial_deadlines(&mut self, cx: &mut Context<'_>) {
         loop {
             let now = Instant::now();
-            let expired: Vec<PeerId> = self
-                .awaiting_connection
-                .iter()
-                .filter(|(_, (deadline, _))| *deadline <= now)
-                .map(|(peer, _)| *peer)
-                .collect();
-            for peer in expired {
-                if let Some((_, requests)) = self.awaiting_connection.remove(&peer) {
-                    for request in requests {
-                        self.finish_outbound(peer, request.id, Err(OutboundFailure::DialTimeout));
+            let mut expired = Vec::new();
+            self.awaiting_connection.retain(|peer, waiting| {
+                waiting.retain(|(deadline, request)| {
+                    let due = *deadline <= now;
+                    if due {
+                        expired.push((*peer, request.id));
                     }
-                }
+                    !due
+                });
+                !waiting.is_empty()
+            });
+            for (peer, id) in expired {
+                self.finish_outbound(peer, id, Err(OutboundFailure::DialTimeout));
             }
-            let Some(next) = self.awaiting_connection.values().map(|(d, _)| *d).min() else {
+            let next = self
+                .awaiting_connection
+                .values()
+                .flatten()
+                .map(|(deadline, _)| *deadline)
+                .min();
+            let Some(next) = next else {
                 self.dial_timer = None;
                 return;
             };
@@ -647,8 +707,8 @@ impl Behaviour {
 
     fn on_connection_established(&mut self, peer: PeerId, connection: ConnectionId) {
         self.connections.entry(peer).or_default().push(connection);
-        let requests = self.awaiting_connection.remove(&peer).map(|(_, r)| r);
-        for request in requests.unwrap_or_default() {
+        let requests = self.awaiting_connection.remove(&peer).unwrap_or_default();
+        for (_, request) in requests {
             self.sent_on(request.id, connection);
             self.pending.push_back(ToSwarm::NotifyHandler {
                 peer_id: peer,
@@ -759,8 +819,8 @@ impl Behaviour {
         if self.connections.contains_key(&peer) {
             return;
         }
-        let requests = self.awaiting_connection.remove(&peer).map(|(_, r)| r);
-        for request in requests.unwrap_or_default() {
+        let requests = self.awaiting_connection.remove(&peer).unwrap_or_default();
+        for (_, request) in requests {
             let error = OutboundFailure::DialFailure(error.clone());
             self.finish_outbound(peer, request.id, Err(error));
         }

@@ -4,7 +4,7 @@
 use std::{
     fmt,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use futures::{
@@ -62,7 +62,7 @@ pub enum CoordinatorError {
     /// The behaviour (and so its swarm) is gone.
     #[error("the swarm is no longer running")]
     Shutdown,
-    /// No result within the dial timeout plus the request timeout.
+    /// No result within the request timeout, the one budget for queue, dial and exchange.
     #[error("no result in time")]
     Timeout,
 }
@@ -75,7 +75,11 @@ pub(crate) enum Request {
 #[derive(Debug)]
 pub(crate) enum Reply {
     PullIntent(PullIntent),
-    PleasePull(Vec<PleasePullOutcome>),
+    PleasePull {
+        outcomes: Vec<PleasePullOutcome>,
+        /// Results whose digest was invalid, skipped as the Go client skips them.
+        skipped_results: usize,
+    },
 }
 
 pub(crate) type ReplySender = oneshot::Sender<Result<Reply, OutboundFailure>>;
@@ -84,6 +88,8 @@ pub(crate) struct Command {
     pub(crate) peer: PeerId,
     pub(crate) request: Request,
     pub(crate) reply: ReplySender,
+    /// The end of the call's one budget.
+    pub(crate) deadline: Instant,
 }
 
 /// A cloneable handle to a [`Behaviour`](crate::Behaviour), usable from any task while
@@ -150,40 +156,64 @@ impl Coordinator {
         target: impl Into<Target>,
         digest: &Digest,
     ) -> Result<PullIntent, CoordinatorError> {
+        let peer = self.peer_of(target.into())?;
+        let deadline = Instant::now() + self.deadline;
         match self
-            .call(target.into(), Request::PullIntent(digest.clone()))
+            .call(peer, Request::PullIntent(digest.clone()), deadline)
             .await?
         {
             Reply::PullIntent(intent) => Ok(intent),
-            Reply::PleasePull(_) => Err(OutboundFailure::UnexpectedReply.into()),
+            Reply::PleasePull { .. } => Err(OutboundFailure::UnexpectedReply.into()),
         }
     }
 
-    /// Asks `target` to pull the request's digests from the origin.
+    /// Asks `target` to pull the request's digests from the origin: one outcome per
+    /// digest the peer accepted, in request order. A batch larger than one request may
+    /// carry is split into requests of at most
+    /// [`MAX_DIGESTS_PER_PLEASE_PULL`](crate::MAX_DIGESTS_PER_PLEASE_PULL), sent side by
+    /// side under the one budget, as the newer Go client does; the first to fail fails
+    /// the call.
     pub async fn please_pull(
         &self,
         target: impl Into<Target>,
         request: &PleasePull,
     ) -> Result<Vec<PleasePullOutcome>, CoordinatorError> {
-        match self
-            .call(target.into(), Request::PleasePull(request.clone()))
-            .await?
-        {
-            Reply::PleasePull(outcomes) => Ok(outcomes),
-            Reply::PullIntent(_) => Err(OutboundFailure::UnexpectedReply.into()),
+        let peer = self.peer_of(target.into())?;
+        let deadline = Instant::now() + self.deadline;
+        let calls = request.batches().map(|batch| async move {
+            match self
+                .call(peer, Request::PleasePull(batch), deadline)
+                .await?
+            {
+                Reply::PleasePull { outcomes, .. } => Ok(outcomes),
+                Reply::PullIntent(_) => {
+                    Err(CoordinatorError::from(OutboundFailure::UnexpectedReply))
+                }
+            }
+        });
+        let batches = futures::future::try_join_all(calls).await?;
+        Ok(batches.into_iter().flatten().collect())
+    }
+
+    fn peer_of(&self, target: Target) -> Result<PeerId, CoordinatorError> {
+        match target {
+            Target::Peer(peer) => Ok(peer),
+            Target::Node(node) => self.resolve(&node),
         }
     }
 
-    async fn call(&self, target: Target, request: Request) -> Result<Reply, CoordinatorError> {
-        let peer = match target {
-            Target::Peer(peer) => peer,
-            Target::Node(node) => self.resolve(&node)?,
-        };
+    async fn call(
+        &self,
+        peer: PeerId,
+        request: Request,
+        deadline: Instant,
+    ) -> Result<Reply, CoordinatorError> {
         let (reply, result) = oneshot::channel();
         let command = Command {
             peer,
             request,
             reply,
+            deadline,
         };
         let exchange = async {
             self.commands
@@ -196,9 +226,10 @@ impl Coordinator {
                 Err(oneshot::Canceled) => Err(CoordinatorError::Shutdown),
             }
         };
+        let budget = deadline.saturating_duration_since(Instant::now());
         futures::select! {
             result = exchange.fuse() => result,
-            () = futures_timer::Delay::new(self.deadline).fuse() => Err(CoordinatorError::Timeout),
+            () = futures_timer::Delay::new(budget).fuse() => Err(CoordinatorError::Timeout),
         }
     }
 

@@ -12,6 +12,7 @@ use std::{
 
 use futures::{AsyncRead, AsyncWrite};
 use prost::Message;
+use zeroize::Zeroize;
 
 use crate::wire;
 
@@ -105,6 +106,16 @@ pub(crate) enum FrameReader {
     Body { buf: Vec<u8>, filled: usize },
 }
 
+/// A request frame may carry delegated credentials: the bytes are wiped when the reader
+/// goes.
+impl Drop for FrameReader {
+    fn drop(&mut self) {
+        if let FrameReader::Body { buf, .. } = self {
+            buf.zeroize();
+        }
+    }
+}
+
 impl Default for FrameReader {
     fn default() -> Self {
         FrameReader::Prefix(LengthPrefix::default())
@@ -166,6 +177,13 @@ impl FrameReader {
 pub(crate) struct FrameWriter {
     frame: Vec<u8>,
     written: usize,
+}
+
+/// An outbound request frame may carry delegated credentials: wiped when the writer goes.
+impl Drop for FrameWriter {
+    fn drop(&mut self) {
+        self.frame.zeroize();
+    }
 }
 
 impl FrameWriter {

@@ -42,6 +42,15 @@ pub enum OutboundFailure {
         /// The configured cap.
         max: usize,
     },
+    /// The batch holds more digests than one request may carry; nothing was sent.
+    /// [`Coordinator::please_pull`](crate::Coordinator::please_pull) splits such a batch.
+    #[error("please_pull carries at most {max} digests, got {count}")]
+    TooManyDigests {
+        /// Digests in the batch.
+        count: usize,
+        /// The bound.
+        max: usize,
+    },
     /// The stream failed, for example because the peer reset it.
     #[error("stream error: {0}")]
     Io(#[source] io::Error),

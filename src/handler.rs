@@ -53,6 +53,9 @@ pub struct OutboundRequest {
     pub(crate) id: OutboundRequestId,
     pub(crate) rpc: Rpc,
     pub(crate) frame: Vec<u8>,
+    /// The end of the request's one budget, counted from when it was asked for: the
+    /// dial, if any, already spent part of it.
+    pub(crate) deadline: Instant,
 }
 
 /// Reports to the behaviour, delivered in batches: each crossing from the connection's
@@ -282,7 +285,7 @@ impl ConnectionHandler for Handler {
         match event {
             FromBehaviour::Send(request) => {
                 tracing::trace!(peer = %self.peer, id = request.id.0, "request queued");
-                let deadline = Instant::now() + self.config.request_timeout;
+                let deadline = request.deadline;
                 self.queued.push_back((request, deadline));
             }
         }

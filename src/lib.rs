@@ -195,7 +195,8 @@ pub mod fuzzing {
 
     /// Decodes `data` as a reply envelope body to either request, as a requester's
     /// connection does: a reply of the other family is refused, a please_pull reply keeps
-    /// one outcome per result, and no time read from the peer lies beyond the bounds.
+    /// one outcome per valid result and counts the rest, and no time read from the peer
+    /// lies beyond the bounds.
     pub fn reply_decoding(data: &[u8]) {
         use crate::{client::Reply, Outcome, Rpc};
         use std::time::{Duration, SystemTime};
@@ -227,8 +228,11 @@ pub mod fuzzing {
                         .recently_failed
                         .is_none_or(|f| f.cooldown_until <= latest_cooldown));
                 }
-                Ok(Reply::PleasePull(outcomes)) => {
-                    assert_eq!(outcomes.len(), results);
+                Ok(Reply::PleasePull {
+                    outcomes,
+                    skipped_results,
+                }) => {
+                    assert_eq!(outcomes.len() + skipped_results, results);
                     for outcome in outcomes {
                         match outcome.outcome {
                             Outcome::Started { started_at }

@@ -9,6 +9,8 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
 use crate::{wire, Digest, DigestError};
 
 /// Most digests one please_pull may carry, as the newer Go client sends.
@@ -156,9 +158,19 @@ pub struct PleasePullOutcome {
 
 /// Delegated origin registry credentials (a `Basic ...` or `Bearer ...` value).
 ///
-/// Neither `Debug` nor `Display` shows the value: it must never reach a log line.
+/// Neither `Debug` nor `Display` shows the value: it must never reach a log line. The
+/// value is wiped from memory when the last copy is dropped, as are the frames and wire
+/// messages that carried it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Authorization(String);
+
+impl Drop for Authorization {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl ZeroizeOnDrop for Authorization {}
 
 impl Authorization {
     /// Wraps a credential value.
@@ -197,14 +209,6 @@ pub enum PleasePullError {
     /// The batch has no digests.
     #[error("please_pull needs at least one digest")]
     NoDigests,
-    /// The batch is larger than one request may carry.
-    #[error("please_pull carries at most {max} digests, got {count}")]
-    TooManyDigests {
-        /// Digests in the batch.
-        count: usize,
-        /// The bound.
-        max: usize,
-    },
     /// One of the digests is invalid.
     #[error("invalid digest {digest:?}: {error}")]
     InvalidDigest {
@@ -216,6 +220,10 @@ pub enum PleasePullError {
 }
 
 /// A request that a node pull digests of one repository from the origin registry.
+///
+/// A batch may hold any number of digests; one request on the wire carries at most
+/// [`MAX_DIGESTS_PER_PLEASE_PULL`], so [`Coordinator::please_pull`](crate::Coordinator::please_pull)
+/// splits a larger one (see [`PleasePull::batches`]).
 #[derive(Clone, PartialEq, Eq)]
 pub struct PleasePull {
     registry: String,
@@ -243,12 +251,6 @@ impl PleasePull {
         }
         if digests.is_empty() {
             return Err(PleasePullError::NoDigests);
-        }
-        if digests.len() > MAX_DIGESTS_PER_PLEASE_PULL {
-            return Err(PleasePullError::TooManyDigests {
-                count: digests.len(),
-                max: MAX_DIGESTS_PER_PLEASE_PULL,
-            });
         }
         Ok(PleasePull {
             registry,
@@ -307,6 +309,21 @@ impl PleasePull {
     /// The delegated credentials, if the requester sent any.
     pub fn authorization(&self) -> Option<&Authorization> {
         self.authorization.as_ref()
+    }
+
+    /// The batch as requests of at most [`MAX_DIGESTS_PER_PLEASE_PULL`] digests each, in
+    /// order, as the newer Go client splits it; each carries the same origin and
+    /// credentials.
+    pub fn batches(&self) -> impl Iterator<Item = PleasePull> + '_ {
+        self.digests
+            .chunks(MAX_DIGESTS_PER_PLEASE_PULL)
+            .map(|digests| PleasePull {
+                registry: self.registry.clone(),
+                repository: self.repository.clone(),
+                kind: self.kind,
+                digests: digests.to_vec(),
+                authorization: self.authorization.clone(),
+            })
     }
 }
 
@@ -611,6 +628,13 @@ pub(crate) fn please_pull_request(request: &PleasePull) -> wire::Envelope {
     }
 }
 
+/// Wipes the copy of the credentials a request envelope holds, once it is encoded.
+pub(crate) fn wipe_authorization(envelope: &mut wire::Envelope) {
+    if let Some(wire::envelope::Msg::PleasePullRequest(request)) = &mut envelope.msg {
+        request.authorization.zeroize();
+    }
+}
+
 pub(crate) fn pull_intent_response(intent: PullIntent) -> wire::Envelope {
     wire::Envelope {
         msg: Some(wire::envelope::Msg::PullIntentResponse(intent.to_wire())),
@@ -647,13 +671,20 @@ pub(crate) fn decode_reply(
         (Rpc::PullIntent, Some(Msg::PullIntentResponse(msg))) => {
             Ok(Reply::PullIntent(PullIntent::from_wire(msg, clock)))
         }
-        (Rpc::PleasePull, Some(Msg::PleasePullResponse(msg))) => msg
-            .results
-            .into_iter()
-            .map(|result| PleasePullOutcome::from_wire(result, clock))
-            .collect::<Result<_, _>>()
-            .map(Reply::PleasePull)
-            .map_err(|_| OutboundFailure::UnexpectedReply),
+        (Rpc::PleasePull, Some(Msg::PleasePullResponse(msg))) => {
+            // A result with a bad digest is skipped, as the Go client skips it; the rest
+            // stand.
+            let total = msg.results.len();
+            let outcomes: Vec<_> = msg
+                .results
+                .into_iter()
+                .filter_map(|result| PleasePullOutcome::from_wire(result, clock).ok())
+                .collect();
+            Ok(Reply::PleasePull {
+                skipped_results: total - outcomes.len(),
+                outcomes,
+            })
+        }
         _ => Err(OutboundFailure::UnexpectedReply),
     }
 }
@@ -729,18 +760,33 @@ mod tests {
             PleasePull::new("docker.io", "library/nginx", OriginRefKind::Blob, vec![]),
             Err(PleasePullError::NoDigests)
         );
-        assert!(matches!(
-            PleasePull::new(
-                "docker.io",
-                "library/nginx",
-                OriginRefKind::Blob,
-                vec![digest(1); 257]
-            ),
-            Err(PleasePullError::TooManyDigests {
-                count: 257,
-                max: 256
-            })
-        ));
+        let large = PleasePull::new(
+            "docker.io",
+            "library/nginx",
+            OriginRefKind::Blob,
+            (0..=255u8).chain(0..=255).chain(0..3).map(digest).collect(),
+        )
+        .unwrap()
+        .with_authorization(Authorization::new("Basic x"));
+        let batches: Vec<_> = large.batches().collect();
+        assert_eq!(
+            batches
+                .iter()
+                .map(|b| b.digests().len())
+                .collect::<Vec<_>>(),
+            [256, 256, 3]
+        );
+        assert_eq!(
+            batches
+                .iter()
+                .flat_map(|b| b.digests().iter().cloned())
+                .collect::<Vec<_>>(),
+            large.digests(),
+            "in request order"
+        );
+        assert!(batches
+            .iter()
+            .all(|b| b.authorization() == large.authorization() && b.kind() == large.kind()));
         assert!(matches!(
             PleasePull::parse(
                 "docker.io",
@@ -775,6 +821,30 @@ mod tests {
         assert!(!format!("{:?}", request.authorization()).contains("s3cr3t"));
         assert!(!format!("{}", Authorization::new(secret)).contains("s3cr3t"));
         assert_eq!(request.authorization().unwrap().expose_secret(), secret);
+    }
+
+    #[test]
+    fn authorization_is_wiped() {
+        fn wiped_on_drop<T: ZeroizeOnDrop>() {}
+        wiped_on_drop::<Authorization>();
+
+        let request = PleasePull::new(
+            "docker.io",
+            "library/nginx",
+            OriginRefKind::Blob,
+            vec![digest(1)],
+        )
+        .unwrap()
+        .with_authorization(Authorization::new("Bearer s3cr3t"));
+        let mut envelope = please_pull_request(&request);
+        wipe_authorization(&mut envelope);
+        match envelope.msg {
+            Some(wire::envelope::Msg::PleasePullRequest(msg)) => {
+                assert!(msg.authorization.is_empty());
+                assert_eq!(msg.digests, [digest(1).to_string()]);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
     }
 
     #[test]

@@ -36,6 +36,7 @@ pub(crate) struct Metrics {
     served: Family<Label, Counter>,
     request_failures: Family<Label, Counter>,
     request_duration: Family<Label, Histogram>,
+    skipped_results: Counter,
 }
 
 impl Metrics {
@@ -50,6 +51,7 @@ impl Metrics {
             request_duration: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.000_1, 2.0, 16))
             }),
+            skipped_results: Counter::default(),
         };
         registry.register(
             "stream_errors",
@@ -80,6 +82,11 @@ impl Metrics {
             "request_duration_seconds",
             "Outbound request latency from send to reply, by RPC family",
             metrics.request_duration.clone(),
+        );
+        registry.register(
+            "reply_results_skipped",
+            "please_pull reply results skipped for an invalid digest",
+            metrics.skipped_results.clone(),
         );
         registry.register_collector(Box::new(OpenStreams(open_inbound)));
         // Series a dashboard rates from the start exist at zero before the first event.
@@ -120,6 +127,10 @@ impl Metrics {
             }
             _ => {}
         }
+    }
+
+    pub(crate) fn on_skipped_results(&self, skipped: usize) {
+        self.skipped_results.inc_by(skipped as u64);
     }
 
     pub(crate) fn on_outbound(
@@ -187,6 +198,7 @@ fn outbound_reason(error: &OutboundFailure) -> &'static str {
         OutboundFailure::MalformedReply(_) => "malformed",
         OutboundFailure::UnexpectedReply => "unexpected_reply",
         OutboundFailure::RequestTooLarge { .. } => "too_large",
+        OutboundFailure::TooManyDigests { .. } => "too_many_digests",
         OutboundFailure::Io(_) => "io",
     }
 }

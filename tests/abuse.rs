@@ -292,8 +292,8 @@ async fn floods_from_several_peers_never_pass_the_node_cap() {
     victim.assert_idle();
 }
 
-/// A requester against a raw responder that answers each stream with `reply`.
-async fn requester_against(reply: Option<Vec<u8>>, timeout: Duration) -> OutboundFailure {
+/// A raw responder that answers each stream with `reply`, or holds it open forever.
+async fn raw_responder(reply: Option<Vec<u8>>) -> (PeerId, Multiaddr) {
     let (target, addr, mut incoming) = spawn_raw_responder().await;
     tokio::spawn(async move {
         let mut held = Vec::new();
@@ -309,6 +309,12 @@ async fn requester_against(reply: Option<Vec<u8>>, timeout: Duration) -> Outboun
             }
         }
     });
+    (target, addr)
+}
+
+/// A requester against a raw responder that answers each stream with `reply`.
+async fn requester_against(reply: Option<Vec<u8>>, timeout: Duration) -> OutboundFailure {
+    let (target, addr) = raw_responder(reply).await;
     let mut requester = coord(Config::default().with_request_timeout(timeout));
     requester.add_peer_address(target, addr);
     let started = Instant::now();
@@ -327,6 +333,50 @@ async fn requester_against(reply: Option<Vec<u8>>, timeout: Duration) -> Outboun
     assert!(started.elapsed() < timeout + Duration::from_secs(1));
     assert_eq!(requester.behaviour().pending_requests(), 0);
     error
+}
+
+#[tokio::test]
+async fn a_please_pull_result_with_a_bad_digest_is_skipped_and_the_rest_kept() {
+    use wire::please_pull_response::{result::Outcome as W, Result as WireResult};
+    let result = |digest: String| WireResult {
+        digest,
+        outcome: W::Started as i32,
+        started_at: Some(prost_types::Timestamp {
+            seconds: 1_700_000_000,
+            nanos: 0,
+        }),
+        ..Default::default()
+    };
+    let reply = frame(Msg::PleasePullResponse(wire::PleasePullResponse {
+        results: vec![
+            result(digest(1).to_string()),
+            result(format!("sha512:{}", "ab".repeat(64))),
+            result(digest(2).to_string()),
+        ],
+    }));
+    let (target, addr) = raw_responder(Some(reply)).await;
+    let mut requester = coord(Config::default());
+    requester.add_peer_address(target, addr);
+    let request = gantry_coord::PleasePull::new(
+        "docker.io",
+        "library/nginx",
+        gantry_coord::OriginRefKind::Blob,
+        vec![digest(1), digest(2)],
+    )
+    .unwrap();
+    requester.behaviour_mut().please_pull(target, &request);
+    match requester.next_behaviour_event().await {
+        Event::PleasePullReply {
+            outcomes,
+            skipped_results,
+            ..
+        } => {
+            let digests: Vec<_> = outcomes.into_iter().map(|o| o.digest).collect();
+            assert_eq!(digests, [digest(1), digest(2)]);
+            assert_eq!(skipped_results, 1);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
 }
 
 #[tokio::test]

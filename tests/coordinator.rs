@@ -156,3 +156,135 @@ async fn a_dropped_call_is_cancelled_and_leaves_nothing_behind() {
         }
     }
 }
+
+/// A loopback TCP proxy to `target` that holds each connection for `delay` before it
+/// passes a byte: a dial that takes that long.
+async fn slow_proxy(target: std::net::SocketAddr, delay: Duration) -> libp2p_core::Multiaddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap()
+}
+
+fn socket_addr(addr: &libp2p_core::Multiaddr) -> std::net::SocketAddr {
+    use libp2p_core::multiaddr::Protocol;
+    let mut ip = None;
+    let mut port = None;
+    for protocol in addr.iter() {
+        match protocol {
+            Protocol::Ip4(a) => ip = Some(std::net::IpAddr::V4(a)),
+            Protocol::Tcp(p) => port = Some(p),
+            _ => {}
+        }
+    }
+    std::net::SocketAddr::new(ip.unwrap(), port.unwrap())
+}
+
+#[tokio::test]
+async fn one_budget_covers_the_dial_and_the_exchange() {
+    // A responder whose loop holds every request unanswered.
+    let mut holder = coord(Config::default().with_answer_timeout(Duration::from_secs(10)));
+    let (_, tcp) = holder.listen().with_memory_addr_external().await;
+    let target = *holder.local_peer_id();
+    let held = spawn_coord(holder, |_, event| match event {
+        gantry_coord::Event::PullIntentQuery { responder, .. } => Some(responder),
+        _ => None,
+    });
+    let dial = Duration::from_millis(700);
+    let budget = Duration::from_millis(1_000);
+    let proxy = slow_proxy(socket_addr(&tcp), dial).await;
+
+    let mut requester = coord(Config::default().with_request_timeout(budget));
+    requester.add_peer_address(target, proxy);
+    let coordinator = requester.behaviour().coordinator();
+    tokio::spawn(requester.loop_on_next());
+    let started = std::time::Instant::now();
+    let result = coordinator.pull_intent_query(target, &digest(1)).await;
+    let elapsed = started.elapsed();
+    assert!(
+        matches!(
+            result,
+            Err(CoordinatorError::Timeout | CoordinatorError::Request(OutboundFailure::Timeout))
+        ),
+        "{result:?}"
+    );
+    // Dial and exchange share one budget: not dial + a fresh budget (1.7 s).
+    assert!(elapsed >= budget, "{elapsed:?}");
+    assert!(elapsed < budget + dial / 2, "{elapsed:?}");
+    drop(held);
+}
+
+#[tokio::test]
+async fn a_large_batch_is_split_into_requests_of_at_most_256() {
+    // A responder that records the size of each request and starts nothing.
+    let mut swarm = coord(Config::default());
+    let addr = listen(&mut swarm).await;
+    let target = *swarm.local_peer_id();
+    let mut sizes = spawn_coord(swarm, |behaviour, event| match event {
+        gantry_coord::Event::PleasePull {
+            request, responder, ..
+        } => {
+            let outcomes = request
+                .digests()
+                .iter()
+                .map(|digest| gantry_coord::PleasePullOutcome {
+                    digest: digest.clone(),
+                    outcome: Outcome::Unspecified,
+                })
+                .collect();
+            behaviour.respond(responder, outcomes).unwrap();
+            Some(request.digests().len())
+        }
+        _ => None,
+    });
+    let mut requester = coord(Config::default());
+    requester.add_peer_address(target, addr);
+    let digests: Vec<_> = (0..600u32)
+        .map(|n| gantry_coord::Digest::parse(&format!("sha256:{:064x}", n)).unwrap())
+        .collect();
+    let request = PleasePull::new(
+        "docker.io",
+        "library/nginx",
+        OriginRefKind::Blob,
+        digests.clone(),
+    )
+    .unwrap();
+
+    // The behaviour alone refuses it, typed, and sends nothing.
+    requester.behaviour_mut().please_pull(target, &request);
+    match requester.next_behaviour_event().await {
+        gantry_coord::Event::OutboundFailure { error, .. } => assert!(
+            matches!(
+                error,
+                OutboundFailure::TooManyDigests {
+                    count: 600,
+                    max: 256
+                }
+            ),
+            "{error:?}"
+        ),
+        other => panic!("unexpected {other:?}"),
+    }
+
+    let coordinator = requester.behaviour().coordinator();
+    tokio::spawn(requester.loop_on_next());
+    let outcomes = coordinator.please_pull(target, &request).await.unwrap();
+    let answered: Vec<_> = outcomes.into_iter().map(|o| o.digest).collect();
+    assert_eq!(answered, digests, "every digest, in request order");
+    let mut seen = vec![
+        next(&mut sizes).await,
+        next(&mut sizes).await,
+        next(&mut sizes).await,
+    ];
+    seen.sort_unstable();
+    assert_eq!(seen, [88, 256, 256]);
+}

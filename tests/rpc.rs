@@ -205,9 +205,11 @@ async fn please_pull_round_trip_keeps_order_and_delegates_credentials() {
             peer,
             request_id,
             outcomes,
+            skipped_results,
         } => {
             assert_eq!((peer, request_id), (target, id));
             assert_eq!(outcomes, outcomes_for(&request, now));
+            assert_eq!(skipped_results, 0);
         }
         other => panic!("unexpected {other:?}"),
     }
