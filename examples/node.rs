@@ -204,11 +204,12 @@ async fn serve(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .map(|(name, peer)| Member::new(name.as_str(), Some(*peer)))
         .collect();
     members.push(Member::new(node_id.as_str(), Some(local_peer)));
+    let membership = StaticMembership::new(node_id.as_str(), members);
+    // Every request is checked against the membership's current snapshot.
     swarm
         .behaviour_mut()
         .coord
-        .set_authorized_peers(gantry_coord::published_peer_ids(&members));
-    let membership = StaticMembership::new(node_id.as_str(), members);
+        .authorize_with(membership.clone());
 
     let now = SystemTime::now();
     let store = MemoryStore::new();

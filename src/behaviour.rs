@@ -2,7 +2,7 @@
 //! the events the swarm loop sees.
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{HashMap, VecDeque},
     fmt,
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -29,6 +29,7 @@ use libp2p_swarm::{
 };
 
 use crate::{
+    authorize::{PeerAuthorizer, WarningLimiter},
     budget::StreamBudget,
     client::{Command, Coordinator, Reply as ClientReply, ReplySender, Request as ClientRequest},
     codec::encode_frame,
@@ -275,8 +276,9 @@ pub struct Behaviour {
     outbound: HashMap<OutboundRequestId, Outstanding>,
     /// Inbound requests read and not yet answered.
     awaiting_answer: HashMap<InboundRequestId, Route>,
-    /// Peer ids published by members; `None` until the node sets any.
-    authorized_peers: Option<HashSet<PeerId>>,
+    /// The membership that vouches for peers; without one every peer is allowed.
+    authorizer: Option<Box<dyn PeerAuthorizer>>,
+    warnings: WarningLimiter,
     pending: VecDeque<ToSwarm<Event, FromBehaviour>>,
     #[cfg(feature = "metrics")]
     metrics: Option<crate::metrics::Metrics>,
@@ -311,7 +313,8 @@ impl Behaviour {
             awaiting_connection: HashMap::new(),
             outbound: HashMap::new(),
             awaiting_answer: HashMap::new(),
-            authorized_peers: None,
+            authorizer: None,
+            warnings: WarningLimiter::default(),
             pending: VecDeque::new(),
             #[cfg(feature = "metrics")]
             metrics: None,
@@ -417,11 +420,13 @@ impl Behaviour {
         Coordinator::new(self.command_sender.clone(), self.config.request_timeout)
     }
 
-    /// Sets the peer ids the membership publishes; requests from other peers are
-    /// reported as [`Event::UnauthorizedPeer`] and, in enforce mode, rejected. An empty
-    /// set means authorization cannot be evaluated yet.
-    pub fn set_authorized_peers(&mut self, peers: impl IntoIterator<Item = PeerId>) {
-        self.authorized_peers = Some(peers.into_iter().collect());
+    /// Checks every inbound request against `authorizer` (the node's
+    /// [`Membership`](crate::Membership), in practice), asked anew for each request so it
+    /// always sees the current snapshot. In observe mode (the default) a peer no member
+    /// published is served and reported as [`Event::UnauthorizedPeer`]; in enforce mode
+    /// its stream is closed without a reply. Without an authorizer every peer is allowed.
+    pub fn authorize_with(&mut self, authorizer: impl PeerAuthorizer) {
+        self.authorizer = Some(Box::new(authorizer));
     }
 
     /// Inbound streams open across the whole node.
@@ -526,33 +531,42 @@ impl Behaviour {
         )
     }
 
-    fn authorize(&self, peer: &PeerId) -> Option<UnauthorizedReason> {
-        match &self.authorized_peers {
-            None if self.config.authorization_mode == AuthorizationMode::Observe => None,
-            None => Some(UnauthorizedReason::Unevaluable),
-            Some(peers) if peers.is_empty() => Some(UnauthorizedReason::Unevaluable),
-            Some(peers) if peers.contains(peer) => None,
-            Some(_) => Some(UnauthorizedReason::Unrecognized),
+    /// Why the request of `peer` is refused, if it is; reports it as PROTOCOL.md says.
+    fn authorize(&mut self, peer: PeerId) -> Option<InboundFailure> {
+        let reason = self.authorizer.as_ref()?.authorize(&peer).err()?;
+        let enforce = self.config.authorization_mode == AuthorizationMode::Enforce;
+        if !enforce && reason == UnauthorizedReason::Unevaluable {
+            // Cold boot: nobody can be checked yet, and observe mode serves everyone.
+            return None;
         }
+        if self.warnings.allow(peer, Instant::now()) {
+            tracing::warn!(%peer, %reason, enforce, "request from a peer the membership does not vouch for");
+        } else {
+            tracing::debug!(%peer, %reason, enforce, "request from unauthorized peer");
+        }
+        self.emit(Event::UnauthorizedPeer { peer, reason });
+        enforce.then_some(InboundFailure::Unauthorized(reason))
     }
 
     fn on_request(
         &mut self,
         route: Route,
-        request: WireRequest,
+        request: Result<WireRequest, InboundFailure>,
         verdict: oneshot::Sender<Verdict>,
     ) {
-        if let Some(reason) = self.authorize(&route.peer) {
-            tracing::debug!(peer = %route.peer, %reason, "request from unauthorized peer");
-            self.emit(Event::UnauthorizedPeer {
-                peer: route.peer,
-                reason,
-            });
-            if self.config.authorization_mode == AuthorizationMode::Enforce {
-                let _ = verdict.send(Verdict::Reject(InboundFailure::Unauthorized(reason)));
+        // Before the request is validated, as PROTOCOL.md says: a stranger is refused as
+        // a stranger, whatever it sent.
+        if let Some(rejection) = self.authorize(route.peer) {
+            let _ = verdict.send(Verdict::Reject(rejection));
+            return;
+        }
+        let request = match request {
+            Ok(request) => request,
+            Err(invalid) => {
+                let _ = verdict.send(Verdict::Reject(invalid));
                 return;
             }
-        }
+        };
         self.awaiting_answer.insert(route.id, route);
         let event = match request {
             WireRequest::PullIntent(digest) => Event::PullIntentQuery {

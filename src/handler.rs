@@ -69,10 +69,10 @@ const MAX_BATCH: usize = 8;
 /// One report to the behaviour.
 #[derive(Debug)]
 pub enum Report {
-    /// A request was read and accepted; the behaviour owes a verdict.
+    /// A request was read, or found invalid; the behaviour owes a verdict.
     Request {
         id: InboundRequestId,
-        request: WireRequest,
+        request: Result<WireRequest, InboundFailure>,
         verdict: oneshot::Sender<Verdict>,
     },
     /// The reply to an inbound request was written and the stream closed.
@@ -403,8 +403,11 @@ enum Ending {
 }
 
 enum InboundStep {
-    /// A request was read; the stream now waits for its verdict.
-    Read(WireRequest, oneshot::Sender<Verdict>),
+    /// A request was read, valid or not; the stream now waits for its verdict.
+    Read(
+        Result<WireRequest, InboundFailure>,
+        oneshot::Sender<Verdict>,
+    ),
     /// The stream is finished.
     Done(Report),
 }
@@ -449,18 +452,16 @@ impl InboundStream {
                     match reader.poll_read(&mut self.stream, cx, config.max_message_bytes) {
                         Poll::Pending => return Poll::Pending,
                         Poll::Ready(Ok((envelope, len))) => {
-                            match WireRequest::from_wire(envelope, len) {
-                                Ok(request) => {
-                                    tracing::trace!(?request, "request read");
-                                    let (verdict, receiver) = oneshot::channel();
-                                    self.state = InboundState::AwaitingAnswer {
-                                        answer_by: now + config.answer_timeout,
-                                        verdict: receiver,
-                                    };
-                                    return Poll::Ready(InboundStep::Read(request, verdict));
-                                }
-                                Err(rejection) => self.close_without_reply(rejection.into()),
-                            }
+                            // An invalid request goes up too: the behaviour authorizes the
+                            // peer before the request's validity counts.
+                            let request = WireRequest::from_wire(envelope, len).map_err(Into::into);
+                            tracing::trace!(?request, "request read");
+                            let (verdict, receiver) = oneshot::channel();
+                            self.state = InboundState::AwaitingAnswer {
+                                answer_by: now + config.answer_timeout,
+                                verdict: receiver,
+                            };
+                            return Poll::Ready(InboundStep::Read(request, verdict));
                         }
                         Poll::Ready(Err(ReadError::Closed)) => self
                             .close_without_reply(InboundFailure::Malformed(FrameError::Truncated)),

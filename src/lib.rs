@@ -67,6 +67,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod authorize;
 mod behaviour;
 mod budget;
 mod client;
@@ -92,6 +93,7 @@ mod wire {
     include!(concat!(env!("OUT_DIR"), "/gantry.coord.v1.rs"));
 }
 
+pub use authorize::PeerAuthorizer;
 pub use behaviour::{
     Behaviour, Event, InboundRequestId, OutboundRequestId, PleasePullResponder,
     PullIntentResponder, Responder, Rpc,
@@ -104,7 +106,7 @@ pub use digest::{Digest, DigestError};
 pub use failure::{InboundFailure, OutboundFailure, RespondError, UnauthorizedReason};
 pub use handler::Handler;
 pub use inflight::{stale_after, Claim, InFlightMap, InFlightPulls};
-pub use membership::{published_peer_ids, Member, Membership, NodeId, StaticMembership};
+pub use membership::{Member, Membership, NodeId, StaticMembership};
 pub use message::{
     Authorization, FailureClass, OriginRefKind, Outcome, PleasePull, PleasePullError,
     PleasePullOutcome, PullIntent, RecentFailure, MAX_DIGESTS_PER_PLEASE_PULL,

@@ -106,6 +106,11 @@ impl Metrics {
 
     pub(crate) fn on_event(&self, event: &Event) {
         match event {
+            // Counted once, as an unauthorized peer, and not as a stream error.
+            Event::InboundFailure {
+                error: InboundFailure::Unauthorized(_),
+                ..
+            } => {}
             Event::InboundFailure { error, .. } => {
                 let reason = inbound_reason(error);
                 self.stream_errors

@@ -108,7 +108,7 @@ fn bump(counter: &AtomicU64, by: u64) {
 }
 
 struct Inner {
-    membership: Box<dyn Membership>,
+    membership: Arc<dyn Membership>,
     store: Box<dyn ContentStore>,
     secondary_store: Option<Box<dyn ContentStore>>,
     in_flight: Box<dyn InFlightPulls>,
@@ -181,7 +181,7 @@ impl NodeStateBuilder {
     pub fn build(self) -> NodeState {
         NodeState {
             inner: Arc::new(Inner {
-                membership: self.membership,
+                membership: self.membership.into(),
                 store: self
                     .store
                     .unwrap_or_else(|| Box::new(crate::MemoryStore::new())),
@@ -217,6 +217,13 @@ impl NodeState {
     /// The membership view.
     pub fn membership(&self) -> &dyn Membership {
         self.inner.membership.as_ref()
+    }
+
+    /// The membership as the behaviour's authorizer, for
+    /// [`Behaviour::authorize_with`]: each request is checked against the snapshot the
+    /// node answers from.
+    pub fn peer_authorizer(&self) -> impl crate::PeerAuthorizer {
+        self.inner.membership.clone()
     }
 
     /// This node's answer to a pull_intent query for `digest`, as a peer would get it.

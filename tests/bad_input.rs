@@ -8,8 +8,8 @@ use std::time::Duration;
 use common::*;
 use futures::{AsyncReadExt, AsyncWriteExt};
 use gantry_coord::{
-    Behaviour, Config, DigestError, Event, FrameError, InboundFailure, PullIntent, StreamCap,
-    PROTOCOL_NAME,
+    Behaviour, Config, DigestError, Event, FrameError, InboundFailure, Member, PullIntent,
+    StaticMembership, StreamCap, PROTOCOL_NAME,
 };
 use libp2p_identity::PeerId;
 use wire::envelope::Msg;
@@ -410,12 +410,28 @@ async fn huge_batch_near_the_cap_is_answered_in_full() {
     );
 }
 
+fn enforcing() -> Config {
+    Config::default().with_authorization_mode(gantry_coord::AuthorizationMode::Enforce)
+}
+
+fn membership(peers: &[PeerId]) -> StaticMembership {
+    StaticMembership::new("victim", members(peers))
+}
+
+fn members(peers: &[PeerId]) -> Vec<Member> {
+    peers
+        .iter()
+        .enumerate()
+        .map(|(n, peer)| Member::new(format!("node-{n}"), Some(*peer)))
+        .collect()
+}
+
 #[tokio::test]
-async fn enforce_mode_gives_an_unrecognized_peer_no_answer() {
-    let config =
-        Config::default().with_authorization_mode(gantry_coord::AuthorizationMode::Enforce);
+async fn enforce_mode_checks_each_request_against_the_current_snapshot() {
     let member = PeerId::random();
-    let (target, addr, mut seen) = victim_with(config, |b| b.set_authorized_peers([member])).await;
+    let view = membership(&[member]);
+    let wired = view.clone();
+    let (target, addr, mut seen) = victim_with(enforcing(), |b| b.authorize_with(wired)).await;
     let (me, mut control) = spawn_raw_peer(target, addr);
     let reply = raw_exchange(&mut control, target, &query(digest(1).as_str()))
         .await
@@ -428,5 +444,86 @@ async fn enforce_mode_gives_an_unrecognized_peer_no_answer() {
             me,
             InboundFailure::Unauthorized(gantry_coord::UnauthorizedReason::Unrecognized)
         )
+    );
+
+    // The node joins the membership: its next request is served, with nothing pushed
+    // into the behaviour.
+    view.set_members(members(&[member, me]));
+    let reply = raw_exchange(&mut control, target, &query(digest(1).as_str()))
+        .await
+        .unwrap();
+    assert!(matches!(
+        unframe(&reply).msg,
+        Some(Msg::PullIntentResponse(_))
+    ));
+    assert_eq!(next(&mut seen).await, Seen::Query);
+
+    // And it leaves again: refused at once.
+    view.set_members(members(&[member]));
+    let reply = raw_exchange(&mut control, target, &query(digest(1).as_str()))
+        .await
+        .unwrap();
+    assert!(reply.is_empty());
+}
+
+#[tokio::test]
+async fn authorization_runs_before_validation() {
+    let view = membership(&[PeerId::random()]);
+    let (target, addr, mut seen) = victim_with(enforcing(), |b| b.authorize_with(view)).await;
+    let (me, mut control) = spawn_raw_peer(target, addr);
+    let reply = raw_exchange(&mut control, target, &query("sha256:bogus"))
+        .await
+        .unwrap();
+    assert!(reply.is_empty());
+    assert_eq!(next(&mut seen).await, Seen::Unauthorized(me));
+    assert_eq!(
+        next(&mut seen).await,
+        Seen::Failure(
+            me,
+            InboundFailure::Unauthorized(gantry_coord::UnauthorizedReason::Unrecognized)
+        ),
+        "refused as a stranger, not as invalid input"
+    );
+}
+
+#[tokio::test]
+async fn enforce_mode_without_a_membership_allows_everyone() {
+    let (target, addr, mut seen) = victim(enforcing()).await;
+    let (_, mut control) = spawn_raw_peer(target, addr);
+    let reply = raw_exchange(&mut control, target, &query(digest(1).as_str()))
+        .await
+        .unwrap();
+    assert!(matches!(
+        unframe(&reply).msg,
+        Some(Msg::PullIntentResponse(_))
+    ));
+    assert_eq!(next(&mut seen).await, Seen::Query);
+}
+
+#[tokio::test]
+async fn enforce_mode_refuses_while_unevaluable_and_observe_mode_stays_quiet() {
+    let cold = || StaticMembership::new("victim", vec![Member::new("node-0", None)]);
+    let (target, addr, mut seen) = victim_with(enforcing(), |b| b.authorize_with(cold())).await;
+    let (me, mut control) = spawn_raw_peer(target, addr);
+    let reply = raw_exchange(&mut control, target, &query(digest(1).as_str()))
+        .await
+        .unwrap();
+    assert!(reply.is_empty());
+    assert_eq!(next(&mut seen).await, Seen::Unauthorized(me));
+
+    let (target, addr, mut seen) =
+        victim_with(Config::default(), |b| b.authorize_with(cold())).await;
+    let (_, mut control) = spawn_raw_peer(target, addr);
+    let reply = raw_exchange(&mut control, target, &query(digest(1).as_str()))
+        .await
+        .unwrap();
+    assert!(matches!(
+        unframe(&reply).msg,
+        Some(Msg::PullIntentResponse(_))
+    ));
+    assert_eq!(
+        next(&mut seen).await,
+        Seen::Query,
+        "served, and no unauthorized report while nobody can be checked"
     );
 }

@@ -96,3 +96,53 @@ async fn stream_errors_served_requests_and_latency_are_recorded() {
         1.0
     );
 }
+
+#[tokio::test]
+async fn an_enforced_rejection_counts_as_an_unauthorized_peer_not_a_stream_error() {
+    use gantry_coord::{AuthorizationMode, Member, StaticMembership};
+    let mut victim = coord(Config::default().with_authorization_mode(AuthorizationMode::Enforce));
+    let mut registry = Registry::default();
+    victim.behaviour_mut().register_metrics(&mut registry);
+    let member = Member::new("member", Some(libp2p_identity::PeerId::random()));
+    victim
+        .behaviour_mut()
+        .authorize_with(StaticMembership::new("victim", vec![member]));
+    let addr = listen(&mut victim).await;
+    let target = *victim.local_peer_id();
+    let mut requester = coord(Config::default());
+    requester.add_peer_address(target, addr);
+    requester
+        .behaviour_mut()
+        .pull_intent_query(target, &digest(1));
+    let mut failed = false;
+    let mut refused = false;
+    while !(failed && refused) {
+        tokio::select! {
+            event = victim.next_behaviour_event() => {
+                if matches!(event, Event::InboundFailure { .. }) {
+                    failed = true;
+                }
+            }
+            event = requester.next_behaviour_event() => {
+                assert!(
+                    matches!(event, Event::OutboundFailure { error: gantry_coord::OutboundFailure::NoReply, .. }),
+                    "{event:?}"
+                );
+                refused = true;
+            }
+        }
+    }
+    assert_eq!(
+        sample(
+            &registry,
+            r#"gantry_coord_unauthorized_peers_total{reason="unrecognized"}"#
+        ),
+        1.0
+    );
+    let mut text = String::new();
+    encode(&mut text, &registry).unwrap();
+    assert!(
+        !text.contains("gantry_coord_stream_errors_total"),
+        "no stream error for an authorization decision:\n{text}"
+    );
+}
