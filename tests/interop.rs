@@ -111,6 +111,10 @@ fn js_libp2p_asks_our_node_both_families() {
         v["wrong_body_reply"].is_null(),
         "a response body as a request gets no reply"
     );
+    assert!(
+        v["sha512_reply"].is_null(),
+        "a sha512 digest is invalid input, as for the Go nodes: no reply"
+    );
 }
 
 #[test]
@@ -139,6 +143,12 @@ fn our_node_asks_a_js_libp2p_responder() {
         until >= before + 599_000 && until <= now_ms() + 600_000,
         "{until}"
     );
+
+    // An unranked responder writes hrw_rank = -1; our requester reads it as no rank.
+    let unranked = ask(&["--query", addr, "--digest", &digest('f')]);
+    assert_eq!(unranked["hrw_rank"], -1, "{unranked}");
+    assert_eq!(unranked["has_cached"], false);
+    assert_eq!(unranked["in_flight"], false);
 
     let (a, b) = (digest('a'), digest('b'));
     let outcomes = ask(&[

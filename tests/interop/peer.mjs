@@ -3,7 +3,8 @@
 //
 //   node peer.mjs client MULTIADDR DIGEST...   asks pull_intent for each digest and one
 //                                              please_pull of all; prints the replies as JSON
-//   node peer.mjs server                       answers fixed replies; prints its address
+//   node peer.mjs server                       answers fixed replies (unranked for the
+//                                              digest sha256:ff…); prints its address
 import './polyfill.mjs'
 import { createLibp2p } from 'libp2p'
 import { tcp } from '@libp2p/tcp'
@@ -145,6 +146,8 @@ if (process.argv[2] === 'client') {
   out.please_pull = body === undefined ? null : (parse(body).get(1) ?? []).map(resultJson)
   // A response body sent as a request: the node must close without a reply.
   out.wrong_body_reply = await exchange(node, addr, bytesField(2, intField(1, 1)))
+  // A sha512 digest: the Go nodes accept sha256 only, so no reply either.
+  out.sha512_reply = await exchange(node, addr, bytesField(1, stringField(1, 'sha512:' + 'ab'.repeat(64))))
   console.log(JSON.stringify(out))
   await node.stop()
   process.exit(0)
@@ -155,7 +158,10 @@ if (process.argv[2] === 'client') {
     const body = await readFrame(stream)
     const env = parse(body ?? new Uint8Array())
     let reply
-    if (one(env, 1) !== undefined) {
+    if (one(env, 1) !== undefined && str(parse(one(env, 1)), 1).endsWith('f'.repeat(64))) {
+      // A node outside its own membership: unranked, written as -1 (a 10-byte varint).
+      reply = bytesField(2, intField(4, -1))
+    } else if (one(env, 1) !== undefined) {
       reply = bytesField(2, [
         ...intField(1, 1), ...intField(2, 1), ...bytesField(3, timestamp(STARTED)),
         ...intField(4, 3), ...intField(5, 1), ...bytesField(6, timestamp(COOLDOWN)), ...intField(7, 3)
