@@ -128,7 +128,19 @@ pub mod fuzzing {
     use futures::AsyncRead;
     use prost::Message;
 
-    use crate::{codec, message, wire};
+    use crate::{codec, message, wire, FrameError};
+
+    /// The body length a frame's length prefix declares and the prefix's size, as the
+    /// reader judges `bytes` one at a time under the cap `max`.
+    pub fn length_prefix(bytes: &[u8], max: usize) -> Result<(usize, usize), FrameError> {
+        let mut prefix = codec::LengthPrefix::default();
+        for (i, &byte) in bytes.iter().enumerate() {
+            if let Some(len) = prefix.push(byte, max)? {
+                return Ok((len, i + 1));
+            }
+        }
+        Err(FrameError::Truncated)
+    }
 
     /// Reads `bytes` as a request stream would arrive, in chunks whose sizes come from the
     /// input, and checks the incremental reader agrees with the in-memory decoder.

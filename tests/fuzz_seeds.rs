@@ -2,7 +2,13 @@
 //! that `cargo test` exercises them without a fuzzer. Inputs the fuzzer once found are kept
 //! here as seeds.
 
-use gantry_coord::fuzzing::{frame_decoder, reply_decoding, request_validation};
+#[path = "oracle/varint.rs"]
+mod varint_oracle;
+
+use gantry_coord::{
+    fuzzing::{frame_decoder, length_prefix, reply_decoding, request_validation},
+    FrameError,
+};
 
 const SEEDS: &[&[u8]] = &[
     &[],
@@ -47,6 +53,7 @@ const REPLY_SEEDS: &[&[u8]] = &[
 fn seeds() {
     for seed in SEEDS {
         frame_decoder(seed);
+        varint_oracle::check(seed);
         request_validation(seed);
         reply_decoding(seed);
         if let Some((_, rest)) = seed.split_first() {
@@ -56,6 +63,51 @@ fn seeds() {
     }
     for seed in REPLY_SEEDS {
         reply_decoding(seed);
+    }
+}
+
+/// Vectors written from go-varint's rules and msgio's 1 MiB cap, checked against both the
+/// crate and the oracle.
+#[test]
+fn length_prefix_follows_go_varint() {
+    use FrameError::*;
+    let max = varint_oracle::MAX;
+    let too_large = |len| Err(TooLarge { len, max });
+    let cases: &[(&[u8], Result<(usize, usize), FrameError>)] = &[
+        (&[0x00], Ok((0, 1))),
+        (&[0x01, 0xaa], Ok((1, 1))),
+        (&[0x7f], Ok((127, 1))),
+        (&[0x80, 0x01], Ok((128, 2))),
+        (&[0xff, 0x7f], Ok((16_383, 2))),
+        (&[0x80, 0x80, 0x40], Ok((1 << 20, 3))),
+        (&[0x81, 0x80, 0x40], too_large((1 << 20) + 1)),
+        (&[0xff, 0xff, 0xff, 0xff, 0x0f], too_large(u32::MAX.into())),
+        // The largest 9-byte value: well formed, far over the cap.
+        (
+            &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f],
+            too_large(u64::MAX >> 1),
+        ),
+        // Minimal encoding: no redundant zero group at the end.
+        (&[0x80, 0x00], Err(NonMinimalLength)),
+        (&[0x81, 0x00], Err(NonMinimalLength)),
+        (&[0xff, 0x80, 0x00], Err(NonMinimalLength)),
+        // At most 9 bytes: a 9th that says "more" is an overflow, even if a 10th ends it.
+        (&[0x80; 9], Err(LengthOverflow)),
+        (
+            &[0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x01],
+            Err(LengthOverflow),
+        ),
+        (&[], Err(Truncated)),
+        (&[0x80], Err(Truncated)),
+        (&[0xff, 0xff, 0xff], Err(Truncated)),
+    ];
+    for (bytes, want) in cases {
+        assert_eq!(&length_prefix(bytes, max), want, "{bytes:02x?}");
+        assert_eq!(
+            &varint_oracle::expected(bytes),
+            want,
+            "oracle on {bytes:02x?}"
+        );
     }
 }
 
@@ -85,5 +137,11 @@ fn pseudo_random_sweep() {
         frame_decoder(&buf);
         request_validation(&buf);
         reply_decoding(&buf);
+        varint_oracle::check(&buf);
+        // Long prefixes too: continuation bytes, then whatever ends them.
+        let run = (next() % 12) as usize;
+        let mut prefix: Vec<u8> = (0..run).map(|_| 0x80 | next() as u8).collect();
+        prefix.extend((0..(next() % 3)).map(|_| (next() % 3) as u8));
+        varint_oracle::check(&prefix);
     }
 }
