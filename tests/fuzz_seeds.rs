@@ -73,7 +73,8 @@ fn length_prefix_follows_go_varint() {
     use FrameError::*;
     let max = varint_oracle::MAX;
     let too_large = |len| Err(TooLarge { len, max });
-    let cases: &[(&[u8], Result<(usize, usize), FrameError>)] = &[
+    type Prefix = Result<(usize, usize), FrameError>;
+    let cases: &[(&[u8], Prefix)] = &[
         (&[0x00], Ok((0, 1))),
         (&[0x01, 0xaa], Ok((1, 1))),
         (&[0x7f], Ok((127, 1))),
