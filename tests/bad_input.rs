@@ -66,14 +66,7 @@ async fn victim_with(
             responder,
             ..
         } => {
-            let outcomes = request
-                .digests()
-                .iter()
-                .map(|digest| gantry_coord::PleasePullOutcome {
-                    digest: digest.clone(),
-                    outcome: gantry_coord::Outcome::Unspecified,
-                })
-                .collect();
+            let outcomes = unspecified_outcomes(&request);
             behaviour.respond(responder, outcomes).unwrap();
             Some(Seen::PleasePull {
                 digests: request.digests().len(),
@@ -410,6 +403,17 @@ async fn huge_batch_near_the_cap_is_answered_in_full() {
     );
 }
 
+/// Asks for `digest(1)` on a fresh stream; the raw reply.
+async fn ask(control: &mut libp2p_stream::Control, target: PeerId) -> Vec<u8> {
+    raw_exchange(control, target, &query(digest(1).as_str()))
+        .await
+        .unwrap()
+}
+
+fn is_answer(reply: &[u8]) -> bool {
+    matches!(unframe(reply).msg, Some(Msg::PullIntentResponse(_)))
+}
+
 fn enforcing() -> Config {
     Config::default().with_authorization_mode(gantry_coord::AuthorizationMode::Enforce)
 }
@@ -433,10 +437,7 @@ async fn enforce_mode_checks_each_request_against_the_current_snapshot() {
     let wired = view.clone();
     let (target, addr, mut seen) = victim_with(enforcing(), |b| b.authorize_with(wired)).await;
     let (me, mut control) = spawn_raw_peer(target, addr);
-    let reply = raw_exchange(&mut control, target, &query(digest(1).as_str()))
-        .await
-        .unwrap();
-    assert!(reply.is_empty());
+    assert!(ask(&mut control, target).await.is_empty());
     assert_eq!(next(&mut seen).await, Seen::Unauthorized(me));
     assert_eq!(
         next(&mut seen).await,
@@ -449,21 +450,12 @@ async fn enforce_mode_checks_each_request_against_the_current_snapshot() {
     // The node joins the membership: its next request is served, with nothing pushed
     // into the behaviour.
     view.set_members(members(&[member, me]));
-    let reply = raw_exchange(&mut control, target, &query(digest(1).as_str()))
-        .await
-        .unwrap();
-    assert!(matches!(
-        unframe(&reply).msg,
-        Some(Msg::PullIntentResponse(_))
-    ));
+    assert!(is_answer(&ask(&mut control, target).await));
     assert_eq!(next(&mut seen).await, Seen::Query);
 
     // And it leaves again: refused at once.
     view.set_members(members(&[member]));
-    let reply = raw_exchange(&mut control, target, &query(digest(1).as_str()))
-        .await
-        .unwrap();
-    assert!(reply.is_empty());
+    assert!(ask(&mut control, target).await.is_empty());
 }
 
 #[tokio::test]
@@ -490,13 +482,7 @@ async fn authorization_runs_before_validation() {
 async fn enforce_mode_without_a_membership_allows_everyone() {
     let (target, addr, mut seen) = victim(enforcing()).await;
     let (_, mut control) = spawn_raw_peer(target, addr);
-    let reply = raw_exchange(&mut control, target, &query(digest(1).as_str()))
-        .await
-        .unwrap();
-    assert!(matches!(
-        unframe(&reply).msg,
-        Some(Msg::PullIntentResponse(_))
-    ));
+    assert!(is_answer(&ask(&mut control, target).await));
     assert_eq!(next(&mut seen).await, Seen::Query);
 }
 
@@ -505,22 +491,13 @@ async fn enforce_mode_refuses_while_unevaluable_and_observe_mode_stays_quiet() {
     let cold = || StaticMembership::new("victim", vec![Member::new("node-0", None)]);
     let (target, addr, mut seen) = victim_with(enforcing(), |b| b.authorize_with(cold())).await;
     let (me, mut control) = spawn_raw_peer(target, addr);
-    let reply = raw_exchange(&mut control, target, &query(digest(1).as_str()))
-        .await
-        .unwrap();
-    assert!(reply.is_empty());
+    assert!(ask(&mut control, target).await.is_empty());
     assert_eq!(next(&mut seen).await, Seen::Unauthorized(me));
 
     let (target, addr, mut seen) =
         victim_with(Config::default(), |b| b.authorize_with(cold())).await;
     let (_, mut control) = spawn_raw_peer(target, addr);
-    let reply = raw_exchange(&mut control, target, &query(digest(1).as_str()))
-        .await
-        .unwrap();
-    assert!(matches!(
-        unframe(&reply).msg,
-        Some(Msg::PullIntentResponse(_))
-    ));
+    assert!(is_answer(&ask(&mut control, target).await));
     assert_eq!(
         next(&mut seen).await,
         Seen::Query,

@@ -233,14 +233,7 @@ async fn a_large_batch_is_split_into_requests_of_at_most_256() {
         gantry_coord::Event::PleasePull {
             request, responder, ..
         } => {
-            let outcomes = request
-                .digests()
-                .iter()
-                .map(|digest| gantry_coord::PleasePullOutcome {
-                    digest: digest.clone(),
-                    outcome: Outcome::Unspecified,
-                })
-                .collect();
+            let outcomes = unspecified_outcomes(&request);
             behaviour.respond(responder, outcomes).unwrap();
             Some(request.digests().len())
         }

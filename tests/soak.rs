@@ -83,14 +83,7 @@ async fn drive(
                             behaviour.respond(responder, PullIntent::UNKNOWN).unwrap();
                         }
                         Event::PleasePull { request, responder, .. } => {
-                            let outcomes = request
-                                .digests()
-                                .iter()
-                                .map(|d| gantry_coord::PleasePullOutcome {
-                                    digest: d.clone(),
-                                    outcome: gantry_coord::Outcome::Unspecified,
-                                })
-                                .collect();
+                            let outcomes = unspecified_outcomes(&request);
                             behaviour.respond(responder, outcomes).unwrap();
                         }
                         Event::ResponseSent { .. } => counts.0 += 1,

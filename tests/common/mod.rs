@@ -288,3 +288,17 @@ pub fn sample_value(text: &str, series: &str) -> f64 {
         .parse()
         .unwrap_or_else(|_| panic!("{series} has value {value:?}"))
 }
+
+/// The answer of a node without a puller: `Unspecified` for every digest, in order.
+pub fn unspecified_outcomes(
+    request: &gantry_coord::PleasePull,
+) -> Vec<gantry_coord::PleasePullOutcome> {
+    request
+        .digests()
+        .iter()
+        .map(|digest| gantry_coord::PleasePullOutcome {
+            digest: digest.clone(),
+            outcome: gantry_coord::Outcome::Unspecified,
+        })
+        .collect()
+}
