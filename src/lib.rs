@@ -76,16 +76,12 @@ mod config;
 mod digest;
 mod failure;
 mod handler;
-pub mod hrw;
-mod inflight;
-mod membership;
 mod message;
 #[cfg(feature = "metrics")]
 mod metrics;
-mod negative_cache;
 mod node;
+mod node_id;
 mod schedule;
-mod store;
 
 /// Types generated from `proto/coord.proto`; never part of the public API.
 #[allow(missing_docs, clippy::all)]
@@ -105,17 +101,16 @@ pub use config::{AuthorizationMode, Config};
 pub use digest::{Digest, DigestError};
 pub use failure::{InboundFailure, OutboundFailure, RespondError, UnauthorizedReason};
 pub use handler::Handler;
-pub use inflight::{stale_after, Claim, InFlightMap, InFlightPulls};
-pub use membership::{Member, Membership, NodeId, StaticMembership};
 pub use message::{
     Authorization, FailureClass, OriginRefKind, Outcome, PleasePull, PleasePullError,
     PleasePullOutcome, PullIntent, RecentFailure, MAX_DIGESTS_PER_PLEASE_PULL,
 };
-pub use negative_cache::{FailureCache, NegativeCache};
 pub use node::{
-    Clock, NodeState, NodeStateBuilder, PullOrder, PullerPump, PumpDecision, Signals, SystemClock,
+    hrw, stale_after, Claim, Clock, ContentStore, FailureCache, InFlightMap, InFlightPulls, Member,
+    Membership, MemoryStore, NegativeCache, NodeState, NodeStateBuilder, PullOrder, PullerPump,
+    PumpDecision, Signals, StaticMembership, StoreLookup, SystemClock,
 };
-pub use store::{ContentStore, MemoryStore, StoreLookup};
+pub use node_id::NodeId;
 
 /// Entry points for the fuzz targets in `fuzz/`; not part of the API.
 #[doc(hidden)]

@@ -1,6 +1,23 @@
-//! Node state: the decision logic a node answers with, as plain synchronous code. The
-//! same code serves inbound requests and the node's own local calls, so self answers
-//! exactly as a remote peer would.
+//! The node layer: what a node answers with, as plain synchronous code over its content
+//! store, in-flight map, negative cache and membership (with HRW ranking). The same code
+//! serves inbound requests and the node's own local calls, so self answers exactly as a
+//! remote peer would.
+//!
+//! This layer uses only the protocol layer's public API; the protocol layer never uses
+//! it, so an application may replace any of it and keep the protocol.
+
+pub mod hrw;
+mod in_flight;
+mod membership;
+#[cfg(feature = "metrics")]
+mod metrics;
+mod negative_cache;
+mod store;
+
+pub use in_flight::{stale_after, Claim, InFlightMap, InFlightPulls};
+pub use membership::{Member, Membership, StaticMembership};
+pub use negative_cache::{FailureCache, NegativeCache};
+pub use store::{ContentStore, MemoryStore, StoreLookup};
 
 use std::{
     sync::{
@@ -11,9 +28,8 @@ use std::{
 };
 
 use crate::{
-    hrw, inflight::Claim, Authorization, Behaviour, ContentStore, Digest, Event, FailureCache,
-    FailureClass, InFlightMap, InFlightPulls, Membership, NegativeCache, OriginRefKind, Outcome,
-    PleasePull, PleasePullOutcome, PullIntent, RecentFailure, StoreLookup,
+    Authorization, Behaviour, Digest, Event, FailureClass, OriginRefKind, Outcome, PleasePull,
+    PleasePullOutcome, PullIntent, RecentFailure,
 };
 
 /// Where "now" comes from; tests bring a clock they control.
@@ -182,9 +198,7 @@ impl NodeStateBuilder {
         NodeState {
             inner: Arc::new(Inner {
                 membership: self.membership.into(),
-                store: self
-                    .store
-                    .unwrap_or_else(|| Box::new(crate::MemoryStore::new())),
+                store: self.store.unwrap_or_else(|| Box::new(MemoryStore::new())),
                 secondary_store: self.secondary_store,
                 in_flight: self
                     .in_flight
@@ -386,5 +400,13 @@ impl NodeState {
             declined_pulls: get(&s.declined_pulls),
             skipped_digests: get(&s.skipped_digests),
         }
+    }
+}
+
+impl std::fmt::Debug for NodeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeState")
+            .field("signals", &self.signals())
+            .finish_non_exhaustive()
     }
 }

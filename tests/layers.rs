@@ -1,0 +1,81 @@
+//! The protocol layer (every module directly under `src/`) never uses the node layer
+//! (`src/node/`): an application may replace the node layer and keep the protocol.
+//! `lib.rs` only re-exports both.
+
+use std::{fs, path::Path};
+
+/// The node layer's public names: what `src/node/mod.rs` re-exports and declares.
+fn node_layer_names() -> Vec<String> {
+    let text =
+        fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/node/mod.rs")).unwrap();
+    let is_word = |c: char| c.is_alphanumeric() || c == '_';
+    let mut names = vec!["node::".to_owned()];
+    let mut rest = text.as_str();
+    while let Some(at) = rest.find("pub use ") {
+        let statement = &rest[at..rest[at..].find(';').map_or(rest.len(), |end| at + end)];
+        let braces = statement
+            .split_once('{')
+            .map_or(statement, |(_, inner)| inner);
+        names.extend(
+            braces
+                .split(|c: char| !is_word(c))
+                .filter(|w| !w.is_empty() && *w != "self")
+                .map(str::to_owned),
+        );
+        rest = &rest[at + statement.len()..];
+    }
+    for line in text.lines() {
+        for keyword in [
+            "pub struct ",
+            "pub trait ",
+            "pub enum ",
+            "pub mod ",
+            "pub fn ",
+        ] {
+            if let Some(tail) = line.strip_prefix(keyword) {
+                names.push(tail.split(|c: char| !is_word(c)).next().unwrap().to_owned());
+            }
+        }
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
+#[test]
+fn the_protocol_layer_does_not_use_the_node_layer() {
+    let names = node_layer_names();
+    assert!(names.iter().any(|n| n == "NodeState"), "{names:?}");
+    assert!(names.iter().any(|n| n == "Membership"), "{names:?}");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut checked = 0;
+    for entry in fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        let file = path.file_name().unwrap().to_string_lossy().into_owned();
+        if path.is_dir() || file == "lib.rs" {
+            continue;
+        }
+        checked += 1;
+        let text = fs::read_to_string(&path).unwrap();
+        for (n, line) in text.lines().enumerate() {
+            let code = line.trim_start();
+            if code.starts_with("//") {
+                continue;
+            }
+            for name in &names {
+                let found = code.match_indices(name.as_str()).any(|(at, _)| {
+                    let before = code[..at].chars().next_back();
+                    let after = code[at + name.len()..].chars().next();
+                    let word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
+                    !word(before) && (name.ends_with("::") || !word(after))
+                });
+                assert!(
+                    !found,
+                    "{file}:{}: the protocol layer uses {name}: {line}",
+                    n + 1
+                );
+            }
+        }
+    }
+    assert!(checked >= 10, "only {checked} protocol files found");
+}
