@@ -30,9 +30,8 @@ use libp2p::{
 };
 use prost::Message;
 
-mod wire {
-    include!(concat!(env!("OUT_DIR"), "/gantry.coord.v1.rs"));
-}
+/// The wire types, for the raw-stream baseline that frames requests by hand.
+use gantry_coord::wire;
 
 /// Counts live heap bytes, for the idle-stream measurement, and only while `COUNTING`
 /// is set: a counter shared by every thread would otherwise bounce between the cores on
@@ -464,13 +463,15 @@ async fn serve_ours(net: Net) -> Server {
             if let SwarmEvent::Behaviour(event) = server.select_next_some().await {
                 match event {
                     Event::PullIntentQuery { responder, .. } => {
-                        let _ = server.behaviour_mut().respond(responder, answer_intent());
+                        let _ = server
+                            .behaviour_mut()
+                            .send_response(responder, answer_intent());
                     }
                     Event::PleasePull {
                         request, responder, ..
                     } => {
                         let outcomes = answer_outcomes(request.digests().iter().cloned());
-                        let _ = server.behaviour_mut().respond(responder, outcomes);
+                        let _ = server.behaviour_mut().send_response(responder, outcomes);
                     }
                     _ => {}
                 }
@@ -525,8 +526,8 @@ async fn ask_ours(
         },
         async |c| loop {
             match c.select_next_some().await {
-                SwarmEvent::Behaviour(Event::PullIntentReply { request_id, .. })
-                | SwarmEvent::Behaviour(Event::PleasePullReply { request_id, .. }) => {
+                SwarmEvent::Behaviour(Event::PullIntentResponse { request_id, .. })
+                | SwarmEvent::Behaviour(Event::PleasePullResponse { request_id, .. }) => {
                     return request_id
                 }
                 SwarmEvent::Behaviour(Event::OutboundFailure { error, .. }) => {
@@ -801,7 +802,9 @@ async fn scale(peers: usize, per_peer: usize, duration: Duration) -> Cell {
             if let SwarmEvent::Behaviour(Event::PullIntentQuery { responder, .. }) =
                 server.select_next_some().await
             {
-                let _ = server.behaviour_mut().respond(responder, answer_intent());
+                let _ = server
+                    .behaviour_mut()
+                    .send_response(responder, answer_intent());
             }
         }
     });
@@ -823,7 +826,7 @@ async fn scale(peers: usize, per_peer: usize, duration: Duration) -> Cell {
                     duration,
                     |c| c.behaviour_mut().pull_intent_query(server_peer, &query),
                     async |c| loop {
-                        if let SwarmEvent::Behaviour(Event::PullIntentReply {
+                        if let SwarmEvent::Behaviour(Event::PullIntentResponse {
                             request_id, ..
                         }) = c.select_next_some().await
                         {

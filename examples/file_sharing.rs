@@ -83,7 +83,7 @@ async fn get(provider: PeerId, addr: Multiaddr) -> Result<PeerId, Box<dyn std::e
                 }
             }
             // file-sharing matches `request_response::Message::Response` here.
-            SwarmEvent::Behaviour(NodeBehaviourEvent::Coord(Event::PullIntentReply {
+            SwarmEvent::Behaviour(NodeBehaviourEvent::Coord(Event::PullIntentResponse {
                 peer,
                 intent,
                 ..

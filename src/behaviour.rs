@@ -2,8 +2,9 @@
 //! the events the swarm loop sees.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     fmt,
+    marker::PhantomData,
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc,
@@ -17,12 +18,10 @@ use futures::{
     FutureExt, StreamExt,
 };
 use futures_timer::Delay;
-
-use hashlink::LruCache;
 use libp2p_core::{transport::PortUse, Endpoint, Multiaddr};
 use libp2p_identity::PeerId;
 use libp2p_swarm::{
-    behaviour::{ConnectionClosed, ConnectionEstablished, DialFailure, NewExternalAddrOfPeer},
+    behaviour::{ConnectionClosed, ConnectionEstablished, DialFailure, PeerAddresses},
     dial_opts::DialOpts,
     ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, NotifyHandler, THandler,
     THandlerInEvent, THandlerOutEvent, ToSwarm,
@@ -31,15 +30,15 @@ use libp2p_swarm::{
 use crate::{
     authorize::{PeerAuthorizer, WarningLimiter},
     budget::StreamBudget,
-    client::{Command, Coordinator, Reply as ClientReply, ReplySender, Request as ClientRequest},
+    client::{Command, Coordinator, Request as ClientRequest, ResponseSender},
     codec::encode_frame,
-    handler::{FromBehaviour, Handler, OutboundRequest, Report, ToBehaviour, Verdict},
-    message::{self, WireRequest},
+    handler::{Handler, HandlerEvent, HandlerEvents, HandlerIn, InboundResponse, OutboundRequest},
+    protocol::{self, InboundRequest, Response, Rpc},
     wire, AuthorizationMode, Config, Digest, InboundFailure, OutboundFailure, PleasePull,
-    PleasePullOutcome, PullIntent, RespondError, UnauthorizedReason,
+    PleasePullOutcome, PullIntent, ResponseError, UnauthorizedReason,
 };
 
-/// Identifies an outbound request; its reply or failure event carries the same id.
+/// Identifies an outbound request; its response or failure event carries the same id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct OutboundRequestId(pub(crate) u64);
 
@@ -59,122 +58,63 @@ impl fmt::Display for InboundRequestId {
     }
 }
 
-/// The two RPC families.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Rpc {
-    /// pull_intent_query → pull_intent_response.
-    PullIntent,
-    /// please_pull → please_pull_response.
-    PleasePull,
-}
-
-/// Where an answer goes: the stream of one inbound request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Route {
+/// The token to send the response to one inbound request with
+/// [`Behaviour::send_response`]; `T` is the response's type ([`PullIntent`] for a
+/// pull_intent query, `Vec<PleasePullOutcome>` for a please_pull). Dropping it without a
+/// response closes the request's stream without one.
+pub struct Responder<T> {
     peer: PeerId,
     connection: ConnectionId,
     id: InboundRequestId,
+    stream: oneshot::Sender<InboundResponse>,
+    rpc: Rpc,
+    to_wire: fn(T) -> wire::Envelope,
+    _response: PhantomData<fn(T)>,
 }
 
-/// The token to answer one inbound pull_intent query with [`Behaviour::respond`].
-/// Dropping it unanswered closes the request's stream without a reply.
-#[derive(Debug)]
-pub struct PullIntentResponder(Route, oneshot::Sender<Verdict>);
-
-/// The token to answer one inbound please_pull with [`Behaviour::respond`].
-/// Dropping it unanswered closes the request's stream without a reply.
-#[derive(Debug)]
-pub struct PleasePullResponder(Route, oneshot::Sender<Verdict>);
-
-mod sealed {
-    pub trait Sealed {
-        fn into_reply(self, reply: Self::Reply) -> super::Answer
-        where
-            Self: super::Responder;
-    }
-}
-
-/// A token that answers one inbound request; its `Reply` is the answer's type.
-pub trait Responder: sealed::Sealed {
-    /// What answers the request.
-    type Reply;
-
+impl<T> Responder<T> {
     /// The id of the request this token answers.
-    fn request_id(&self) -> InboundRequestId;
+    pub fn request_id(&self) -> InboundRequestId {
+        self.id
+    }
 
     /// The peer that asked.
-    fn peer(&self) -> PeerId;
-}
-
-#[doc(hidden)]
-pub struct Answer {
-    route: Route,
-    verdict: oneshot::Sender<Verdict>,
-    rpc: crate::Rpc,
-    envelope: wire::Envelope,
-}
-
-impl Responder for PullIntentResponder {
-    type Reply = PullIntent;
-
-    fn request_id(&self) -> InboundRequestId {
-        self.0.id
+    pub fn peer(&self) -> PeerId {
+        self.peer
     }
 
-    fn peer(&self) -> PeerId {
-        self.0.peer
+    /// Whether the request's stream still waits for the response: false once its
+    /// deadline passed or its connection closed.
+    pub fn is_open(&self) -> bool {
+        !self.stream.is_canceled()
     }
 }
 
-impl sealed::Sealed for PullIntentResponder {
-    fn into_reply(self, reply: PullIntent) -> Answer {
-        Answer {
-            route: self.0,
-            verdict: self.1,
-            rpc: Rpc::PullIntent,
-            envelope: message::pull_intent_response(reply),
-        }
-    }
-}
-
-impl Responder for PleasePullResponder {
-    type Reply = Vec<PleasePullOutcome>;
-
-    fn request_id(&self) -> InboundRequestId {
-        self.0.id
-    }
-
-    fn peer(&self) -> PeerId {
-        self.0.peer
-    }
-}
-
-impl sealed::Sealed for PleasePullResponder {
-    fn into_reply(self, reply: Vec<PleasePullOutcome>) -> Answer {
-        Answer {
-            route: self.0,
-            verdict: self.1,
-            rpc: Rpc::PleasePull,
-            envelope: message::please_pull_response(reply),
-        }
+impl<T> fmt::Debug for Responder<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Responder")
+            .field("peer", &self.peer)
+            .field("request_id", &self.id)
+            .field("rpc", &self.rpc)
+            .finish()
     }
 }
 
 /// What the behaviour reports to the swarm loop.
 #[derive(Debug)]
 pub enum Event {
-    /// A peer asks what this node knows about a digest; answer with [`Behaviour::respond`]
-    /// within the answer deadline.
+    /// A peer asks what this node knows about a digest; respond with
+    /// [`Behaviour::send_response`] within the answer deadline.
     PullIntentQuery {
         /// The asking peer.
         peer: PeerId,
         /// The digest asked about.
         digest: Digest,
-        /// Answers the query.
-        responder: PullIntentResponder,
+        /// Sends the response.
+        responder: Responder<PullIntent>,
     },
-    /// A peer asks this node to pull digests from the origin; answer with
-    /// [`Behaviour::respond`], one outcome per digest in request order.
+    /// A peer asks this node to pull digests from the origin; respond with
+    /// [`Behaviour::send_response`], one outcome per digest in request order.
     PleasePull {
         /// The asking peer.
         peer: PeerId,
@@ -182,23 +122,23 @@ pub enum Event {
         request: PleasePull,
         /// How many digests of the request were invalid and dropped.
         skipped_digests: usize,
-        /// Answers the request.
-        responder: PleasePullResponder,
+        /// Sends the response.
+        responder: Responder<Vec<PleasePullOutcome>>,
     },
-    /// The reply to [`Behaviour::pull_intent_query`].
-    PullIntentReply {
-        /// The peer that answered.
+    /// The response to [`Behaviour::pull_intent_query`].
+    PullIntentResponse {
+        /// The peer that responded.
         peer: PeerId,
-        /// The request this answers.
+        /// The request this responds to.
         request_id: OutboundRequestId,
         /// Its answer, with timestamps clamped to this node's clock.
         intent: PullIntent,
     },
-    /// The reply to [`Behaviour::please_pull`].
-    PleasePullReply {
-        /// The peer that answered.
+    /// The response to [`Behaviour::please_pull`].
+    PleasePullResponse {
+        /// The peer that responded.
         peer: PeerId,
-        /// The request this answers.
+        /// The request this responds to.
         request_id: OutboundRequestId,
         /// One outcome per digest it accepted, in request order.
         outcomes: Vec<PleasePullOutcome>,
@@ -215,7 +155,7 @@ pub enum Event {
         /// Why.
         error: OutboundFailure,
     },
-    /// An inbound stream ended without a normal reply.
+    /// An inbound stream ended without a response.
     InboundFailure {
         /// The peer that opened the stream.
         peer: PeerId,
@@ -224,9 +164,9 @@ pub enum Event {
         /// Why.
         error: InboundFailure,
     },
-    /// A reply was written and its stream closed: the request was served.
+    /// A response was written and its stream closed: the request was served.
     ResponseSent {
-        /// The peer answered.
+        /// The peer that asked.
         peer: PeerId,
         /// The request served.
         request_id: InboundRequestId,
@@ -234,7 +174,7 @@ pub enum Event {
         rpc: Rpc,
     },
     /// A request came from a peer that the membership does not vouch for. In observe
-    /// mode it is served anyway; in enforce mode its stream is closed without a reply.
+    /// mode it is served anyway; in enforce mode its stream is closed without a response.
     UnauthorizedPeer {
         /// The peer.
         peer: PeerId,
@@ -243,13 +183,38 @@ pub enum Event {
     },
 }
 
-/// Commands a [`Coordinator`] may queue before its sends wait.
+/// Commands all [`Coordinator`] handles together may queue before their sends wait.
 const COMMAND_QUEUE: usize = 256;
 
 /// Peers whose addresses are remembered for dialing; the least recently used go first.
 const MAX_REMEMBERED_PEERS: usize = 1024;
-/// Addresses remembered per peer.
-const MAX_ADDRESSES_PER_PEER: usize = 8;
+
+/// One connection to a peer and the requests that live and die with it.
+#[derive(Debug)]
+struct Connection {
+    id: ConnectionId,
+    pending_outbound_requests: HashSet<OutboundRequestId>,
+    pending_inbound_responses: HashSet<InboundRequestId>,
+}
+
+impl Connection {
+    fn new(id: ConnectionId) -> Self {
+        Connection {
+            id,
+            pending_outbound_requests: HashSet::new(),
+            pending_inbound_responses: HashSet::new(),
+        }
+    }
+}
+
+/// An outbound request that has not ended.
+#[derive(Debug, Clone, Copy)]
+#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+struct PendingOutbound {
+    /// Family and start, for the latency metrics.
+    rpc: Rpc,
+    since: Instant,
+}
 
 /// The `/gantry/coord/1.0.0` network behaviour.
 pub struct Behaviour {
@@ -260,38 +225,28 @@ pub struct Behaviour {
     open_inbound: Arc<AtomicUsize>,
     /// Inbound streams open per peer, across that peer's connections.
     open_inbound_per_peer: HashMap<PeerId, Arc<AtomicUsize>>,
-    connections: HashMap<PeerId, Vec<ConnectionId>>,
+    /// Each peer's connections, with their requests; requests go round them in turn.
+    connections: HashMap<PeerId, Vec<Connection>>,
+    next_connection: usize,
     /// Addresses learned through `Swarm::add_peer_address`, for dialing; bounded.
-    addresses: LruCache<PeerId, Vec<Multiaddr>>,
+    addresses: PeerAddresses,
     /// Requests waiting for a connection to their peer, each until its dial deadline.
-    awaiting_connection: HashMap<PeerId, Vec<(Instant, OutboundRequest)>>,
+    pending_dials: HashMap<PeerId, Vec<(Instant, OutboundRequest)>>,
     /// Wakes the behaviour at the earliest dial deadline.
     dial_timer: Option<(Instant, Delay)>,
-    /// Commands from [`Coordinator`] handles, and where their results go.
+    /// Commands from [`Coordinator`] handles, and where their responses go.
     commands: mpsc::Receiver<Command>,
     command_sender: mpsc::Sender<Command>,
-    clients: HashMap<OutboundRequestId, ReplySender>,
-    /// Outbound requests in flight: their peer, their connection once sent, their family
-    /// and when they were asked for.
-    outbound: HashMap<OutboundRequestId, Outstanding>,
-    /// Inbound requests read and not yet answered.
-    awaiting_answer: HashMap<InboundRequestId, Route>,
+    coordinator_calls: HashMap<OutboundRequestId, ResponseSender>,
+    pending_outbound_requests: HashMap<OutboundRequestId, PendingOutbound>,
+    /// Inbound requests read and not yet responded to, by the peer that asked.
+    pending_inbound_responses: HashMap<InboundRequestId, PeerId>,
     /// The membership that vouches for peers; without one every peer is allowed.
     authorizer: Option<Box<dyn PeerAuthorizer>>,
     warnings: WarningLimiter,
-    pending: VecDeque<ToSwarm<Event, FromBehaviour>>,
+    pending_events: VecDeque<ToSwarm<Event, HandlerIn>>,
     #[cfg(feature = "metrics")]
     metrics: Option<crate::metrics::Metrics>,
-}
-
-/// An outbound request that has not ended.
-#[derive(Debug, Clone, Copy)]
-#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
-struct Outstanding {
-    connection: Option<ConnectionId>,
-    /// Family and start, for the latency metrics.
-    rpc: Rpc,
-    since: Instant,
 }
 
 impl Behaviour {
@@ -299,23 +254,28 @@ impl Behaviour {
     pub fn new(config: Config) -> Self {
         let (command_sender, commands) = mpsc::channel(COMMAND_QUEUE);
         Behaviour {
-            dial_timer: None,
-            commands,
-            command_sender,
-            clients: HashMap::new(),
             config: Arc::new(config),
             next_outbound_id: 0,
             next_inbound_id: Arc::default(),
             open_inbound: Arc::default(),
             open_inbound_per_peer: HashMap::new(),
             connections: HashMap::new(),
-            addresses: LruCache::new(MAX_REMEMBERED_PEERS),
-            awaiting_connection: HashMap::new(),
-            outbound: HashMap::new(),
-            awaiting_answer: HashMap::new(),
+            next_connection: 0,
+            addresses: PeerAddresses::new(
+                MAX_REMEMBERED_PEERS
+                    .try_into()
+                    .expect("the bound is not zero"),
+            ),
+            pending_dials: HashMap::new(),
+            dial_timer: None,
+            commands,
+            command_sender,
+            coordinator_calls: HashMap::new(),
+            pending_outbound_requests: HashMap::new(),
+            pending_inbound_responses: HashMap::new(),
             authorizer: None,
             warnings: WarningLimiter::default(),
-            pending: VecDeque::new(),
+            pending_events: VecDeque::new(),
             #[cfg(feature = "metrics")]
             metrics: None,
         }
@@ -333,20 +293,15 @@ impl Behaviour {
     }
 
     /// Asks `peer` what it knows about `digest`; dials it if not connected. Ends in one
-    /// [`Event::PullIntentReply`] or [`Event::OutboundFailure`] with the returned id.
+    /// [`Event::PullIntentResponse`] or [`Event::OutboundFailure`] with the returned id.
     pub fn pull_intent_query(&mut self, peer: PeerId, digest: &Digest) -> OutboundRequestId {
         let deadline = Instant::now() + self.config.request_timeout;
-        self.send(
-            peer,
-            Rpc::PullIntent,
-            &message::pull_intent_request(digest),
-            None,
-            deadline,
-        )
+        let envelope = protocol::pull_intent_request(digest);
+        self.send_request(peer, Rpc::PullIntent, &envelope, None, deadline)
     }
 
     /// Asks `peer` to pull digests from the origin; dials it if not connected. Ends in
-    /// one [`Event::PleasePullReply`] or [`Event::OutboundFailure`] with the returned id.
+    /// one [`Event::PleasePullResponse`] or [`Event::OutboundFailure`] with the returned id.
     ///
     /// One request carries at most [`MAX_DIGESTS_PER_PLEASE_PULL`](crate::MAX_DIGESTS_PER_PLEASE_PULL)
     /// digests; a larger batch fails with [`OutboundFailure::TooManyDigests`] and nothing
@@ -357,59 +312,46 @@ impl Behaviour {
         self.send_please_pull(peer, request, None, deadline)
     }
 
-    fn send_please_pull(
+    /// Sends the response to an inbound request. Fails if the request's answer deadline
+    /// has passed or its connection closed, or if the response exceeds the message cap; in
+    /// that last case the stream is closed at once without a response, as the peer could
+    /// not read it anyway.
+    pub fn send_response<T>(
         &mut self,
-        peer: PeerId,
-        request: &PleasePull,
-        client: Option<ReplySender>,
-        deadline: Instant,
-    ) -> OutboundRequestId {
-        let count = request.digests().len();
-        let max = crate::MAX_DIGESTS_PER_PLEASE_PULL;
-        if count > max {
-            let id = self.new_outbound(Rpc::PleasePull, client);
-            let error = OutboundFailure::TooManyDigests { count, max };
-            self.finish_outbound(peer, id, Err(error));
-            return id;
-        }
-        let mut envelope = message::please_pull_request(request);
-        let id = self.send(peer, Rpc::PleasePull, &envelope, client, deadline);
-        message::wipe_authorization(&mut envelope);
-        id
-    }
-
-    /// Answers an inbound request. Fails if the request's answer deadline has passed or
-    /// its connection closed, or if the reply exceeds the message cap; in that last case
-    /// the stream is closed at once without a reply, as the peer could not read it anyway.
-    pub fn respond<R: Responder>(
-        &mut self,
-        responder: R,
-        reply: R::Reply,
-    ) -> Result<(), RespondError> {
-        let Answer {
-            route,
-            verdict,
+        responder: Responder<T>,
+        response: T,
+    ) -> Result<(), ResponseError> {
+        let Responder {
+            peer,
+            connection,
+            id,
+            stream,
             rpc,
-            envelope,
-        } = sealed::Sealed::into_reply(responder, reply);
-        if self.awaiting_answer.remove(&route.id).is_none() {
-            return Err(RespondError::Expired);
+            to_wire,
+            ..
+        } = responder;
+        if self.pending_inbound_responses.remove(&id).is_none() {
+            return Err(ResponseError::Expired);
+        }
+        if let Some(connection) = self.connection_mut(peer, connection) {
+            connection.pending_inbound_responses.remove(&id);
         }
         // Only the length is checked here; the stream's connection task encodes the
-        // reply, so the swarm loop does not spend its time on large batches.
+        // response, so the swarm loop does not spend its time on large batches.
+        let envelope = to_wire(response);
         let max = self.config.max_message_bytes;
         let len = envelope_len(&envelope);
-        let (answer, result) = if len > max as u64 {
-            let reason = InboundFailure::ReplyTooLarge { len };
+        let (decision, result) = if len > max as u64 {
+            let reason = InboundFailure::ResponseTooLarge { len };
             (
-                Verdict::Reject(reason),
-                Err(RespondError::TooLarge { len, max }),
+                InboundResponse::Reject(reason),
+                Err(ResponseError::TooLarge { len, max }),
             )
         } else {
-            (Verdict::Reply { rpc, envelope }, Ok(()))
+            (InboundResponse::Send { rpc, envelope }, Ok(()))
         };
         // The stream may have just hit its deadline: then it is gone.
-        verdict.send(answer).map_err(|_| RespondError::Expired)?;
+        stream.send(decision).map_err(|_| ResponseError::Expired)?;
         result
     }
 
@@ -424,7 +366,8 @@ impl Behaviour {
     /// [`Membership`](crate::Membership), in practice), asked anew for each request so it
     /// always sees the current snapshot. In observe mode (the default) a peer no member
     /// published is served and reported as [`Event::UnauthorizedPeer`]; in enforce mode
-    /// its stream is closed without a reply. Without an authorizer every peer is allowed.
+    /// its stream is closed without a response. Without an authorizer every peer is
+    /// allowed.
     pub fn authorize_with(&mut self, authorizer: impl PeerAuthorizer) {
         self.authorizer = Some(Box::new(authorizer));
     }
@@ -441,44 +384,62 @@ impl Behaviour {
             .map_or(0, |n| n.load(Ordering::Acquire))
     }
 
-    /// Inbound requests read and not yet answered.
-    pub fn pending_answers(&self) -> usize {
-        self.awaiting_answer.len()
+    /// Inbound requests read and not yet responded to.
+    pub fn pending_responses(&self) -> usize {
+        self.pending_inbound_responses.len()
     }
 
     /// Outbound requests that have not yet ended.
     pub fn pending_requests(&self) -> usize {
-        self.outbound.len()
+        self.pending_outbound_requests.len()
     }
 
-    fn new_outbound(&mut self, rpc: Rpc, client: Option<ReplySender>) -> OutboundRequestId {
+    fn send_please_pull(
+        &mut self,
+        peer: PeerId,
+        request: &PleasePull,
+        caller: Option<ResponseSender>,
+        deadline: Instant,
+    ) -> OutboundRequestId {
+        let count = request.digests().len();
+        let max = crate::MAX_DIGESTS_PER_PLEASE_PULL;
+        if count > max {
+            let id = self.new_outbound(Rpc::PleasePull, caller);
+            let error = OutboundFailure::TooManyDigests { count, max };
+            self.finish_outbound(peer, id, Err(error));
+            return id;
+        }
+        let mut envelope = protocol::please_pull_request(request);
+        let id = self.send_request(peer, Rpc::PleasePull, &envelope, caller, deadline);
+        protocol::wipe_authorization(&mut envelope);
+        id
+    }
+
+    fn new_outbound(&mut self, rpc: Rpc, caller: Option<ResponseSender>) -> OutboundRequestId {
         let id = OutboundRequestId(self.next_outbound_id);
         self.next_outbound_id += 1;
-        if let Some(client) = client {
-            self.clients.insert(id, client);
+        if let Some(caller) = caller {
+            self.coordinator_calls.insert(id, caller);
         }
-        self.outbound.insert(
-            id,
-            Outstanding {
-                connection: None,
-                rpc,
-                since: Instant::now(),
-            },
-        );
+        let pending = PendingOutbound {
+            rpc,
+            since: Instant::now(),
+        };
+        self.pending_outbound_requests.insert(id, pending);
         id
     }
 
     /// Sends a request that must end by `deadline`, its one budget for dial and exchange;
-    /// its result goes to `client` if given, else out as an event.
-    fn send(
+    /// its result goes to the [`Coordinator`] call if there is one, else out as an event.
+    fn send_request(
         &mut self,
         peer: PeerId,
         rpc: Rpc,
         envelope: &wire::Envelope,
-        client: Option<ReplySender>,
+        caller: Option<ResponseSender>,
         deadline: Instant,
     ) -> OutboundRequestId {
-        let id = self.new_outbound(rpc, client);
+        let id = self.new_outbound(rpc, caller);
         let max = self.config.max_message_bytes;
         let Ok(frame) = encode_frame(envelope, max) else {
             let len = envelope_len(envelope);
@@ -491,28 +452,43 @@ impl Behaviour {
             frame,
             deadline,
         };
-        match self.connections.get(&peer).and_then(|c| c.first()) {
-            Some(&connection) => {
-                self.sent_on(id, connection);
-                self.pending.push_back(ToSwarm::NotifyHandler {
-                    peer_id: peer,
-                    handler: NotifyHandler::One(connection),
-                    event: FromBehaviour::Send(request),
-                });
-            }
-            None => {
-                // The dial spends the request's budget; it never gets more than that.
-                let dial_deadline = deadline.min(Instant::now() + self.config.dial_timeout);
-                let waiting = self.awaiting_connection.entry(peer).or_default();
-                if waiting.is_empty() {
-                    self.pending.push_back(ToSwarm::Dial {
-                        opts: DialOpts::peer_id(peer).build(),
-                    });
-                }
-                waiting.push((dial_deadline, request));
-            }
+        if self.connections.contains_key(&peer) {
+            self.send_on_some_connection(peer, request);
+            return id;
         }
+        // The dial spends the request's budget; it never gets more than that.
+        let dial_deadline = deadline.min(Instant::now() + self.config.dial_timeout);
+        let waiting = self.pending_dials.entry(peer).or_default();
+        if waiting.is_empty() {
+            self.pending_events.push_back(ToSwarm::Dial {
+                opts: DialOpts::peer_id(peer).build(),
+            });
+        }
+        waiting.push((dial_deadline, request));
         id
+    }
+
+    /// Hands `request` to one of the peer's connections, each in turn.
+    fn send_on_some_connection(&mut self, peer: PeerId, request: OutboundRequest) {
+        let Some(connections) = self.connections.get_mut(&peer).filter(|c| !c.is_empty()) else {
+            return;
+        };
+        self.next_connection = self.next_connection.wrapping_add(1);
+        let at = self.next_connection % connections.len();
+        let connection = &mut connections[at];
+        connection.pending_outbound_requests.insert(request.id);
+        self.pending_events.push_back(ToSwarm::NotifyHandler {
+            peer_id: peer,
+            handler: NotifyHandler::One(connection.id),
+            event: HandlerIn::SendRequest(request),
+        });
+    }
+
+    fn connection_mut(&mut self, peer: PeerId, id: ConnectionId) -> Option<&mut Connection> {
+        self.connections
+            .get_mut(&peer)?
+            .iter_mut()
+            .find(|c| c.id == id)
     }
 
     fn new_handler(&mut self, peer: PeerId) -> Handler {
@@ -548,40 +524,63 @@ impl Behaviour {
         enforce.then_some(InboundFailure::Unauthorized(reason))
     }
 
-    fn on_request(
+    fn on_inbound_request(
         &mut self,
-        route: Route,
-        request: Result<WireRequest, InboundFailure>,
-        verdict: oneshot::Sender<Verdict>,
+        peer: PeerId,
+        connection: ConnectionId,
+        id: InboundRequestId,
+        request: Result<InboundRequest, InboundFailure>,
+        stream: oneshot::Sender<InboundResponse>,
     ) {
         // Before the request is validated, as PROTOCOL.md says: a stranger is refused as
         // a stranger, whatever it sent.
-        if let Some(rejection) = self.authorize(route.peer) {
-            let _ = verdict.send(Verdict::Reject(rejection));
+        if let Some(rejection) = self.authorize(peer) {
+            let _ = stream.send(InboundResponse::Reject(rejection));
             return;
         }
         let request = match request {
             Ok(request) => request,
             Err(invalid) => {
-                let _ = verdict.send(Verdict::Reject(invalid));
+                let _ = stream.send(InboundResponse::Reject(invalid));
                 return;
             }
         };
-        self.awaiting_answer.insert(route.id, route);
+        let Some(pending) = self.connection_mut(peer, connection) else {
+            // The connection is gone; dropping the sender closes the stream.
+            return;
+        };
+        pending.pending_inbound_responses.insert(id);
+        self.pending_inbound_responses.insert(id, peer);
         let event = match request {
-            WireRequest::PullIntent(digest) => Event::PullIntentQuery {
-                peer: route.peer,
+            InboundRequest::PullIntent(digest) => Event::PullIntentQuery {
+                peer,
                 digest,
-                responder: PullIntentResponder(route, verdict),
+                responder: Responder {
+                    peer,
+                    connection,
+                    id,
+                    stream,
+                    rpc: Rpc::PullIntent,
+                    to_wire: protocol::pull_intent_response,
+                    _response: PhantomData,
+                },
             },
-            WireRequest::PleasePull {
+            InboundRequest::PleasePull {
                 request,
                 skipped_digests,
             } => Event::PleasePull {
-                peer: route.peer,
+                peer,
                 request,
                 skipped_digests,
-                responder: PleasePullResponder(route, verdict),
+                responder: Responder {
+                    peer,
+                    connection,
+                    id,
+                    stream,
+                    rpc: Rpc::PleasePull,
+                    to_wire: protocol::please_pull_response,
+                    _response: PhantomData,
+                },
             },
         };
         self.emit(event);
@@ -592,7 +591,7 @@ impl Behaviour {
         if let Some(metrics) = &self.metrics {
             metrics.on_event(&event);
         }
-        self.pending.push_back(ToSwarm::GenerateEvent(event));
+        self.pending_events.push_back(ToSwarm::GenerateEvent(event));
     }
 
     /// Ends an outbound request: its result goes to the waiting [`Coordinator`] call, or
@@ -601,41 +600,41 @@ impl Behaviour {
         &mut self,
         peer: PeerId,
         id: OutboundRequestId,
-        result: Result<ClientReply, OutboundFailure>,
+        result: Result<Response, OutboundFailure>,
     ) {
-        let outstanding = self.outbound.remove(&id);
+        let pending = self.pending_outbound_requests.remove(&id);
         #[cfg(feature = "metrics")]
-        if let (Some(metrics), Some(o)) = (&self.metrics, outstanding) {
-            metrics.on_outbound(o.rpc, o.since.elapsed(), result.as_ref().err());
+        if let (Some(metrics), Some(p)) = (&self.metrics, pending) {
+            metrics.on_outbound(p.rpc, p.since.elapsed(), result.as_ref().err());
         }
         #[cfg(not(feature = "metrics"))]
-        let _ = outstanding;
-        if let Ok(ClientReply::PleasePull {
+        let _ = pending;
+        if let Ok(Response::PleasePull {
             skipped_results: skipped @ 1..,
             ..
         }) = &result
         {
-            tracing::debug!(%peer, skipped, "please_pull reply: results with a bad digest skipped");
+            tracing::debug!(%peer, skipped, "please_pull response: results with a bad digest skipped");
             #[cfg(feature = "metrics")]
             if let Some(metrics) = &self.metrics {
                 metrics.on_skipped_results(*skipped);
             }
         }
-        if let Some(client) = self.clients.remove(&id) {
+        if let Some(caller) = self.coordinator_calls.remove(&id) {
             // A dropped call no longer wants its result.
-            let _ = client.send(result);
+            let _ = caller.send(result);
             return;
         }
         let event = match result {
-            Ok(ClientReply::PullIntent(intent)) => Event::PullIntentReply {
+            Ok(Response::PullIntent(intent)) => Event::PullIntentResponse {
                 peer,
                 request_id: id,
                 intent,
             },
-            Ok(ClientReply::PleasePull {
+            Ok(Response::PleasePull {
                 outcomes,
                 skipped_results,
-            }) => Event::PleasePullReply {
+            }) => Event::PleasePullResponse {
                 peer,
                 request_id: id,
                 outcomes,
@@ -655,17 +654,17 @@ impl Behaviour {
         Command {
             peer,
             request,
-            reply,
+            response,
             deadline,
         }: Command,
     ) {
         match &request {
             ClientRequest::PullIntent(digest) => {
-                let envelope = message::pull_intent_request(digest);
-                self.send(peer, Rpc::PullIntent, &envelope, Some(reply), deadline);
+                let envelope = protocol::pull_intent_request(digest);
+                self.send_request(peer, Rpc::PullIntent, &envelope, Some(response), deadline);
             }
             ClientRequest::PleasePull(request) => {
-                self.send_please_pull(peer, request, Some(reply), deadline);
+                self.send_please_pull(peer, request, Some(response), deadline);
             }
         }
     }
@@ -675,7 +674,7 @@ impl Behaviour {
         loop {
             let now = Instant::now();
             let mut expired = Vec::new();
-            self.awaiting_connection.retain(|peer, waiting| {
+            self.pending_dials.retain(|peer, waiting| {
                 waiting.retain(|(deadline, request)| {
                     let due = *deadline <= now;
                     if due {
@@ -689,7 +688,7 @@ impl Behaviour {
                 self.finish_outbound(peer, id, Err(OutboundFailure::DialTimeout));
             }
             let next = self
-                .awaiting_connection
+                .pending_dials
                 .values()
                 .flatten()
                 .map(|(deadline, _)| *deadline)
@@ -713,119 +712,101 @@ impl Behaviour {
         }
     }
 
-    fn sent_on(&mut self, id: OutboundRequestId, connection: ConnectionId) {
-        if let Some(outstanding) = self.outbound.get_mut(&id) {
-            outstanding.connection = Some(connection);
-        }
-    }
-
     fn on_connection_established(&mut self, peer: PeerId, connection: ConnectionId) {
-        self.connections.entry(peer).or_default().push(connection);
-        let requests = self.awaiting_connection.remove(&peer).unwrap_or_default();
-        for (_, request) in requests {
-            self.sent_on(request.id, connection);
-            self.pending.push_back(ToSwarm::NotifyHandler {
-                peer_id: peer,
-                handler: NotifyHandler::One(connection),
-                event: FromBehaviour::Send(request),
-            });
+        self.connections
+            .entry(peer)
+            .or_default()
+            .push(Connection::new(connection));
+        let waiting = self.pending_dials.remove(&peer).unwrap_or_default();
+        for (_, request) in waiting {
+            self.send_on_some_connection(peer, request);
         }
     }
 
-    fn on_connection_closed(&mut self, peer: PeerId, connection: ConnectionId, remaining: usize) {
-        if let Some(connections) = self.connections.get_mut(&peer) {
-            connections.retain(|c| *c != connection);
-            if connections.is_empty() {
-                self.connections.remove(&peer);
-            }
+    /// Ends the requests of that one connection; the peer's others go on.
+    fn on_connection_closed(&mut self, peer: PeerId, id: ConnectionId, remaining: usize) {
+        let Some(connections) = self.connections.get_mut(&peer) else {
+            return;
+        };
+        let Some(at) = connections.iter().position(|c| c.id == id) else {
+            return;
+        };
+        let closed = connections.swap_remove(at);
+        if connections.is_empty() {
+            self.connections.remove(&peer);
         }
         if remaining == 0 {
             // A counter outlives its peer's connections while their streams wind down, so a
             // peer that reconnects at once still counts them against its share.
-            let connections = &self.connections;
-            self.open_inbound_per_peer.retain(|peer, open| {
-                connections.contains_key(peer) || open.load(Ordering::Acquire) > 0
-            });
+            if self
+                .open_inbound_per_peer
+                .get(&peer)
+                .is_some_and(|open| open.load(Ordering::Acquire) == 0)
+            {
+                self.open_inbound_per_peer.remove(&peer);
+            }
         }
-        let lost: Vec<_> = self
-            .outbound
-            .iter()
-            .filter(|(_, o)| o.connection == Some(connection))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in lost {
-            self.finish_outbound(peer, id, Err(OutboundFailure::ConnectionClosed));
+        for request in closed.pending_outbound_requests {
+            if self.pending_outbound_requests.contains_key(&request) {
+                self.finish_outbound(peer, request, Err(OutboundFailure::ConnectionClosed));
+            }
         }
-        let unanswered: Vec<_> = self
-            .awaiting_answer
-            .values()
-            .filter(|route| route.connection == connection)
-            .map(|route| route.id)
-            .collect();
-        for id in unanswered {
-            self.awaiting_answer.remove(&id);
-            self.emit(Event::InboundFailure {
-                peer,
-                request_id: id,
-                error: InboundFailure::ConnectionClosed,
-            });
+        for request in closed.pending_inbound_responses {
+            if self.pending_inbound_responses.remove(&request).is_some() {
+                self.emit(Event::InboundFailure {
+                    peer,
+                    request_id: request,
+                    error: InboundFailure::ConnectionClosed,
+                });
+            }
         }
     }
 
-    fn on_report(&mut self, peer: PeerId, connection: ConnectionId, report: Report) {
-        match report {
-            Report::Request {
+    fn on_handler_event(&mut self, peer: PeerId, connection: ConnectionId, event: HandlerEvent) {
+        match event {
+            HandlerEvent::InboundRequest {
                 id,
                 request,
-                verdict,
-            } => self.on_request(
-                Route {
-                    peer,
-                    connection,
-                    id,
-                },
-                request,
-                verdict,
-            ),
-            Report::Answered { id, rpc } => self.emit(Event::ResponseSent {
+                response,
+            } => self.on_inbound_request(peer, connection, id, request, response),
+            HandlerEvent::ResponseSent { id, rpc } => self.emit(Event::ResponseSent {
                 peer,
                 request_id: id,
                 rpc,
             }),
-            Report::InboundFailed { id, error } => {
-                self.awaiting_answer.remove(&id);
+            HandlerEvent::InboundFailure { id, error } => {
+                if self.pending_inbound_responses.remove(&id).is_some() {
+                    if let Some(c) = self.connection_mut(peer, connection) {
+                        c.pending_inbound_responses.remove(&id);
+                    }
+                }
                 self.emit(Event::InboundFailure {
                     peer,
                     request_id: id,
                     error,
                 });
             }
-            Report::Reply { id, reply } => {
-                if self.outbound.contains_key(&id) {
-                    self.finish_outbound(peer, id, Ok(reply));
-                }
+            HandlerEvent::Response { id, response } => {
+                self.end_outbound_on(peer, connection, id, Ok(response))
             }
-            Report::OutboundFailed { id, error } => {
-                if self.outbound.contains_key(&id) {
-                    self.finish_outbound(peer, id, Err(error));
-                }
+            HandlerEvent::OutboundFailure { id, error } => {
+                self.end_outbound_on(peer, connection, id, Err(error))
             }
         }
     }
 
-    fn remember_address(&mut self, peer: PeerId, addr: Multiaddr) {
-        let addresses = match self.addresses.get_mut(&peer) {
-            Some(addresses) => addresses,
-            None => {
-                self.addresses.insert(peer, Vec::new());
-                self.addresses.get_mut(&peer).expect("just inserted")
-            }
-        };
-        if !addresses.contains(&addr) {
-            if addresses.len() == MAX_ADDRESSES_PER_PEER {
-                addresses.remove(0);
-            }
-            addresses.push(addr);
+    fn end_outbound_on(
+        &mut self,
+        peer: PeerId,
+        connection: ConnectionId,
+        id: OutboundRequestId,
+        result: Result<Response, OutboundFailure>,
+    ) {
+        if let Some(c) = self.connection_mut(peer, connection) {
+            c.pending_outbound_requests.remove(&id);
+        }
+        if self.pending_outbound_requests.contains_key(&id) {
+            self.finish_outbound(peer, id, result);
         }
     }
 
@@ -833,8 +814,8 @@ impl Behaviour {
         if self.connections.contains_key(&peer) {
             return;
         }
-        let requests = self.awaiting_connection.remove(&peer).unwrap_or_default();
-        for (_, request) in requests {
+        let waiting = self.pending_dials.remove(&peer).unwrap_or_default();
+        for (_, request) in waiting {
             let error = OutboundFailure::DialFailure(error.clone());
             self.finish_outbound(peer, request.id, Err(error));
         }
@@ -877,16 +858,13 @@ impl NetworkBehaviour for Behaviour {
         _: &[Multiaddr],
         _: Endpoint,
     ) -> Result<Vec<Multiaddr>, ConnectionDenied> {
-        Ok(peer
-            .and_then(|peer| self.addresses.get(&peer).cloned())
-            .unwrap_or_default())
+        Ok(peer.map_or_else(Vec::new, |peer| self.addresses.get(&peer).collect()))
     }
 
     fn on_swarm_event(&mut self, event: FromSwarm) {
+        // Learns addresses from `Swarm::add_peer_address`, forgets those that failed.
+        self.addresses.on_swarm_event(&event);
         match event {
-            FromSwarm::NewExternalAddrOfPeer(NewExternalAddrOfPeer { peer_id, addr }) => {
-                self.remember_address(peer_id, addr.clone())
-            }
             FromSwarm::ConnectionEstablished(ConnectionEstablished {
                 peer_id,
                 connection_id,
@@ -911,20 +889,20 @@ impl NetworkBehaviour for Behaviour {
         &mut self,
         peer: PeerId,
         connection: ConnectionId,
-        ToBehaviour(reports): THandlerOutEvent<Self>,
+        HandlerEvents(events): THandlerOutEvent<Self>,
     ) {
-        for report in reports {
-            self.on_report(peer, connection, report);
+        for event in events {
+            self.on_handler_event(peer, connection, event);
         }
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<ToSwarm<Event, THandlerInEvent<Self>>> {
         loop {
-            if let Some(event) = self.pending.pop_front() {
+            if let Some(event) = self.pending_events.pop_front() {
                 return Poll::Ready(event);
             }
             self.poll_dial_deadlines(cx);
-            if !self.pending.is_empty() {
+            if !self.pending_events.is_empty() {
                 continue;
             }
             // The behaviour holds a sender itself, so the stream never ends.

@@ -9,12 +9,15 @@ use std::{
 
 use futures::{
     channel::{mpsc, oneshot},
+    lock::Mutex as AsyncMutex,
     FutureExt, SinkExt,
 };
 use hashlink::LruCache;
 use libp2p_identity::PeerId;
 
-use crate::{Digest, NodeId, OutboundFailure, PleasePull, PleasePullOutcome, PullIntent};
+use crate::{
+    protocol::Response, Digest, NodeId, OutboundFailure, PleasePull, PleasePullOutcome, PullIntent,
+};
 
 /// Node ids whose peer ids a [`Coordinator`] remembers after being taught them.
 const TAUGHT_PEERS: usize = 4096;
@@ -72,22 +75,12 @@ pub(crate) enum Request {
     PleasePull(PleasePull),
 }
 
-#[derive(Debug)]
-pub(crate) enum Reply {
-    PullIntent(PullIntent),
-    PleasePull {
-        outcomes: Vec<PleasePullOutcome>,
-        /// Results whose digest was invalid, skipped as the Go client skips them.
-        skipped_results: usize,
-    },
-}
-
-pub(crate) type ReplySender = oneshot::Sender<Result<Reply, OutboundFailure>>;
+pub(crate) type ResponseSender = oneshot::Sender<Result<Response, OutboundFailure>>;
 
 pub(crate) struct Command {
     pub(crate) peer: PeerId,
     pub(crate) request: Request,
-    pub(crate) reply: ReplySender,
+    pub(crate) response: ResponseSender,
     /// The end of the call's one budget.
     pub(crate) deadline: Instant,
 }
@@ -97,7 +90,9 @@ pub(crate) struct Command {
 /// Dropping a call's future cancels it: its result is discarded when it arrives.
 #[derive(Clone)]
 pub struct Coordinator {
-    commands: mpsc::Sender<Command>,
+    /// One sender shared by every clone, so the queue's bound holds for all of them
+    /// together (each clone of a sender would get a slot of its own).
+    commands: Arc<AsyncMutex<mpsc::Sender<Command>>>,
     resolver: Option<Resolver>,
     taught: Arc<Mutex<LruCache<NodeId, PeerId>>>,
     deadline: Duration,
@@ -115,7 +110,7 @@ impl fmt::Debug for Coordinator {
 impl Coordinator {
     pub(crate) fn new(commands: mpsc::Sender<Command>, deadline: Duration) -> Self {
         Coordinator {
-            commands,
+            commands: Arc::new(AsyncMutex::new(commands)),
             resolver: None,
             taught: Arc::new(Mutex::new(LruCache::new(TAUGHT_PEERS))),
             deadline,
@@ -162,8 +157,8 @@ impl Coordinator {
             .call(peer, Request::PullIntent(digest.clone()), deadline)
             .await?
         {
-            Reply::PullIntent(intent) => Ok(intent),
-            Reply::PleasePull { .. } => Err(OutboundFailure::UnexpectedReply.into()),
+            Response::PullIntent(intent) => Ok(intent),
+            Response::PleasePull { .. } => Err(OutboundFailure::UnexpectedResponse.into()),
         }
     }
 
@@ -185,9 +180,9 @@ impl Coordinator {
                 .call(peer, Request::PleasePull(batch), deadline)
                 .await?
             {
-                Reply::PleasePull { outcomes, .. } => Ok(outcomes),
-                Reply::PullIntent(_) => {
-                    Err(CoordinatorError::from(OutboundFailure::UnexpectedReply))
+                Response::PleasePull { outcomes, .. } => Ok(outcomes),
+                Response::PullIntent(_) => {
+                    Err(CoordinatorError::from(OutboundFailure::UnexpectedResponse))
                 }
             }
         });
@@ -207,17 +202,18 @@ impl Coordinator {
         peer: PeerId,
         request: Request,
         deadline: Instant,
-    ) -> Result<Reply, CoordinatorError> {
-        let (reply, result) = oneshot::channel();
+    ) -> Result<Response, CoordinatorError> {
+        let (response, result) = oneshot::channel();
         let command = Command {
             peer,
             request,
-            reply,
+            response,
             deadline,
         };
         let exchange = async {
             self.commands
-                .clone()
+                .lock()
+                .await
                 .send(command)
                 .await
                 .map_err(|_| CoordinatorError::Shutdown)?;

@@ -8,7 +8,7 @@ pub enum AuthorizationMode {
     /// Serve everyone; report unrecognized peers.
     #[default]
     Observe,
-    /// Close the stream of an unrecognized or unevaluable peer without a reply.
+    /// Close the stream of an unrecognized or unevaluable peer without a response.
     Enforce,
 }
 
@@ -59,21 +59,21 @@ impl Config {
         self
     }
 
-    /// Deadline for a whole inbound exchange, reading the request and writing the reply,
+    /// Deadline for a whole inbound exchange, reading the request and writing the response,
     /// counted from the stream's opening (default 5 s).
     pub fn with_handshake_timeout(mut self, timeout: Duration) -> Self {
         self.handshake_timeout = timeout;
         self
     }
 
-    /// How long the swarm loop has to answer a request once it is read (default 2 s).
+    /// How long the swarm loop has to respond to a request once it is read (default 2 s).
     pub fn with_answer_timeout(mut self, timeout: Duration) -> Self {
         self.answer_timeout = timeout;
         self
     }
 
     /// Deadline for an outbound request once its connection is up: opening the stream,
-    /// writing the request and reading the reply (default 2 s).
+    /// writing the request and reading the response (default 2 s).
     pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
         self

@@ -4,8 +4,8 @@ use std::io;
 
 use crate::{codec::FrameError, DigestError, StreamCap};
 
-/// Why an outbound request ended without a reply. Each request id ends in exactly one
-/// reply event or one of these.
+/// Why an outbound request ended without a response. Each request id ends in exactly one
+/// response event or one of these.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum OutboundFailure {
@@ -15,25 +15,25 @@ pub enum OutboundFailure {
     /// The peer was not connected and no connection came up within the dial timeout.
     #[error("dial timed out")]
     DialTimeout,
-    /// The reply did not arrive within the request timeout.
+    /// The response did not arrive within the request timeout.
     #[error("request timed out")]
     Timeout,
-    /// The connection closed before the reply arrived.
-    #[error("connection closed before the reply")]
+    /// The connection closed before the response arrived.
+    #[error("connection closed before the response")]
     ConnectionClosed,
     /// The peer does not speak `/gantry/coord/1.0.0`.
     #[error("peer does not support the coord protocol")]
     UnsupportedProtocols,
-    /// The peer closed the stream without a reply: how a responder rejects a request
+    /// The peer closed the stream without a response: how a responder rejects a request
     /// (invalid input, unauthorized, overloaded).
-    #[error("peer closed the stream without a reply (request rejected)")]
-    NoReply,
-    /// The reply could not be read as a frame.
-    #[error("malformed reply: {0}")]
-    MalformedReply(FrameError),
-    /// The reply is of the other RPC family, or carries an invalid digest.
-    #[error("reply does not answer the request")]
-    UnexpectedReply,
+    #[error("peer closed the stream without a response (request rejected)")]
+    NoResponse,
+    /// The response could not be read as a frame.
+    #[error("malformed response: {0}")]
+    MalformedResponse(FrameError),
+    /// The response is of the other RPC family, or carries an invalid digest.
+    #[error("response does not answer the request")]
+    UnexpectedResponse,
     /// The encoded request exceeds the message cap; nothing was sent.
     #[error("request of {len} bytes exceeds the cap of {max} bytes")]
     RequestTooLarge {
@@ -56,7 +56,7 @@ pub enum OutboundFailure {
     Io(#[source] io::Error),
 }
 
-/// Why an inbound stream ended without a normal reply.
+/// Why an inbound stream ended without a normal response.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum InboundFailure {
@@ -66,12 +66,12 @@ pub enum InboundFailure {
     /// The handshake deadline passed before the exchange finished.
     #[error("handshake deadline passed")]
     Timeout,
-    /// The swarm loop did not answer within the answer deadline.
-    #[error("request not answered in time")]
+    /// The swarm loop did not respond within the answer deadline.
+    #[error("no response in time")]
     AnswerTimeout,
-    /// The responder token was dropped without an answer, so none can come.
-    #[error("request dropped without an answer")]
-    Unanswered,
+    /// The responder token was dropped without a response, so none can come.
+    #[error("request dropped without a response")]
+    ResponseOmission,
     /// The length prefix declared a body above the cap; nothing of it was read.
     #[error("request of {len} bytes exceeds the cap")]
     Oversized {
@@ -93,16 +93,16 @@ pub enum InboundFailure {
     /// A please_pull_request without registry or repository.
     #[error("please_pull without registry or repository")]
     MissingOrigin,
-    /// The answer given exceeded the message cap, so none was sent.
-    #[error("reply of {len} bytes exceeds the cap")]
-    ReplyTooLarge {
-        /// Encoded body length of the refused reply.
+    /// The response given exceeded the message cap, so none was sent.
+    #[error("response of {len} bytes exceeds the cap")]
+    ResponseTooLarge {
+        /// Encoded body length of the refused response.
         len: u64,
     },
     /// The peer is not authorized and authorization is enforced.
     #[error("unauthorized peer: {0}")]
     Unauthorized(UnauthorizedReason),
-    /// The connection closed before the answer was written.
+    /// The connection closed before the response was written.
     #[error("connection closed")]
     ConnectionClosed,
     /// The stream failed while reading or writing.
@@ -130,15 +130,15 @@ pub enum UnauthorizedReason {
     Unevaluable,
 }
 
-/// Why an answer could not be sent.
+/// Why a response could not be sent.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
-pub enum RespondError {
+pub enum ResponseError {
     /// The request is no longer waiting: its answer deadline passed or its connection closed.
-    #[error("the request is no longer awaiting an answer")]
+    #[error("the request no longer awaits a response")]
     Expired,
-    /// The encoded reply exceeds the message cap; the stream was closed without a reply.
-    #[error("reply of {len} bytes exceeds the cap of {max} bytes")]
+    /// The encoded response exceeds the message cap; the stream was closed without a response.
+    #[error("response of {len} bytes exceeds the cap of {max} bytes")]
     TooLarge {
         /// Encoded body length.
         len: u64,

@@ -1,9 +1,20 @@
 //! One handler per connection: drives every coord stream of that connection as an
-//! explicit state machine, each with its deadline, and reports to the behaviour what it
-//! read and what failed. It never decides an answer.
+//! explicit state machine and tells the behaviour what it read and what failed. It never
+//! decides a response.
+//!
+//! | stream   | state              | what it waits for                  | deadline                                |
+//! |----------|--------------------|------------------------------------|-----------------------------------------|
+//! | inbound  | `Reading`          | the request frame                  | opened + handshake timeout (5 s)        |
+//! | inbound  | `AwaitingResponse` | the behaviour's [`InboundResponse`] | read + answer timeout (2 s), at most the handshake deadline |
+//! | inbound  | `Closing`          | the response written, or none      | the handshake deadline                  |
+//! | outbound | `Writing`          | the request written, write side closed | the request's one budget            |
+//! | outbound | `Reading`          | the response frame                 | the request's one budget                |
+//!
+//! A stream at its deadline ends; the [`StreamSet`] polls each stream only when its I/O
+//! woke it or its deadline came.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::VecDeque,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -12,38 +23,42 @@ use std::{
     time::Instant,
 };
 
-use futures::{channel::oneshot, FutureExt};
+use futures::{channel::oneshot, AsyncRead, AsyncWrite, FutureExt};
 use libp2p_core::upgrade::ReadyUpgrade;
 use libp2p_identity::PeerId;
 use libp2p_swarm::{
     handler::{ConnectionEvent, DialUpgradeError, FullyNegotiatedInbound, FullyNegotiatedOutbound},
-    ConnectionHandler, ConnectionHandlerEvent, Stream, StreamUpgradeError, SubstreamProtocol,
+    ConnectionHandler, ConnectionHandlerEvent, Stream, StreamProtocol, StreamUpgradeError,
+    SubstreamProtocol,
 };
 
 use crate::{
     budget::{StreamBudget, StreamPermit},
-    client,
     codec::{FrameError, FrameReader, FrameWriter, ReadError},
-    message::{decode_reply, RequestRejection, WireRequest},
-    schedule::{Schedule, StreamKey},
-    wire, Config, InboundFailure, InboundRequestId, OutboundFailure, OutboundRequestId, Rpc,
+    protocol::{decode_response, InboundRequest, Response, Rpc},
+    stream_set::{Step, StreamMachine, StreamSet},
+    wire, Config, InboundFailure, InboundRequestId, OutboundFailure, OutboundRequestId,
     PROTOCOL_NAME,
 };
 
-/// Commands from the behaviour.
+/// Outbound streams one connection runs at once; further requests wait their turn, as
+/// every rust-libp2p protocol bounds them.
+const MAX_OUTBOUND_STREAMS: usize = 128;
+
+/// Events from the behaviour to a handler.
 #[derive(Debug)]
-pub enum FromBehaviour {
-    /// Send an encoded request frame.
-    Send(OutboundRequest),
+pub enum HandlerIn {
+    /// Open a stream and send this request on it.
+    SendRequest(OutboundRequest),
 }
 
-/// What becomes of an inbound request once it is read. It goes straight to the waiting
-/// stream, not through the swarm, so an answer costs no extra hop.
+/// What the behaviour decided for an inbound request. It goes straight to the waiting
+/// stream through a oneshot, not through the swarm, so a response costs no extra hop.
 #[derive(Debug)]
-pub enum Verdict {
-    /// Encode this reply, write it and close. `respond` has checked it fits the cap.
-    Reply { rpc: Rpc, envelope: wire::Envelope },
-    /// Close without a reply.
+pub enum InboundResponse {
+    /// Encode this response, write it and close. `send_response` checked it fits the cap.
+    Send { rpc: Rpc, envelope: wire::Envelope },
+    /// Close without a response.
     Reject(InboundFailure),
 }
 
@@ -58,40 +73,47 @@ pub struct OutboundRequest {
     pub(crate) deadline: Instant,
 }
 
-/// Reports to the behaviour, delivered in batches: each crossing from the connection's
-/// task to the swarm's costs more than handling the report itself.
+/// Events from a handler to the behaviour, delivered in batches: each crossing from the
+/// connection's task to the swarm's costs more than handling the event itself.
 #[derive(Debug)]
-pub struct ToBehaviour(pub(crate) Vec<Report>);
+pub struct HandlerEvents(pub(crate) Vec<HandlerEvent>);
 
-/// Reports in a batch stop growing here, so the first does not wait on too many more.
+/// A batch stops growing here, so the first event does not wait on too many more.
 const MAX_BATCH: usize = 8;
 
-/// One report to the behaviour.
+/// One event from a handler to the behaviour.
 #[derive(Debug)]
-pub enum Report {
-    /// A request was read, or found invalid; the behaviour owes a verdict.
-    Request {
+pub enum HandlerEvent {
+    /// A request was read, valid or not; the behaviour owes the stream a response.
+    InboundRequest {
         id: InboundRequestId,
-        request: Result<WireRequest, InboundFailure>,
-        verdict: oneshot::Sender<Verdict>,
+        request: Result<InboundRequest, InboundFailure>,
+        response: oneshot::Sender<InboundResponse>,
     },
-    /// The reply to an inbound request was written and the stream closed.
-    Answered { id: InboundRequestId, rpc: Rpc },
-    /// An inbound stream ended without a normal reply.
-    InboundFailed {
+    /// The response to an inbound request was written and the stream closed.
+    ResponseSent { id: InboundRequestId, rpc: Rpc },
+    /// An inbound stream ended without a response.
+    InboundFailure {
         id: InboundRequestId,
         error: InboundFailure,
     },
-    /// A reply arrived and was decoded.
-    Reply {
+    /// A response arrived and was decoded.
+    Response {
         id: OutboundRequestId,
-        reply: client::Reply,
+        response: Response,
     },
     /// An outbound request failed.
-    OutboundFailed {
+    OutboundFailure {
         id: OutboundRequestId,
         error: OutboundFailure,
     },
+}
+
+/// Names one stream of a handler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum StreamKey {
+    Inbound(u64),
+    Outbound(u64),
 }
 
 /// The connection handler of `/gantry/coord/1.0.0`.
@@ -100,15 +122,14 @@ pub struct Handler {
     config: Arc<Config>,
     budget: StreamBudget,
     next_inbound_id: Arc<AtomicU64>,
-    inbound: HashMap<u64, InboundStream>,
-    outbound: HashMap<u64, OutboundStream>,
-    /// Requests waiting for a stream to be opened for them, with their deadlines.
-    queued: VecDeque<(OutboundRequest, Instant)>,
-    /// Streams requested from the connection and not yet negotiated.
+    streams: StreamSet<StreamKey, CoordStream>,
+    /// Requests waiting for a stream to be opened for them.
+    pending_outbound: VecDeque<OutboundRequest>,
+    /// Outbound streams requested from the connection and not yet negotiated.
     opening: usize,
-    reports: Vec<Report>,
-    /// Which streams to poll next, and the one timer for all their deadlines.
-    schedule: Schedule,
+    /// Outbound streams in the set.
+    open_outbound: usize,
+    events: Vec<HandlerEvent>,
 }
 
 impl Handler {
@@ -123,12 +144,11 @@ impl Handler {
             config,
             budget,
             next_inbound_id,
-            inbound: HashMap::new(),
-            outbound: HashMap::new(),
-            queued: VecDeque::new(),
+            streams: StreamSet::default(),
+            pending_outbound: VecDeque::new(),
             opening: 0,
-            reports: Vec::new(),
-            schedule: Schedule::default(),
+            open_outbound: 0,
+            events: Vec::new(),
         }
     }
 
@@ -136,29 +156,19 @@ impl Handler {
         let id = InboundRequestId(self.next_inbound_id.fetch_add(1, Ordering::Relaxed));
         match self.budget.try_admit() {
             Ok(permit) => {
-                let key = StreamKey::Inbound(id.0);
-                let deadline = Instant::now() + self.config.handshake_timeout;
-                self.inbound.insert(
-                    id.0,
-                    InboundStream {
-                        id,
-                        stream,
-                        state: InboundState::Reading(FrameReader::default()),
-                        deadline,
-                        armed: Some(deadline),
-                        waker: self.schedule.waker(key),
-                        span: tracing::debug_span!("coord_inbound", peer = %self.peer, id = id.0),
-                        _permit: permit,
-                    },
+                let span = tracing::debug_span!("coord_inbound", peer = %self.peer, id = id.0);
+                let inbound =
+                    InboundStream::new(id, stream, Instant::now(), self.config.clone(), permit);
+                self.streams.insert(
+                    StreamKey::Inbound(id.0),
+                    CoordStream::Inbound(inbound, span),
                 );
-                self.schedule.reschedule(key, None, Some(deadline));
-                self.schedule.wake(key);
             }
             Err(cap) => {
                 // Dropping an open stream resets it: nothing is read.
                 drop(stream);
                 tracing::debug!(peer = %self.peer, ?cap, "inbound stream over the cap, reset");
-                self.reports.push(Report::InboundFailed {
+                self.events.push(HandlerEvent::InboundFailure {
                     id,
                     error: InboundFailure::StreamCap(cap),
                 });
@@ -166,33 +176,20 @@ impl Handler {
         }
     }
 
-    fn on_outbound_stream(
-        &mut self,
-        stream: Stream,
-        (request, deadline): (OutboundRequest, Instant),
-    ) {
+    fn on_outbound_stream(&mut self, stream: Stream, request: OutboundRequest) {
         self.opening -= 1;
+        self.open_outbound += 1;
         tracing::trace!(peer = %self.peer, id = request.id.0, "stream negotiated");
+        let span = tracing::debug_span!("coord_outbound", peer = %self.peer, id = request.id.0);
         let key = StreamKey::Outbound(request.id.0);
-        self.outbound.insert(
-            request.id.0,
-            OutboundStream {
-                id: request.id,
-                rpc: request.rpc,
-                stream,
-                state: OutboundState::Writing(FrameWriter::new(request.frame)),
-                deadline,
-                waker: self.schedule.waker(key),
-                span: tracing::debug_span!("coord_outbound", peer = %self.peer, id = request.id.0),
-            },
-        );
-        self.schedule.reschedule(key, None, Some(deadline));
-        self.schedule.wake(key);
+        let outbound = OutboundStream::new(request, stream, self.config.clone());
+        self.streams
+            .insert(key, CoordStream::Outbound(outbound, span));
     }
 
     fn on_dial_upgrade_error(
         &mut self,
-        (request, _): (OutboundRequest, Instant),
+        request: OutboundRequest,
         error: StreamUpgradeError<std::convert::Infallible>,
     ) {
         self.opening -= 1;
@@ -202,154 +199,99 @@ impl Handler {
             StreamUpgradeError::Io(e) => OutboundFailure::Io(e),
             StreamUpgradeError::Apply(never) => match never {},
         };
-        self.reports.push(Report::OutboundFailed {
+        self.events.push(HandlerEvent::OutboundFailure {
             id: request.id,
             error,
         });
     }
 
-    fn flush_reports(
+    fn flush_events(
         &mut self,
-    ) -> ConnectionHandlerEvent<
-        ReadyUpgrade<libp2p_swarm::StreamProtocol>,
-        (OutboundRequest, Instant),
-        ToBehaviour,
-    > {
-        ConnectionHandlerEvent::NotifyBehaviour(ToBehaviour(std::mem::take(&mut self.reports)))
-    }
-
-    /// Polls one stream that is due, queueing what it reports and dropping it once done.
-    fn poll_stream(&mut self, key: StreamKey, now: Instant) {
-        match key {
-            StreamKey::Inbound(id) => {
-                let Some(stream) = self.inbound.get_mut(&id) else {
-                    return;
-                };
-                let _entered = stream.span.clone().entered();
-                let waker = stream.waker.clone();
-                let mut cx = Context::from_waker(&waker);
-                let step = stream.poll(&mut cx, now, &self.config);
-                let armed = stream.armed;
-                match step {
-                    Poll::Ready(InboundStep::Done(event)) => {
-                        self.schedule.reschedule(key, armed, None);
-                        self.inbound.remove(&id);
-                        self.reports.push(event);
-                    }
-                    step => {
-                        let next = stream.next_deadline();
-                        stream.armed = Some(next);
-                        self.schedule.reschedule(key, armed, Some(next));
-                        if let Poll::Ready(InboundStep::Read(request, verdict)) = step {
-                            // Poll it again so it waits on its verdict with its own waker.
-                            self.schedule.wake(key);
-                            self.reports.push(Report::Request {
-                                id: stream.id,
-                                request,
-                                verdict,
-                            });
-                        }
-                    }
-                }
-            }
-            StreamKey::Outbound(id) => {
-                let Some(stream) = self.outbound.get_mut(&id) else {
-                    return;
-                };
-                let _entered = stream.span.clone().entered();
-                let waker = stream.waker.clone();
-                let mut cx = Context::from_waker(&waker);
-                if let Poll::Ready(event) = stream.poll(&mut cx, now, &self.config) {
-                    self.schedule.reschedule(key, Some(stream.deadline), None);
-                    self.outbound.remove(&id);
-                    self.reports.push(event);
-                }
-            }
-        }
+    ) -> ConnectionHandlerEvent<ReadyUpgrade<StreamProtocol>, OutboundRequest, HandlerEvents> {
+        ConnectionHandlerEvent::NotifyBehaviour(HandlerEvents(std::mem::take(&mut self.events)))
     }
 }
 
 impl ConnectionHandler for Handler {
-    type FromBehaviour = FromBehaviour;
-    type ToBehaviour = ToBehaviour;
-    type InboundProtocol = ReadyUpgrade<libp2p_swarm::StreamProtocol>;
-    type OutboundProtocol = ReadyUpgrade<libp2p_swarm::StreamProtocol>;
+    type FromBehaviour = HandlerIn;
+    type ToBehaviour = HandlerEvents;
+    type InboundProtocol = ReadyUpgrade<StreamProtocol>;
+    type OutboundProtocol = ReadyUpgrade<StreamProtocol>;
     type InboundOpenInfo = ();
-    type OutboundOpenInfo = (OutboundRequest, Instant);
+    type OutboundOpenInfo = OutboundRequest;
 
     fn listen_protocol(&self) -> SubstreamProtocol<Self::InboundProtocol> {
         SubstreamProtocol::new(ReadyUpgrade::new(PROTOCOL_NAME), ())
     }
 
-    fn on_behaviour_event(&mut self, event: FromBehaviour) {
-        match event {
-            FromBehaviour::Send(request) => {
-                tracing::trace!(peer = %self.peer, id = request.id.0, "request queued");
-                let deadline = request.deadline;
-                self.queued.push_back((request, deadline));
-            }
-        }
+    fn on_behaviour_event(&mut self, HandlerIn::SendRequest(request): HandlerIn) {
+        tracing::trace!(peer = %self.peer, id = request.id.0, "request queued");
+        self.pending_outbound.push_back(request);
     }
 
     fn connection_keep_alive(&self) -> bool {
-        !self.inbound.is_empty()
-            || !self.outbound.is_empty()
-            || !self.queued.is_empty()
-            || self.opening > 0
+        !self.streams.is_empty() || !self.pending_outbound.is_empty() || self.opening > 0
     }
 
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<ConnectionHandlerEvent<Self::OutboundProtocol, Self::OutboundOpenInfo, ToBehaviour>>
+    ) -> Poll<ConnectionHandlerEvent<Self::OutboundProtocol, Self::OutboundOpenInfo, HandlerEvents>>
     {
         loop {
-            // Local work first: streams for queued requests, then a full batch of reports.
+            // Local work first: streams for pending requests, then a full batch of events.
             let now = Instant::now();
-            if let Some((request, deadline)) = self.queued.pop_front() {
-                if deadline <= now {
-                    self.reports.push(Report::OutboundFailed {
-                        id: request.id,
-                        error: OutboundFailure::Timeout,
+            if self.opening + self.open_outbound < MAX_OUTBOUND_STREAMS {
+                if let Some(request) = self.pending_outbound.pop_front() {
+                    if request.deadline <= now {
+                        self.events.push(HandlerEvent::OutboundFailure {
+                            id: request.id,
+                            error: OutboundFailure::Timeout,
+                        });
+                        continue;
+                    }
+                    self.opening += 1;
+                    tracing::trace!(peer = %self.peer, id = request.id.0, "stream requested");
+                    let timeout = request.deadline - now;
+                    let protocol =
+                        SubstreamProtocol::new(ReadyUpgrade::new(PROTOCOL_NAME), request)
+                            .with_timeout(timeout);
+                    return Poll::Ready(ConnectionHandlerEvent::OutboundSubstreamRequest {
+                        protocol,
                     });
-                    continue;
                 }
-                self.opening += 1;
-                tracing::trace!(peer = %self.peer, id = request.id.0, "stream requested");
-                let protocol =
-                    SubstreamProtocol::new(ReadyUpgrade::new(PROTOCOL_NAME), (request, deadline))
-                        .with_timeout(deadline - now);
-                return Poll::Ready(ConnectionHandlerEvent::OutboundSubstreamRequest { protocol });
             }
-
-            if self.reports.len() >= MAX_BATCH {
-                return Poll::Ready(self.flush_reports());
+            if self.events.len() >= MAX_BATCH {
+                return Poll::Ready(self.flush_events());
             }
-            match self.schedule.poll_next_due(cx) {
-                // A fresh `now`: the deadline that made the stream due may be later than
-                // the one read at the top of the loop.
-                Poll::Ready(key) => self.poll_stream(key, Instant::now()),
-                Poll::Pending if self.reports.is_empty() => return Poll::Pending,
-                Poll::Pending => return Poll::Ready(self.flush_reports()),
+            match self.streams.poll_next(cx, now) {
+                Poll::Ready((key, Step::Progress(event) | Step::Done(event))) => {
+                    if matches!(key, StreamKey::Outbound(_))
+                        && matches!(
+                            event,
+                            HandlerEvent::Response { .. } | HandlerEvent::OutboundFailure { .. }
+                        )
+                    {
+                        self.open_outbound -= 1;
+                    }
+                    self.events.push(event);
+                }
+                Poll::Pending if self.events.is_empty() => return Poll::Pending,
+                Poll::Pending => return Poll::Ready(self.flush_events()),
             }
         }
     }
 
-    fn poll_close(&mut self, _: &mut Context<'_>) -> Poll<Option<ToBehaviour>> {
+    fn poll_close(&mut self, _: &mut Context<'_>) -> Poll<Option<HandlerEvents>> {
         // What the streams reported before the connection went is still delivered.
         Poll::Ready(
-            (!self.reports.is_empty()).then(|| ToBehaviour(std::mem::take(&mut self.reports))),
+            (!self.events.is_empty()).then(|| HandlerEvents(std::mem::take(&mut self.events))),
         )
     }
 
     fn on_connection_event(
         &mut self,
-        event: ConnectionEvent<
-            Self::InboundProtocol,
-            Self::OutboundProtocol,
-            (),
-            Self::OutboundOpenInfo,
-        >,
+        event: ConnectionEvent<Self::InboundProtocol, Self::OutboundProtocol, (), OutboundRequest>,
     ) {
         match event {
             ConnectionEvent::FullyNegotiatedInbound(FullyNegotiatedInbound {
@@ -368,179 +310,206 @@ impl ConnectionHandler for Handler {
     }
 }
 
-/// An inbound stream: reading the request, awaiting the loop's answer, then writing the
-/// reply (or only closing, to reject) and closing.
-struct InboundStream {
+/// Either direction, each polled within its tracing span.
+enum CoordStream<Io = Stream> {
+    Inbound(InboundStream<Io>, tracing::Span),
+    Outbound(OutboundStream<Io>, tracing::Span),
+}
+
+impl<Io: AsyncRead + AsyncWrite + Unpin> StreamMachine for CoordStream<Io> {
+    type Output = HandlerEvent;
+
+    fn poll(&mut self, cx: &mut Context<'_>, now: Instant) -> Poll<Step<HandlerEvent>> {
+        match self {
+            CoordStream::Inbound(stream, span) => span.in_scope(|| stream.poll(cx, now)),
+            CoordStream::Outbound(stream, span) => {
+                span.in_scope(|| stream.poll(cx, now).map(Step::Done))
+            }
+        }
+    }
+
+    fn deadline(&self) -> Instant {
+        match self {
+            CoordStream::Inbound(stream, _) => stream.deadline(),
+            CoordStream::Outbound(stream, _) => stream.deadline,
+        }
+    }
+}
+
+/// An inbound stream: reading the request, awaiting the behaviour's response, then
+/// writing it (or nothing, to reject) and closing.
+struct InboundStream<Io> {
     id: InboundRequestId,
-    stream: Stream,
+    io: Io,
     state: InboundState,
     /// The handshake deadline: the whole exchange, from the stream's opening.
-    deadline: Instant,
-    /// The deadline registered with the schedule.
-    armed: Option<Instant>,
-    waker: std::task::Waker,
-    span: tracing::Span,
-    _permit: StreamPermit,
+    handshake_deadline: Instant,
+    config: Arc<Config>,
+    _permit: Option<StreamPermit>,
 }
 
 enum InboundState {
     Reading(FrameReader),
-    AwaitingAnswer {
-        answer_by: Instant,
-        verdict: oneshot::Receiver<Verdict>,
+    AwaitingResponse {
+        respond_by: Instant,
+        response: oneshot::Receiver<InboundResponse>,
     },
-    /// Writing the reply (or nothing, to reject) and closing.
+    /// Writing the response (or nothing, to reject) and closing.
     Closing {
         writer: FrameWriter,
-        ending: Ending,
+        outcome: ClosingOutcome,
     },
 }
 
-/// How an inbound stream that is closing ends.
-enum Ending {
-    Replied(Rpc),
+/// How a closing inbound stream ends.
+enum ClosingOutcome {
+    ResponseSent(Rpc),
     Rejected(InboundFailure),
 }
 
-enum InboundStep {
-    /// A request was read, valid or not; the stream now waits for its verdict.
-    Read(
-        Result<WireRequest, InboundFailure>,
-        oneshot::Sender<Verdict>,
-    ),
-    /// The stream is finished.
-    Done(Report),
-}
-
-impl InboundStream {
-    fn next_deadline(&self) -> Instant {
-        match self.state {
-            InboundState::AwaitingAnswer { answer_by, .. } => answer_by.min(self.deadline),
-            _ => self.deadline,
+impl<Io: AsyncRead + AsyncWrite + Unpin> InboundStream<Io> {
+    fn new(
+        id: InboundRequestId,
+        io: Io,
+        opened: Instant,
+        config: Arc<Config>,
+        permit: impl Into<Option<StreamPermit>>,
+    ) -> Self {
+        InboundStream {
+            id,
+            io,
+            state: InboundState::Reading(FrameReader::default()),
+            handshake_deadline: opened + config.handshake_timeout,
+            config,
+            _permit: permit.into(),
         }
     }
 
-    fn close_without_reply(&mut self, reason: InboundFailure) {
-        tracing::debug!(%reason, "closing inbound stream without a reply");
+    fn deadline(&self) -> Instant {
+        match self.state {
+            InboundState::AwaitingResponse { respond_by, .. } => {
+                respond_by.min(self.handshake_deadline)
+            }
+            _ => self.handshake_deadline,
+        }
+    }
+
+    fn close_without_response(&mut self, reason: InboundFailure) {
+        tracing::debug!(%reason, "closing inbound stream without a response");
         self.state = InboundState::Closing {
             writer: FrameWriter::close_only(),
-            ending: Ending::Rejected(reason),
+            outcome: ClosingOutcome::Rejected(reason),
         };
     }
 
-    fn done(&self, error: InboundFailure) -> Poll<InboundStep> {
-        Poll::Ready(InboundStep::Done(Report::InboundFailed {
+    fn failed(&self, error: InboundFailure) -> Poll<Step<HandlerEvent>> {
+        Poll::Ready(Step::Done(HandlerEvent::InboundFailure {
             id: self.id,
             error,
         }))
     }
 
-    fn poll(&mut self, cx: &mut Context<'_>, now: Instant, config: &Config) -> Poll<InboundStep> {
+    fn poll(&mut self, cx: &mut Context<'_>, now: Instant) -> Poll<Step<HandlerEvent>> {
         loop {
-            if now >= self.deadline {
+            if now >= self.handshake_deadline {
                 let error = match &self.state {
                     InboundState::Closing {
-                        ending: Ending::Rejected(reason),
+                        outcome: ClosingOutcome::Rejected(reason),
                         ..
                     } => reason.clone(),
                     _ => InboundFailure::Timeout,
                 };
-                return self.done(error);
+                return self.failed(error);
             }
             match &mut self.state {
                 InboundState::Reading(reader) => {
-                    match reader.poll_read(&mut self.stream, cx, config.max_message_bytes) {
-                        Poll::Pending => return Poll::Pending,
-                        Poll::Ready(Ok((envelope, len))) => {
+                    let max = self.config.max_message_bytes;
+                    match futures::ready!(reader.poll_read(&mut self.io, cx, max)) {
+                        Ok((envelope, len)) => {
                             // An invalid request goes up too: the behaviour authorizes the
                             // peer before the request's validity counts.
-                            let request = WireRequest::from_wire(envelope, len).map_err(Into::into);
+                            let request = InboundRequest::from_wire(envelope, len);
                             tracing::trace!(?request, "request read");
-                            let (verdict, receiver) = oneshot::channel();
-                            self.state = InboundState::AwaitingAnswer {
-                                answer_by: now + config.answer_timeout,
-                                verdict: receiver,
+                            let (response, receiver) = oneshot::channel();
+                            self.state = InboundState::AwaitingResponse {
+                                respond_by: now + self.config.answer_timeout,
+                                response: receiver,
                             };
-                            return Poll::Ready(InboundStep::Read(request, verdict));
+                            return Poll::Ready(Step::Progress(HandlerEvent::InboundRequest {
+                                id: self.id,
+                                request,
+                                response,
+                            }));
                         }
-                        Poll::Ready(Err(ReadError::Closed)) => self
-                            .close_without_reply(InboundFailure::Malformed(FrameError::Truncated)),
-                        Poll::Ready(Err(ReadError::Frame(error))) => {
-                            self.close_without_reply(InboundFailure::from(error))
+                        Err(ReadError::Closed) => self.close_without_response(
+                            InboundFailure::Malformed(FrameError::Truncated),
+                        ),
+                        Err(ReadError::Frame(error)) => {
+                            self.close_without_response(InboundFailure::from(error))
                         }
-                        Poll::Ready(Err(ReadError::Io(error))) => {
-                            return self.done(InboundFailure::Io(error.kind()))
+                        Err(ReadError::Io(error)) => {
+                            return self.failed(InboundFailure::Io(error.kind()))
                         }
                     }
                 }
-                InboundState::AwaitingAnswer { answer_by, verdict } => {
-                    if now >= *answer_by {
-                        return self.done(InboundFailure::AnswerTimeout);
+                InboundState::AwaitingResponse {
+                    respond_by,
+                    response,
+                } => {
+                    if now >= *respond_by {
+                        return self.failed(InboundFailure::AnswerTimeout);
                     }
-                    match verdict.poll_unpin(cx) {
-                        Poll::Pending => return Poll::Pending,
-                        Poll::Ready(Ok(Verdict::Reply { rpc, envelope })) => {
+                    match futures::ready!(response.poll_unpin(cx)) {
+                        Ok(InboundResponse::Send { rpc, envelope }) => {
                             self.state = InboundState::Closing {
                                 writer: FrameWriter::new(
                                     prost::Message::encode_length_delimited_to_vec(&envelope),
                                 ),
-                                ending: Ending::Replied(rpc),
+                                outcome: ClosingOutcome::ResponseSent(rpc),
                             };
                         }
-                        Poll::Ready(Ok(Verdict::Reject(reason))) => {
-                            self.close_without_reply(reason)
-                        }
-                        Poll::Ready(Err(oneshot::Canceled)) => {
-                            self.close_without_reply(InboundFailure::Unanswered)
+                        Ok(InboundResponse::Reject(reason)) => self.close_without_response(reason),
+                        Err(oneshot::Canceled) => {
+                            self.close_without_response(InboundFailure::ResponseOmission)
                         }
                     }
                 }
-                InboundState::Closing { writer, ending } => {
-                    let result = futures::ready!(writer.poll_write_and_close(&mut self.stream, cx));
-                    let event = match (ending, result) {
-                        (Ending::Rejected(reason), _) => Report::InboundFailed {
+                InboundState::Closing { writer, outcome } => {
+                    let written = futures::ready!(writer.poll_write_and_close(&mut self.io, cx));
+                    let event = match (outcome, written) {
+                        (ClosingOutcome::Rejected(reason), _) => HandlerEvent::InboundFailure {
                             id: self.id,
                             error: reason.clone(),
                         },
-                        (Ending::Replied(rpc), Ok(())) => {
-                            tracing::trace!(?rpc, "reply written");
-                            Report::Answered {
+                        (ClosingOutcome::ResponseSent(rpc), Ok(())) => {
+                            tracing::trace!(?rpc, "response written");
+                            HandlerEvent::ResponseSent {
                                 id: self.id,
                                 rpc: *rpc,
                             }
                         }
-                        (Ending::Replied(_), Err(error)) => Report::InboundFailed {
-                            id: self.id,
-                            error: InboundFailure::Io(error.kind()),
-                        },
+                        (ClosingOutcome::ResponseSent(_), Err(error)) => {
+                            HandlerEvent::InboundFailure {
+                                id: self.id,
+                                error: InboundFailure::Io(error.kind()),
+                            }
+                        }
                     };
-                    return Poll::Ready(InboundStep::Done(event));
+                    return Poll::Ready(Step::Done(event));
                 }
             }
         }
     }
 }
 
-impl From<RequestRejection> for InboundFailure {
-    fn from(rejection: RequestRejection) -> Self {
-        match rejection {
-            RequestRejection::Empty => InboundFailure::EmptyEnvelope,
-            RequestRejection::WrongBody => InboundFailure::UnexpectedBody,
-            RequestRejection::InvalidDigest(error) => InboundFailure::InvalidDigest(error),
-            RequestRejection::MissingOrigin => InboundFailure::MissingOrigin,
-        }
-    }
-}
-
-/// An outbound stream: writing the request and half-closing, then reading the reply.
-struct OutboundStream {
+/// An outbound stream: writing the request and half-closing, then reading the response.
+struct OutboundStream<Io> {
     id: OutboundRequestId,
     rpc: Rpc,
-    stream: Stream,
+    io: Io,
     state: OutboundState,
     deadline: Instant,
-    waker: std::task::Waker,
-    span: tracing::Span,
+    config: Arc<Config>,
 }
 
 enum OutboundState {
@@ -548,16 +517,27 @@ enum OutboundState {
     Reading(FrameReader),
 }
 
-impl OutboundStream {
-    fn poll(&mut self, cx: &mut Context<'_>, now: Instant, config: &Config) -> Poll<Report> {
-        let failed = |error| Poll::Ready(Report::OutboundFailed { id: self.id, error });
+impl<Io: AsyncRead + AsyncWrite + Unpin> OutboundStream<Io> {
+    fn new(request: OutboundRequest, io: Io, config: Arc<Config>) -> Self {
+        OutboundStream {
+            id: request.id,
+            rpc: request.rpc,
+            io,
+            state: OutboundState::Writing(FrameWriter::new(request.frame)),
+            deadline: request.deadline,
+            config,
+        }
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>, now: Instant) -> Poll<HandlerEvent> {
+        let failed = |error| Poll::Ready(HandlerEvent::OutboundFailure { id: self.id, error });
         if now >= self.deadline {
             return failed(OutboundFailure::Timeout);
         }
         loop {
             match &mut self.state {
                 OutboundState::Writing(writer) => {
-                    match futures::ready!(writer.poll_write_and_close(&mut self.stream, cx)) {
+                    match futures::ready!(writer.poll_write_and_close(&mut self.io, cx)) {
                         Ok(()) => {
                             tracing::trace!("request written");
                             self.state = OutboundState::Reading(FrameReader::default());
@@ -566,18 +546,21 @@ impl OutboundStream {
                     }
                 }
                 OutboundState::Reading(reader) => {
-                    let max = config.max_message_bytes;
-                    return match futures::ready!(reader.poll_read(&mut self.stream, cx, max)) {
+                    let max = self.config.max_message_bytes;
+                    return match futures::ready!(reader.poll_read(&mut self.io, cx, max)) {
                         Ok((envelope, _)) => {
-                            tracing::trace!("reply read");
-                            match decode_reply(self.rpc, envelope, config.max_cooldown) {
-                                Ok(reply) => Poll::Ready(Report::Reply { id: self.id, reply }),
+                            tracing::trace!("response read");
+                            match decode_response(self.rpc, envelope, self.config.max_cooldown) {
+                                Ok(response) => Poll::Ready(HandlerEvent::Response {
+                                    id: self.id,
+                                    response,
+                                }),
                                 Err(error) => failed(error),
                             }
                         }
-                        Err(ReadError::Closed) => failed(OutboundFailure::NoReply),
+                        Err(ReadError::Closed) => failed(OutboundFailure::NoResponse),
                         Err(ReadError::Frame(error)) => {
-                            failed(OutboundFailure::MalformedReply(error))
+                            failed(OutboundFailure::MalformedResponse(error))
                         }
                         Err(ReadError::Io(error)) => failed(OutboundFailure::Io(error)),
                     };
@@ -585,4 +568,252 @@ impl OutboundStream {
             }
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The stream state machines on simulated time, over an in-memory stream.
+
+    use std::{
+        io,
+        pin::Pin,
+        time::{Duration, SystemTime},
+    };
+
+    use futures::task::noop_waker;
+
+    use super::*;
+    use crate::{protocol, Digest, PullIntent};
+
+    /// One side of a stream: reads what the test queued, then waits (or ends, once the
+    /// test closes it); keeps what was written.
+    #[derive(Default)]
+    struct MemoryIo {
+        input: Vec<u8>,
+        read: usize,
+        input_closed: bool,
+        output: Vec<u8>,
+        output_closed: bool,
+    }
+
+    impl AsyncRead for MemoryIo {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut [u8],
+        ) -> Poll<io::Result<usize>> {
+            let rest = &self.input[self.read..];
+            if rest.is_empty() {
+                return if self.input_closed {
+                    Poll::Ready(Ok(0))
+                } else {
+                    Poll::Pending
+                };
+            }
+            let n = rest.len().min(buf.len());
+            buf[..n].copy_from_slice(&rest[..n]);
+            self.read += n;
+            Poll::Ready(Ok(n))
+        }
+    }
+
+    impl AsyncWrite for MemoryIo {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.output.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_close(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.output_closed = true;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn config() -> Arc<Config> {
+        Arc::new(Config::default())
+    }
+
+    fn digest() -> Digest {
+        Digest::parse(&format!("sha256:{}", "ab".repeat(32))).unwrap()
+    }
+
+    fn poll_inbound(
+        stream: &mut InboundStream<MemoryIo>,
+        now: Instant,
+    ) -> Poll<Step<HandlerEvent>> {
+        stream.poll(&mut Context::from_waker(&noop_waker()), now)
+    }
+
+    fn inbound(t0: Instant) -> InboundStream<MemoryIo> {
+        InboundStream::new(InboundRequestId(1), MemoryIo::default(), t0, config(), None)
+    }
+
+    #[test]
+    fn a_silent_peer_is_cut_off_at_the_handshake_deadline() {
+        let t0 = Instant::now();
+        let mut stream = inbound(t0);
+        assert!(poll_inbound(&mut stream, t0).is_pending());
+        assert_eq!(stream.deadline(), t0 + Duration::from_secs(5));
+        assert!(poll_inbound(&mut stream, t0 + Duration::from_millis(4_999)).is_pending());
+        assert!(matches!(
+            poll_inbound(&mut stream, t0 + Duration::from_secs(5)),
+            Poll::Ready(Step::Done(HandlerEvent::InboundFailure {
+                error: InboundFailure::Timeout,
+                ..
+            }))
+        ));
+    }
+
+    #[test]
+    fn a_request_waits_for_its_response_until_the_answer_deadline() {
+        let t0 = Instant::now();
+        let mut stream = inbound(t0);
+        stream.io.input = protocol::pull_intent_request(&digest()).encode_length_delimited_to_vec();
+        let read = t0 + Duration::from_secs(1);
+        let Poll::Ready(Step::Progress(HandlerEvent::InboundRequest {
+            request, response, ..
+        })) = poll_inbound(&mut stream, read)
+        else {
+            panic!("the request is read");
+        };
+        assert!(matches!(request, Ok(InboundRequest::PullIntent(d)) if d == digest()));
+        // The answer deadline is 2 s after the read, within the 5 s handshake deadline.
+        assert_eq!(stream.deadline(), read + Duration::from_secs(2));
+        assert!(poll_inbound(&mut stream, read + Duration::from_millis(1_999)).is_pending());
+        assert!(matches!(
+            poll_inbound(&mut stream, read + Duration::from_secs(2)),
+            Poll::Ready(Step::Done(HandlerEvent::InboundFailure {
+                error: InboundFailure::AnswerTimeout,
+                ..
+            }))
+        ));
+        drop(response);
+    }
+
+    #[test]
+    fn a_response_is_written_and_the_stream_closed() {
+        let t0 = Instant::now();
+        let mut stream = inbound(t0);
+        stream.io.input = protocol::pull_intent_request(&digest()).encode_length_delimited_to_vec();
+        let Poll::Ready(Step::Progress(HandlerEvent::InboundRequest { response, .. })) =
+            poll_inbound(&mut stream, t0)
+        else {
+            panic!("the request is read");
+        };
+        let envelope = protocol::pull_intent_response(PullIntent::UNKNOWN);
+        response
+            .send(InboundResponse::Send {
+                rpc: Rpc::PullIntent,
+                envelope: envelope.clone(),
+            })
+            .unwrap();
+        assert!(matches!(
+            poll_inbound(&mut stream, t0 + Duration::from_millis(10)),
+            Poll::Ready(Step::Done(HandlerEvent::ResponseSent {
+                rpc: Rpc::PullIntent,
+                ..
+            }))
+        ));
+        assert_eq!(stream.io.output, envelope.encode_length_delimited_to_vec());
+        assert!(stream.io.output_closed);
+    }
+
+    #[test]
+    fn a_dropped_responder_closes_without_a_response() {
+        let t0 = Instant::now();
+        let mut stream = inbound(t0);
+        stream.io.input = protocol::pull_intent_request(&digest()).encode_length_delimited_to_vec();
+        let Poll::Ready(Step::Progress(HandlerEvent::InboundRequest { response, .. })) =
+            poll_inbound(&mut stream, t0)
+        else {
+            panic!("the request is read");
+        };
+        drop(response);
+        assert!(matches!(
+            poll_inbound(&mut stream, t0),
+            Poll::Ready(Step::Done(HandlerEvent::InboundFailure {
+                error: InboundFailure::ResponseOmission,
+                ..
+            }))
+        ));
+        assert!(stream.io.output.is_empty() && stream.io.output_closed);
+    }
+
+    fn outbound(deadline: Instant) -> OutboundStream<MemoryIo> {
+        let frame = protocol::pull_intent_request(&digest()).encode_length_delimited_to_vec();
+        let request = OutboundRequest {
+            id: OutboundRequestId(9),
+            rpc: Rpc::PullIntent,
+            frame,
+            deadline,
+        };
+        OutboundStream::new(request, MemoryIo::default(), config())
+    }
+
+    fn poll_outbound(stream: &mut OutboundStream<MemoryIo>, now: Instant) -> Poll<HandlerEvent> {
+        stream.poll(&mut Context::from_waker(&noop_waker()), now)
+    }
+
+    #[test]
+    fn an_outbound_request_ends_at_its_one_deadline() {
+        let t0 = Instant::now();
+        let deadline = t0 + Duration::from_millis(1_500);
+        let mut stream = outbound(deadline);
+        assert!(poll_outbound(&mut stream, t0).is_pending());
+        assert!(
+            stream.io.output_closed,
+            "request written and write side closed"
+        );
+        assert!(poll_outbound(&mut stream, deadline - Duration::from_millis(1)).is_pending());
+        assert!(matches!(
+            poll_outbound(&mut stream, deadline),
+            Poll::Ready(HandlerEvent::OutboundFailure {
+                error: OutboundFailure::Timeout,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn an_outbound_request_reads_its_response_or_no_response() {
+        let t0 = Instant::now();
+        let mut stream = outbound(t0 + Duration::from_secs(2));
+        stream.io.input = protocol::pull_intent_response(PullIntent {
+            has_cached: true,
+            in_flight_since: Some(SystemTime::UNIX_EPOCH),
+            hrw_rank: Some(2),
+            recently_failed: None,
+        })
+        .encode_length_delimited_to_vec();
+        match poll_outbound(&mut stream, t0) {
+            Poll::Ready(HandlerEvent::Response {
+                response: Response::PullIntent(intent),
+                ..
+            }) => {
+                assert!(intent.has_cached);
+                assert_eq!(intent.hrw_rank, Some(2));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+
+        let mut stream = outbound(t0 + Duration::from_secs(2));
+        stream.io.input_closed = true;
+        assert!(matches!(
+            poll_outbound(&mut stream, t0),
+            Poll::Ready(HandlerEvent::OutboundFailure {
+                error: OutboundFailure::NoResponse,
+                ..
+            })
+        ));
+    }
+
+    use prost::Message as _;
 }

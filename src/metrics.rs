@@ -53,7 +53,7 @@ impl Metrics {
         };
         registry.register(
             "stream_errors",
-            "Inbound streams dropped without a normal reply, by reason",
+            "Inbound streams dropped without a response, by reason",
             metrics.stream_errors.clone(),
         );
         registry.register(
@@ -68,22 +68,22 @@ impl Metrics {
         );
         registry.register(
             "requests_served",
-            "Inbound requests answered, by RPC family",
+            "Inbound requests responded to, by RPC family",
             metrics.served.clone(),
         );
         registry.register(
             "request_failures",
-            "Outbound requests that ended without a reply, by reason",
+            "Outbound requests that ended without a response, by reason",
             metrics.request_failures.clone(),
         );
         registry.register(
             "request_duration_seconds",
-            "Outbound request latency from send to reply, by RPC family",
+            "Outbound request latency from send to response, by RPC family",
             metrics.request_duration.clone(),
         );
         registry.register(
-            "reply_results_skipped",
-            "please_pull reply results skipped for an invalid digest",
+            "response_results_skipped",
+            "please_pull response results skipped for an invalid digest",
             metrics.skipped_results.clone(),
         );
         registry.register_collector(Box::new(OpenStreams(open_inbound)));
@@ -177,13 +177,13 @@ fn inbound_reason(error: &InboundFailure) -> &'static str {
         InboundFailure::StreamCap(StreamCap::Peer) => "peer_cap",
         InboundFailure::Timeout => "deadline",
         InboundFailure::AnswerTimeout => "answer_timeout",
-        InboundFailure::Unanswered => "unanswered",
+        InboundFailure::ResponseOmission => "response_omission",
         InboundFailure::Oversized { .. } => "oversize",
         InboundFailure::Malformed(_) => "malformed",
         InboundFailure::EmptyEnvelope => "empty",
         InboundFailure::UnexpectedBody => "wrong_body",
         InboundFailure::InvalidDigest(_) | InboundFailure::MissingOrigin => "invalid_input",
-        InboundFailure::ReplyTooLarge { .. } => "reply_too_large",
+        InboundFailure::ResponseTooLarge { .. } => "response_too_large",
         InboundFailure::Unauthorized(_) => "unauthorized",
         InboundFailure::ConnectionClosed => "connection_closed",
         InboundFailure::Io(_) => "io",
@@ -197,9 +197,9 @@ fn outbound_reason(error: &OutboundFailure) -> &'static str {
         OutboundFailure::Timeout => "timeout",
         OutboundFailure::ConnectionClosed => "connection_closed",
         OutboundFailure::UnsupportedProtocols => "unsupported",
-        OutboundFailure::NoReply => "no_reply",
-        OutboundFailure::MalformedReply(_) => "malformed",
-        OutboundFailure::UnexpectedReply => "unexpected_reply",
+        OutboundFailure::NoResponse => "no_response",
+        OutboundFailure::MalformedResponse(_) => "malformed",
+        OutboundFailure::UnexpectedResponse => "unexpected_response",
         OutboundFailure::RequestTooLarge { .. } => "too_large",
         OutboundFailure::TooManyDigests { .. } => "too_many_digests",
         OutboundFailure::Io(_) => "io",

@@ -55,10 +55,10 @@ impl Victim {
         let behaviour = self.swarm.behaviour_mut();
         match event {
             Event::PullIntentQuery { responder, .. } => {
-                let _ = behaviour.respond(responder, PullIntent::UNKNOWN);
+                let _ = behaviour.send_response(responder, PullIntent::UNKNOWN);
             }
             Event::PleasePull { responder, .. } => {
-                let _ = behaviour.respond(responder, Vec::new());
+                let _ = behaviour.send_response(responder, Vec::new());
             }
             Event::InboundFailure { peer, error, .. } => self.seen.push(Seen::Failure(peer, error)),
             Event::ResponseSent { peer, .. } => self.seen.push(Seen::Served(peer)),
@@ -103,7 +103,7 @@ impl Victim {
     fn assert_idle(&self) {
         let behaviour = self.swarm.behaviour();
         assert_eq!(behaviour.open_inbound_streams(), 0, "open streams");
-        assert_eq!(behaviour.pending_answers(), 0, "pending answers");
+        assert_eq!(behaviour.pending_responses(), 0, "pending answers");
     }
 }
 
@@ -366,7 +366,7 @@ async fn a_please_pull_result_with_a_bad_digest_is_skipped_and_the_rest_kept() {
     .unwrap();
     requester.behaviour_mut().please_pull(target, &request);
     match requester.next_behaviour_event().await {
-        Event::PleasePullReply {
+        Event::PleasePullResponse {
             outcomes,
             skipped_results,
             ..
@@ -385,7 +385,7 @@ async fn garbage_reply_is_malformed() {
     assert!(
         matches!(
             error,
-            OutboundFailure::MalformedReply(FrameError::Undecodable)
+            OutboundFailure::MalformedResponse(FrameError::Undecodable)
         ),
         "{error:?}"
     );
@@ -397,7 +397,7 @@ async fn oversized_reply_is_refused_from_its_prefix() {
     assert!(
         matches!(
             error,
-            OutboundFailure::MalformedReply(FrameError::TooLarge { .. })
+            OutboundFailure::MalformedResponse(FrameError::TooLarge { .. })
         ),
         "{error:?}"
     );
@@ -408,7 +408,7 @@ async fn reply_of_the_wrong_family_is_unexpected() {
     let reply = frame(Msg::PleasePullResponse(wire::PleasePullResponse::default()));
     let error = requester_against(Some(reply), Duration::from_secs(2)).await;
     assert!(
-        matches!(error, OutboundFailure::UnexpectedReply),
+        matches!(error, OutboundFailure::UnexpectedResponse),
         "{error:?}"
     );
 }
@@ -416,7 +416,7 @@ async fn reply_of_the_wrong_family_is_unexpected() {
 #[tokio::test]
 async fn closing_without_a_reply_is_a_rejection() {
     let error = requester_against(Some(Vec::new()), Duration::from_secs(2)).await;
-    assert!(matches!(error, OutboundFailure::NoReply), "{error:?}");
+    assert!(matches!(error, OutboundFailure::NoResponse), "{error:?}");
 }
 
 #[tokio::test]

@@ -57,7 +57,9 @@ async fn victim_with(
     let peer = *swarm.local_peer_id();
     let rx = spawn_coord(swarm, |behaviour: &mut Behaviour, event| match event {
         Event::PullIntentQuery { responder, .. } => {
-            behaviour.respond(responder, PullIntent::UNKNOWN).unwrap();
+            behaviour
+                .send_response(responder, PullIntent::UNKNOWN)
+                .unwrap();
             Some(Seen::Query)
         }
         Event::PleasePull {
@@ -67,7 +69,7 @@ async fn victim_with(
             ..
         } => {
             let outcomes = unspecified_outcomes(&request);
-            behaviour.respond(responder, outcomes).unwrap();
+            behaviour.send_response(responder, outcomes).unwrap();
             Some(Seen::PleasePull {
                 digests: request.digests().len(),
                 skipped: skipped_digests,
@@ -76,7 +78,7 @@ async fn victim_with(
         Event::InboundFailure { peer, error, .. } => Some(Seen::Failure(peer, error)),
         Event::ResponseSent { .. } => Some(Seen::Served {
             open: behaviour.open_inbound_streams(),
-            pending: behaviour.pending_answers(),
+            pending: behaviour.pending_responses(),
         }),
         Event::UnauthorizedPeer { peer, .. } => Some(Seen::Unauthorized(peer)),
         _ => None,

@@ -234,7 +234,7 @@ async fn a_large_batch_is_split_into_requests_of_at_most_256() {
             request, responder, ..
         } => {
             let outcomes = unspecified_outcomes(&request);
-            behaviour.respond(responder, outcomes).unwrap();
+            behaviour.send_response(responder, outcomes).unwrap();
             Some(request.digests().len())
         }
         _ => None,

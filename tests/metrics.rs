@@ -50,14 +50,14 @@ async fn stream_errors_served_requests_and_latency_are_recorded() {
         tokio::select! {
             event = victim.next_behaviour_event() => match event {
                 Event::PullIntentQuery { responder, .. } => {
-                    victim.behaviour_mut().respond(responder, PullIntent::UNKNOWN).unwrap();
+                    victim.behaviour_mut().send_response(responder, PullIntent::UNKNOWN).unwrap();
                 }
                 Event::InboundFailure { .. } => errors += 1,
                 Event::ResponseSent { .. } => served = true,
                 _ => {}
             },
             event = requester.next_behaviour_event() => {
-                assert!(matches!(event, Event::PullIntentReply { .. }), "{event:?}");
+                assert!(matches!(event, Event::PullIntentResponse { .. }), "{event:?}");
                 replied = true;
             }
         }
@@ -125,7 +125,7 @@ async fn an_enforced_rejection_counts_as_an_unauthorized_peer_not_a_stream_error
             }
             event = requester.next_behaviour_event() => {
                 assert!(
-                    matches!(event, Event::OutboundFailure { error: gantry_coord::OutboundFailure::NoReply, .. }),
+                    matches!(event, Event::OutboundFailure { error: gantry_coord::OutboundFailure::NoResponse, .. }),
                     "{event:?}"
                 );
                 refused = true;

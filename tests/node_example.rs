@@ -146,7 +146,7 @@ fn enforce_mode_rejects_strangers_and_the_client_says_so() {
     let (_server, addr) = start_server(&["--authz", "enforce"]);
     let (ok, _, err) = client(&["--query", &addr, "--digest", &digest('a')]);
     assert!(!ok);
-    assert!(err.contains("without a reply"), "{err}");
+    assert!(err.contains("without a response"), "{err}");
 }
 
 #[test]

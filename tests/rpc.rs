@@ -68,7 +68,7 @@ fn answering(
 ) -> impl FnMut(&mut Behaviour, Event) -> Option<Seen> + Send + 'static {
     move |behaviour, event| match event {
         Event::PullIntentQuery { responder, .. } => {
-            behaviour.respond(responder, intent).unwrap();
+            behaviour.send_response(responder, intent).unwrap();
             None
         }
         Event::PleasePull {
@@ -78,7 +78,7 @@ fn answering(
             ..
         } => {
             behaviour
-                .respond(responder, outcomes_for(&request, now))
+                .send_response(responder, outcomes_for(&request, now))
                 .unwrap();
             Some(Seen::PleasePull {
                 request,
@@ -147,7 +147,7 @@ async fn pull_intent_round_trip_dials_and_carries_every_field() {
         })
         .await;
     match event {
-        Event::PullIntentReply {
+        Event::PullIntentResponse {
             peer,
             request_id,
             intent,
@@ -177,7 +177,7 @@ async fn pull_intent_of_an_unranked_idle_node() {
         .behaviour_mut()
         .pull_intent_query(target, &digest(9));
     match requester.next_behaviour_event().await {
-        Event::PullIntentReply { intent, .. } => assert_eq!(intent, PullIntent::UNKNOWN),
+        Event::PullIntentResponse { intent, .. } => assert_eq!(intent, PullIntent::UNKNOWN),
         other => panic!("unexpected {other:?}"),
     }
 }
@@ -201,7 +201,7 @@ async fn please_pull_round_trip_keeps_order_and_delegates_credentials() {
     let id = requester.behaviour_mut().please_pull(target, &request);
 
     match requester.next_behaviour_event().await {
-        Event::PleasePullReply {
+        Event::PleasePullResponse {
             peer,
             request_id,
             outcomes,
@@ -292,8 +292,8 @@ async fn unanswered_request_fails_on_both_sides_and_leaks_nothing() {
     assert_eq!(request_id, id);
     assert!(held.is_some(), "the query arrived");
     assert_eq!(responder_failure, InboundFailure::AnswerTimeout);
-    assert!(matches!(requester_failure, OutboundFailure::NoReply));
-    assert_eq!(responder.behaviour().pending_answers(), 0);
+    assert!(matches!(requester_failure, OutboundFailure::NoResponse));
+    assert_eq!(responder.behaviour().pending_responses(), 0);
     assert_eq!(responder.behaviour().open_inbound_streams(), 0);
     assert_eq!(requester.behaviour().pending_requests(), 0);
 }
@@ -361,10 +361,10 @@ async fn connection_closed_mid_request_fails_both_sides() {
     assert_eq!(
         responder
             .behaviour_mut()
-            .respond(token, PullIntent::UNKNOWN),
-        Err(gantry_coord::RespondError::Expired)
+            .send_response(token, PullIntent::UNKNOWN),
+        Err(gantry_coord::ResponseError::Expired)
     );
-    assert_eq!(responder.behaviour().pending_answers(), 0);
+    assert_eq!(responder.behaviour().pending_responses(), 0);
 }
 
 #[tokio::test]
@@ -384,13 +384,13 @@ async fn a_dropped_responder_closes_the_stream_at_once() {
             other => panic!("unexpected {other:?}"),
         })
         .await;
-    assert_eq!(responder_failure, InboundFailure::Unanswered);
-    assert!(matches!(requester_failure, OutboundFailure::NoReply));
+    assert_eq!(responder_failure, InboundFailure::ResponseOmission);
+    assert!(matches!(requester_failure, OutboundFailure::NoResponse));
     assert!(
         started.elapsed() < Duration::from_secs(1),
         "well before any deadline"
     );
-    assert_eq!(responder.behaviour().pending_answers(), 0);
+    assert_eq!(responder.behaviour().pending_responses(), 0);
 }
 
 #[tokio::test]
@@ -426,10 +426,10 @@ async fn the_connection_is_kept_alive_while_pending_and_goes_idle_after() {
             }
             () = &mut answer_at, if held.is_some() => {
                 let token = held.take().unwrap();
-                responder.behaviour_mut().respond(token, PullIntent::UNKNOWN).unwrap();
+                responder.behaviour_mut().send_response(token, PullIntent::UNKNOWN).unwrap();
             }
             event = requester.select_next_some() => match event {
-                SwarmEvent::Behaviour(Event::PullIntentReply { .. }) => replied = true,
+                SwarmEvent::Behaviour(Event::PullIntentResponse { .. }) => replied = true,
                 SwarmEvent::Behaviour(other) => panic!("unexpected {other:?}"),
                 SwarmEvent::ConnectionClosed { .. } => {
                     assert!(replied, "the connection stayed up while the request was pending");
@@ -474,18 +474,18 @@ async fn a_reply_over_the_cap_is_refused_and_the_stream_closed() {
                 refused = Some(
                     responder
                         .behaviour_mut()
-                        .respond(token, outcomes_for(&request, now)),
+                        .send_response(token, outcomes_for(&request, now)),
                 );
             }
             other => panic!("unexpected {other:?}"),
         },
     )
     .await;
-    let Some(Err(gantry_coord::RespondError::TooLarge { len, max })) = refused else {
+    let Some(Err(gantry_coord::ResponseError::TooLarge { len, max })) = refused else {
         panic!("respond should refuse the reply, got {refused:?}");
     };
     assert!(len > cap as u64 && max == cap, "len {len}, max {max}");
-    assert_eq!(responder_failure, InboundFailure::ReplyTooLarge { len });
-    assert!(matches!(requester_failure, OutboundFailure::NoReply));
-    assert_eq!(responder.behaviour().pending_answers(), 0);
+    assert_eq!(responder_failure, InboundFailure::ResponseTooLarge { len });
+    assert!(matches!(requester_failure, OutboundFailure::NoResponse));
+    assert_eq!(responder.behaviour().pending_responses(), 0);
 }

@@ -80,7 +80,7 @@ async fn authorization_appears_in_no_log_line() {
     requester.behaviour_mut().please_pull(target, &request);
     let reply = requester.next_behaviour_event().await;
     tracing::info!(?reply, "requester event");
-    assert!(matches!(reply, Event::PleasePullReply { .. }));
+    assert!(matches!(reply, Event::PleasePullResponse { .. }));
     assert!(matches!(
         next(&mut events).await,
         Event::ResponseSent { .. }

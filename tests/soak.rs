@@ -80,11 +80,11 @@ async fn drive(
                     let behaviour = victim.behaviour_mut();
                     match event {
                         Event::PullIntentQuery { responder, .. } => {
-                            behaviour.respond(responder, PullIntent::UNKNOWN).unwrap();
+                            behaviour.send_response(responder, PullIntent::UNKNOWN).unwrap();
                         }
                         Event::PleasePull { request, responder, .. } => {
                             let outcomes = unspecified_outcomes(&request);
-                            behaviour.respond(responder, outcomes).unwrap();
+                            behaviour.send_response(responder, outcomes).unwrap();
                         }
                         Event::ResponseSent { .. } => counts.0 += 1,
                         Event::InboundFailure { .. } => counts.1 += 1,
@@ -166,7 +166,7 @@ async fn soak_of_mixed_requests_ends_at_zero_with_flat_memory() {
 
     let behaviour = victim.behaviour();
     assert_eq!(behaviour.open_inbound_streams(), 0);
-    assert_eq!(behaviour.pending_answers(), 0);
+    assert_eq!(behaviour.pending_responses(), 0);
     assert_eq!(counts, (total_good, total_bad));
     println!(
         "soak: requests={} good={total_good} bad={total_bad} live_after_warmup={baseline} live_at_end={end} peak={peak} (bytes)",

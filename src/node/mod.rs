@@ -365,8 +365,8 @@ impl NodeState {
             } => {
                 let intent = self.local_pull_intent(&digest);
                 bump(&self.inner.signals.pull_intent_served, 1);
-                if let Err(error) = behaviour.respond(responder, intent) {
-                    tracing::debug!(%error, "pull_intent answer not sent");
+                if let Err(error) = behaviour.send_response(responder, intent) {
+                    tracing::debug!(%error, "pull_intent response not sent");
                 }
                 None
             }
@@ -379,8 +379,8 @@ impl NodeState {
                 bump(&self.inner.signals.skipped_digests, skipped_digests as u64);
                 let outcomes = self.start_local_pull(&request);
                 bump(&self.inner.signals.please_pull_served, 1);
-                if let Err(error) = behaviour.respond(responder, outcomes) {
-                    tracing::debug!(%error, "please_pull answer not sent");
+                if let Err(error) = behaviour.send_response(responder, outcomes) {
+                    tracing::debug!(%error, "please_pull response not sent");
                 }
                 None
             }

@@ -11,10 +11,8 @@ use libp2p_identity::PeerId;
 use libp2p_swarm::{Swarm, SwarmEvent};
 use libp2p_swarm_test::SwarmExt;
 
-/// The wire types, generated from the same `proto/coord.proto`, for tests that write raw frames.
-pub mod wire {
-    include!(concat!(env!("OUT_DIR"), "/gantry.coord.v1.rs"));
-}
+/// The wire types, for tests that write raw frames.
+pub use gantry_coord::wire;
 
 /// Every test is bounded in time.
 pub const TEST_TIMEOUT: Duration = Duration::from_secs(20);
