@@ -3,9 +3,11 @@
 
 use std::{
     fmt,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
+
+use parking_lot::Mutex;
 
 use futures::{
     channel::{mpsc, oneshot},
@@ -229,7 +231,7 @@ impl Coordinator {
         }
     }
 
-    fn lock_taught(&self) -> std::sync::MutexGuard<'_, LruCache<NodeId, PeerId>> {
-        self.taught.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock_taught(&self) -> parking_lot::MutexGuard<'_, LruCache<NodeId, PeerId>> {
+        self.taught.lock()
     }
 }

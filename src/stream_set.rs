@@ -9,10 +9,12 @@
 use std::{
     collections::{BTreeSet, HashMap, VecDeque},
     hash::Hash,
-    sync::{Arc, Mutex},
+    sync::Arc,
     task::{Context, Poll, Wake, Waker},
     time::Instant,
 };
+
+use parking_lot::Mutex;
 
 use futures::{task::AtomicWaker, FutureExt};
 use futures_timer::Delay;
@@ -49,15 +51,12 @@ struct Woken<K> {
 
 impl<K> Woken<K> {
     fn push(&self, key: K) {
-        self.keys
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(key);
+        self.keys.lock().push(key);
         self.task.wake();
     }
 
     fn drain(&self) -> Vec<K> {
-        std::mem::take(&mut *self.keys.lock().unwrap_or_else(|e| e.into_inner()))
+        std::mem::take(&mut *self.keys.lock())
     }
 }
 
@@ -266,7 +265,7 @@ mod tests {
         }
         /// What the stream's I/O would do: wake it.
         fn wake(&self) {
-            self.waker.lock().unwrap().take().unwrap().wake();
+            self.waker.lock().take().unwrap().wake();
         }
     }
 
@@ -278,10 +277,10 @@ mod tests {
             if now >= self.deadline {
                 return Poll::Ready(Step::Done("deadline"));
             }
-            if let Some(report) = self.report.lock().unwrap().take() {
+            if let Some(report) = self.report.lock().take() {
                 return Poll::Ready(Step::Progress(report));
             }
-            *self.waker.lock().unwrap() = Some(cx.waker().clone());
+            *self.waker.lock() = Some(cx.waker().clone());
             Poll::Pending
         }
 
@@ -333,14 +332,14 @@ mod tests {
     fn a_stream_that_reports_progress_is_polled_again() {
         let t0 = Instant::now();
         let a = Handle::default();
-        *a.report.lock().unwrap() = Some("read");
+        *a.report.lock() = Some("read");
         let mut set = StreamSet::default();
         set.insert(1, a.probe(t0 + Duration::from_secs(5)));
         assert_eq!(poll(&mut set, t0), Poll::Ready((1, Step::Progress("read"))));
         // Polled again at once, so it parks with its waker registered.
         assert!(poll(&mut set, t0).is_pending());
         assert_eq!(a.polls(), 2);
-        assert!(a.waker.lock().unwrap().is_some());
+        assert!(a.waker.lock().is_some());
         assert_eq!(set.len(), 1);
     }
 

@@ -2,9 +2,10 @@
 
 use std::{
     collections::HashMap,
-    sync::Mutex,
     time::{Duration, SystemTime},
 };
+
+use parking_lot::Mutex;
 
 use crate::{Digest, OriginRefKind};
 
@@ -65,8 +66,8 @@ impl InFlightMap {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, SystemTime>> {
-        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, HashMap<Digest, SystemTime>> {
+        self.entries.lock()
     }
 }
 

@@ -1,9 +1,8 @@
 //! Who is in the cluster: node ids, their published peer ids and zones.
 
-use std::{
-    collections::HashSet,
-    sync::{Arc, RwLock},
-};
+use std::{collections::HashSet, sync::Arc};
+
+use parking_lot::RwLock;
 
 use libp2p_identity::PeerId;
 
@@ -121,11 +120,11 @@ impl StaticMembership {
     /// Replaces the members; the next request is checked against the new snapshot.
     pub fn set_members(&self, members: Vec<Member>) {
         let snapshot = Snapshot::new(members);
-        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = snapshot;
+        *self.snapshot.write() = snapshot;
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Snapshot> {
-        self.snapshot.read().unwrap_or_else(|e| e.into_inner())
+    fn read(&self) -> parking_lot::RwLockReadGuard<'_, Snapshot> {
+        self.snapshot.read()
     }
 }
 

@@ -1,9 +1,8 @@
 //! Recently failed origin pulls, with a cooldown that grows on repeated failure.
 
-use std::{
-    sync::Mutex,
-    time::{Duration, SystemTime},
-};
+use std::time::{Duration, SystemTime};
+
+use parking_lot::Mutex;
 
 use hashlink::LruCache;
 
@@ -84,8 +83,8 @@ impl NegativeCache {
         self.base.saturating_mul(factor).min(self.max)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, LruCache<Digest, Entry>> {
-        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, LruCache<Digest, Entry>> {
+        self.entries.lock()
     }
 }
 

@@ -1,9 +1,8 @@
 //! The local content store check.
 
-use std::{
-    collections::HashSet,
-    sync::{Arc, Mutex},
-};
+use std::{collections::HashSet, sync::Arc};
+
+use parking_lot::Mutex;
 
 use crate::Digest;
 
@@ -55,8 +54,8 @@ impl MemoryStore {
             .store(unavailable, std::sync::atomic::Ordering::Release);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<Digest>> {
-        self.digests.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, HashSet<Digest>> {
+        self.digests.lock()
     }
 }
 
