@@ -12,7 +12,6 @@
 
 use std::{
     process::ExitCode,
-    str::FromStr,
     time::{Duration, SystemTime},
 };
 
@@ -30,88 +29,97 @@ mod common;
 
 use common::{build_swarm, NodeBehaviourEvent};
 
-/// What the command line asks for.
-#[derive(Debug, Default)]
+/// What the command line asks for: serve (the default), or ask a node with `--query`
+/// or `--please-pull`.
+#[derive(Debug, clap::Parser)]
+#[command(about = "A coord node over TCP + Noise + Yamux, or a one-shot client")]
 struct Args {
+    /// Address to listen on (default: loopback, any port).
+    #[arg(long)]
     listen: Option<Multiaddr>,
+    /// This node's cluster id.
+    #[arg(long)]
     node_id: Option<String>,
+    /// Another member, as NAME=PEER_ID; repeat for each.
+    #[arg(long = "member", value_parser = parse_member)]
     members: Vec<(String, PeerId)>,
+    /// A digest the node's store holds; repeat for each.
+    #[arg(long, value_parser = parse_digest)]
     cached: Vec<Digest>,
+    /// A digest the node is pulling; repeat for each.
+    #[arg(long, value_parser = parse_digest)]
     pulling: Vec<Digest>,
+    /// A recently failed digest, as DIGEST=CLASS:SECONDS; repeat for each.
+    #[arg(long, value_parser = parse_failed)]
     failed: Vec<(Digest, FailureClass, u64)>,
+    /// Peer authorization: observe or enforce.
+    #[arg(long, value_parser = parse_authz, default_value = "observe")]
     authz: AuthorizationMode,
+    /// Pull from a fake origin when asked.
+    #[arg(long)]
     origin_pull: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long)]
     metrics: Option<std::net::SocketAddr>,
+    /// How long a fake origin pull takes, in milliseconds.
+    #[arg(long)]
     pull_ms: Option<u64>,
+    /// Ask this node (a multiaddr ending in /p2p/PEER) about one --digest.
+    #[arg(long, conflicts_with = "please_pull")]
     query: Option<Multiaddr>,
+    /// Ask this node to pull the --digest values.
+    #[arg(long)]
     please_pull: Option<Multiaddr>,
+    /// The origin registry of --please-pull.
+    #[arg(long)]
     registry: Option<String>,
+    /// The repository of --please-pull.
+    #[arg(long)]
     repository: Option<String>,
+    /// blob, manifest or config.
+    #[arg(long, value_parser = parse_kind)]
     kind: Option<OriginRefKind>,
+    /// A digest to ask about; repeat for each.
+    #[arg(long = "digest", value_parser = parse_digest)]
     digests: Vec<Digest>,
 }
 
-fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
-    let mut args = Args::default();
-    while let Some(flag) = argv.next() {
-        let mut value = || argv.next().ok_or_else(|| format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--listen" => args.listen = Some(parse(&value()?, "multiaddr")?),
-            "--node-id" => args.node_id = Some(value()?),
-            "--member" => {
-                let v = value()?;
-                let (name, peer) = v
-                    .split_once('=')
-                    .ok_or_else(|| format!("--member takes NAME=PEER_ID, got {v:?}"))?;
-                args.members
-                    .push((name.to_owned(), parse(peer, "peer id")?));
-            }
-            "--cached" => args.cached.push(parse_digest(&value()?)?),
-            "--pulling" => args.pulling.push(parse_digest(&value()?)?),
-            "--failed" => {
-                let v = value()?;
-                let bad = || format!("--failed takes DIGEST=CLASS:SECONDS, got {v:?}");
-                let (digest, rest) = v.split_once('=').ok_or_else(bad)?;
-                let (class, secs) = rest.rsplit_once(':').ok_or_else(bad)?;
-                args.failed.push((
-                    parse_digest(digest)?,
-                    parse_class(class)?,
-                    secs.parse().map_err(|_| bad())?,
-                ));
-            }
-            "--authz" => {
-                args.authz = match value()?.as_str() {
-                    "observe" => AuthorizationMode::Observe,
-                    "enforce" => AuthorizationMode::Enforce,
-                    other => return Err(format!("--authz is observe or enforce, got {other:?}")),
-                }
-            }
-            "--origin-pull" => args.origin_pull = true,
-            "--metrics" => args.metrics = Some(parse(&value()?, "socket address")?),
-            "--pull-ms" => args.pull_ms = Some(parse(&value()?, "milliseconds")?),
-            "--query" => args.query = Some(parse(&value()?, "multiaddr")?),
-            "--please-pull" => args.please_pull = Some(parse(&value()?, "multiaddr")?),
-            "--registry" => args.registry = Some(value()?),
-            "--repository" => args.repository = Some(value()?),
-            "--kind" => {
-                args.kind = Some(match value()?.as_str() {
-                    "blob" => OriginRefKind::Blob,
-                    "manifest" => OriginRefKind::Manifest,
-                    "config" => OriginRefKind::Config,
-                    other => {
-                        return Err(format!("--kind is blob, manifest or config, got {other:?}"))
-                    }
-                })
-            }
-            "--digest" => args.digests.push(parse_digest(&value()?)?),
-            other => return Err(format!("unknown flag {other:?}")),
-        }
-    }
-    Ok(args)
+fn parse_member(v: &str) -> Result<(String, PeerId), String> {
+    let (name, peer) = v
+        .split_once('=')
+        .ok_or_else(|| format!("--member takes NAME=PEER_ID, got {v:?}"))?;
+    let peer = peer
+        .parse()
+        .map_err(|_| format!("invalid peer id: {peer:?}"))?;
+    Ok((name.to_owned(), peer))
 }
 
-fn parse<T: FromStr>(s: &str, what: &str) -> Result<T, String> {
-    s.parse().map_err(|_| format!("invalid {what}: {s:?}"))
+fn parse_failed(v: &str) -> Result<(Digest, FailureClass, u64), String> {
+    let bad = || format!("--failed takes DIGEST=CLASS:SECONDS, got {v:?}");
+    let (digest, rest) = v.split_once('=').ok_or_else(bad)?;
+    let (class, secs) = rest.rsplit_once(':').ok_or_else(bad)?;
+    Ok((
+        parse_digest(digest)?,
+        parse_class(class)?,
+        secs.parse().map_err(|_| bad())?,
+    ))
+}
+
+fn parse_authz(v: &str) -> Result<AuthorizationMode, String> {
+    match v {
+        "observe" => Ok(AuthorizationMode::Observe),
+        "enforce" => Ok(AuthorizationMode::Enforce),
+        other => Err(format!("--authz is observe or enforce, got {other:?}")),
+    }
+}
+
+fn parse_kind(v: &str) -> Result<OriginRefKind, String> {
+    match v {
+        "blob" => Ok(OriginRefKind::Blob),
+        "manifest" => Ok(OriginRefKind::Manifest),
+        "config" => Ok(OriginRefKind::Config),
+        other => Err(format!("--kind is blob, manifest or config, got {other:?}")),
+    }
 }
 
 fn parse_digest(s: &str) -> Result<Digest, String> {
@@ -302,33 +310,28 @@ async fn serve_metrics(
     addr: std::net::SocketAddr,
     registry: prometheus_client::registry::Registry,
 ) -> std::io::Result<std::net::SocketAddr> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use axum::{http::header::CONTENT_TYPE, http::StatusCode, routing::get, Router};
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let registry = std::sync::Arc::new(registry);
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            let registry = registry.clone();
-            tokio::spawn(async move {
-                let mut request = [0u8; 1024];
-                let n = socket.read(&mut request).await.unwrap_or(0);
-                let (status, body) = if request[..n].starts_with(b"GET /metrics ") {
-                    let mut body = String::new();
-                    match prometheus_client::encoding::text::encode(&mut body, &registry) {
-                        Ok(()) => ("200 OK", body),
-                        Err(_) => ("500 Internal Server Error", String::new()),
-                    }
-                } else {
-                    ("404 Not Found", String::new())
-                };
-                let response = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = socket.write_all(response.as_bytes()).await;
-            });
+    let metrics = get(move || {
+        let registry = registry.clone();
+        async move {
+            let mut body = String::new();
+            match prometheus_client::encoding::text::encode(&mut body, &registry) {
+                Ok(()) => Ok((
+                    [(
+                        CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    body,
+                )),
+                Err(_) => Err(StatusCode::INTERNAL_SERVER_ERROR),
+            }
         }
     });
+    let app = Router::new().route("/metrics", metrics);
+    tokio::spawn(async move { axum::serve(listener, app).await });
     Ok(bound)
 }
 
@@ -390,17 +393,7 @@ async fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .try_init();
-    let args = match parse_args(std::env::args().skip(1)) {
-        Ok(args) => args,
-        Err(message) => {
-            eprintln!("error: {message}");
-            return ExitCode::from(2);
-        }
-    };
-    if args.query.is_some() && args.please_pull.is_some() {
-        eprintln!("error: --query and --please-pull are exclusive");
-        return ExitCode::from(2);
-    }
+    let args = <Args as clap::Parser>::parse();
     if args.query.is_some() || args.please_pull.is_some() {
         return match ask(args).await {
             Ok(reply) => {

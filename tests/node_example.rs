@@ -37,7 +37,10 @@ fn scrape(metrics: &str, sample: &str) -> f64 {
     use std::io::{Read, Write};
     let mut socket = std::net::TcpStream::connect(metrics).unwrap();
     socket
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    socket
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .unwrap();
     let mut response = String::new();
     socket.read_to_string(&mut response).unwrap();
