@@ -99,13 +99,42 @@ impl InFlightPulls for InFlightMap {
 /// it takes to move `size` bytes at 50 MiB/s). A config is not short: taking it over at
 /// 5 s would start a second origin pull that the Go nodes still wait out.
 pub fn stale_after(kind: OriginRefKind, size: Option<u64>) -> Duration {
-    const BYTES_PER_SEC: u64 = 50 << 20;
-    const FLOOR: Duration = Duration::from_secs(10);
-    match kind {
-        OriginRefKind::Manifest => Duration::from_secs(5),
-        OriginRefKind::Config | OriginRefKind::Blob => {
-            let transfer = Duration::from_secs(size.unwrap_or(0) / BYTES_PER_SEC);
-            3 * transfer.max(FLOOR)
+    Stalls::default().stale_after(kind, size)
+}
+
+/// The stall thresholds of [`stale_after`], adjustable (a test cluster shortens them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stalls {
+    /// A manifest pull's bound (default 5 s).
+    pub manifest: Duration,
+    /// The least any other pull is given before the multiplier (default 10 s).
+    pub floor: Duration,
+    /// The origin rate assumed for the transfer time (default 50 MiB/s).
+    pub bytes_per_sec: u64,
+    /// How many times the expected time a pull may take (default 3).
+    pub multiplier: u32,
+}
+
+impl Default for Stalls {
+    fn default() -> Self {
+        Stalls {
+            manifest: Duration::from_secs(5),
+            floor: Duration::from_secs(10),
+            bytes_per_sec: 50 << 20,
+            multiplier: 3,
+        }
+    }
+}
+
+impl Stalls {
+    /// When an in-flight pull of `kind` and expected `size` counts as stale.
+    pub fn stale_after(&self, kind: OriginRefKind, size: Option<u64>) -> Duration {
+        match kind {
+            OriginRefKind::Manifest => self.manifest,
+            OriginRefKind::Config | OriginRefKind::Blob => {
+                let secs = size.unwrap_or(0) / self.bytes_per_sec.max(1);
+                Duration::from_secs(secs).max(self.floor) * self.multiplier
+            }
         }
     }
 }

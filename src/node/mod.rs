@@ -6,6 +6,7 @@
 //! This layer uses only the protocol layer's public API; the protocol layer never uses
 //! it, so an application may replace any of it and keep the protocol.
 
+mod cascade;
 pub mod hrw;
 mod in_flight;
 mod membership;
@@ -14,7 +15,10 @@ mod metrics;
 mod negative_cache;
 mod store;
 
-pub use in_flight::{stale_after, Claim, InFlightMap, InFlightPulls};
+pub use cascade::{
+    Action, Cascade, CascadeConfig, ColdStartError, Expansion, Resolution, Rule, Source,
+};
+pub use in_flight::{stale_after, Claim, InFlightMap, InFlightPulls, Stalls};
 pub use membership::{Member, Membership, StaticMembership};
 pub use negative_cache::{FailureCache, NegativeCache};
 pub use store::{ContentStore, MemoryStore, StoreLookup};

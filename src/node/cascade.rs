@@ -1,0 +1,953 @@
+//! The cold-start cascade for one digest, as a state machine over answers and time: no
+//! sockets, no sleeping. [`ColdStart`](super::ColdStart) drives it over the network; the
+//! tests drive it on simulated time.
+//!
+//! The rules, in order, as the Go `coldstart` resolver applies them to the top K of the
+//! requester's own HRW ranking:
+//!
+//! 1. a trusted failure class anywhere → fail at once with that class;
+//! 2. a cached copy → its holder;
+//! 3. a fresh in-flight pull → wait for a provider to appear (a stale one is taken over);
+//! 4. a transient failure → honour it locally for min(cooldown, cap);
+//! 5. nobody reachable → probe the top 2K;
+//! 6. provider lookup unhealthy and nobody has it → probe the top 2K;
+//! 7. otherwise ask the lowest-ranked reachable node (self locally) to pull, then wait
+//!    for a provider. A node that cannot be reached, declines, or is stalled is never
+//!    asked again in the same resolution: the next rank is.
+
+use std::{
+    collections::HashSet,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use libp2p_identity::PeerId;
+
+use super::{hrw, Member, Stalls};
+use crate::{Digest, FailureClass, NodeId, OriginRefKind, Outcome, PullIntent};
+
+/// Settings of the cascade, with the Go resolver's defaults.
+#[derive(Debug, Clone)]
+pub struct CascadeConfig {
+    pub(crate) top_k: usize,
+    pub(crate) trusted: Vec<FailureClass>,
+    pub(crate) transient_cap: Duration,
+    pub(crate) poll_small: Duration,
+    pub(crate) poll_layer: Duration,
+    pub(crate) stalls: Stalls,
+    pub(crate) zone_scope: bool,
+    pub(crate) max_waits: u32,
+}
+
+impl Default for CascadeConfig {
+    fn default() -> Self {
+        CascadeConfig {
+            top_k: 3,
+            trusted: vec![
+                FailureClass::Auth,
+                FailureClass::NotFound,
+                FailureClass::RateLimited,
+            ],
+            transient_cap: Duration::from_secs(30),
+            poll_small: Duration::from_millis(200),
+            poll_layer: Duration::from_secs(1),
+            stalls: Stalls::default(),
+            zone_scope: false,
+            max_waits: 2,
+        }
+    }
+}
+
+impl CascadeConfig {
+    /// Members probed first (default 3); the expansion probes twice as many.
+    pub fn with_top_k(mut self, k: usize) -> Self {
+        self.top_k = k.max(1);
+        self
+    }
+
+    /// Failure classes that end a resolution at once (default auth, not found, rate
+    /// limited: the origin itself said no, and every node would hear the same).
+    pub fn with_trusted_failures(mut self, classes: Vec<FailureClass>) -> Self {
+        self.trusted = classes;
+        self
+    }
+
+    /// Longest a transient failure seen on a peer is honoured locally (default 30 s).
+    pub fn with_transient_cap(mut self, cap: Duration) -> Self {
+        self.transient_cap = cap;
+        self
+    }
+
+    /// How often the provider lookup is asked while waiting: manifests and configs,
+    /// then layers (default 200 ms and 1 s).
+    pub fn with_poll_intervals(mut self, small: Duration, layer: Duration) -> Self {
+        self.poll_small = small;
+        self.poll_layer = layer;
+        self
+    }
+
+    /// The stall thresholds: when an in-flight pull is taken over, and how long a wait
+    /// for a provider lasts.
+    pub fn with_stalls(mut self, stalls: Stalls) -> Self {
+        self.stalls = stalls;
+        self
+    }
+
+    /// Candidates are the members of the requester's zone (falling back to all members
+    /// when it has none): one origin pull per zone, for clusters that pay for
+    /// cross-zone traffic.
+    pub fn with_zone_scope(mut self, zone_scope: bool) -> Self {
+        self.zone_scope = zone_scope;
+        self
+    }
+
+    /// Waits for a provider in one resolution before it gives up (default 2): after the
+    /// first wait times out, the cascade probes again and takes over the stalled pull.
+    pub fn with_max_waits(mut self, waits: u32) -> Self {
+        self.max_waits = waits.max(1);
+        self
+    }
+
+    fn poll_interval(&self, kind: OriginRefKind) -> Duration {
+        match kind {
+            OriginRefKind::Blob => self.poll_layer,
+            OriginRefKind::Manifest | OriginRefKind::Config => self.poll_small,
+        }
+    }
+}
+
+/// The rule that decided a resolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Rule {
+    /// A transient failure seen earlier is still honoured; nobody was asked.
+    HonourWindow,
+    /// Rule 1: a trusted failure class.
+    TrustedFailure,
+    /// Rule 2: a cached copy.
+    CachedCopy,
+    /// Rule 3: a fresh in-flight pull, waited on.
+    InFlight,
+    /// Rule 4: a transient failure, honoured locally.
+    TransientCooldown,
+    /// Rule 7: a pull was asked for (or started locally) and waited on.
+    ColdStart,
+    /// No candidate could be asked.
+    NoCandidates,
+}
+
+impl Rule {
+    /// A short name for metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rule::HonourWindow => "honour_window",
+            Rule::TrustedFailure => "trusted_failure",
+            Rule::CachedCopy => "cached_copy",
+            Rule::InFlight => "in_flight",
+            Rule::TransientCooldown => "transient_cooldown",
+            Rule::ColdStart => "cold_start",
+            Rule::NoCandidates => "no_candidates",
+        }
+    }
+}
+
+/// Why the probe was widened to the top 2K.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Expansion {
+    /// Rule 5: no one in the top K answered.
+    AllUnreachable,
+    /// Rule 6: the provider lookup is unhealthy and no one in the top K has the digest.
+    LookupUnhealthy,
+}
+
+impl Expansion {
+    /// A short name for metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Expansion::AllUnreachable => "all_unreachable",
+            Expansion::LookupUnhealthy => "lookup_unhealthy",
+        }
+    }
+}
+
+/// Where the digest can be had.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A member that said it holds the digest (rule 2).
+    Holder(NodeId),
+    /// Peers the provider lookup names (after a wait).
+    Providers(Vec<PeerId>),
+}
+
+/// Why a resolution found no source.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ColdStartError {
+    /// The origin refused the digest for a reason every node would hear: stop.
+    #[error("the origin refused it ({0:?})")]
+    Failed(FailureClass),
+    /// A transient failure is being honoured until then: try again after it.
+    #[error("cooling down after a transient failure")]
+    CoolingDown {
+        /// When the digest may be tried again.
+        until: SystemTime,
+    },
+    /// No candidate answered, even after widening the probe.
+    #[error("no candidate reachable")]
+    NoneReachable,
+    /// Every reachable candidate was asked to pull and none would, or could.
+    #[error("no candidate would pull it")]
+    NoPuller,
+    /// The pull waited on did not produce a provider in time.
+    #[error("no provider appeared before the stall threshold")]
+    Stalled,
+    /// The membership is empty.
+    #[error("no members to ask")]
+    NoMembers,
+}
+
+/// How a resolution ended, and what decided it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolution {
+    /// The rule that decided it.
+    pub rule: Rule,
+    /// Whether the probe was widened, and why.
+    pub expansion: Option<Expansion>,
+    /// Stale in-flight pulls that were taken over.
+    pub takeovers: u32,
+    /// Responders whose own `hrw_rank` disagreed with the requester's ranking of them:
+    /// their membership views differ.
+    pub rank_mismatches: u32,
+    /// Probe answers sent (over the wire; self answers locally and is not counted).
+    pub probes_sent: u32,
+    /// please_pull requests sent over the wire.
+    pub please_pulls_sent: u32,
+    /// The source, or why there is none.
+    pub result: Result<Source, ColdStartError>,
+}
+
+/// What the driver does next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Ask each node `pull_intent_query` (self locally), in parallel under one window,
+    /// and hand the answers to [`Cascade::on_probe`]; `None` for a node that did not
+    /// answer.
+    Probe(Vec<NodeId>),
+    /// Ask this node to pull (self: start it locally), and hand the result to
+    /// [`Cascade::on_please_pull`]; `None` when it could not be asked.
+    PleasePull(NodeId),
+    /// Ask the provider lookup at (or after) this time, and hand the providers to
+    /// [`Cascade::on_providers`].
+    LookupProviders {
+        /// Not before this.
+        at: SystemTime,
+    },
+    /// The resolution is over.
+    Done(Resolution),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Probing,
+    Asking,
+    Waiting { until: SystemTime, rule: Rule },
+    Done,
+}
+
+/// One digest's cascade.
+#[derive(Debug)]
+pub struct Cascade {
+    config: Arc<CascadeConfig>,
+    digest: Digest,
+    kind: OriginRefKind,
+    size: Option<u64>,
+    local: NodeId,
+    /// Candidates in the requester's HRW order: index = the requester's rank of them.
+    ranked: Vec<NodeId>,
+    /// How many of `ranked` have been probed.
+    probed: usize,
+    /// The answer of each probed candidate, by rank; `None` for no answer.
+    answers: Vec<Option<PullIntent>>,
+    /// Candidates that cannot be asked to pull again in this resolution.
+    passed_over: HashSet<NodeId>,
+    /// Candidates whose stale pull was taken over, each counted once.
+    taken_over: HashSet<NodeId>,
+    phase: Phase,
+    waits: u32,
+    expansion: Option<Expansion>,
+    takeovers: u32,
+    rank_mismatches: u32,
+    probes_sent: u32,
+    please_pulls_sent: u32,
+}
+
+impl Cascade {
+    /// Starts a cascade for `digest` of `kind` (and expected `size`, if known) on the
+    /// node `local` with the given membership snapshot.
+    pub fn start(
+        config: Arc<CascadeConfig>,
+        members: &[Member],
+        local: &NodeId,
+        digest: Digest,
+        kind: OriginRefKind,
+        size: Option<u64>,
+    ) -> (Self, Action) {
+        let zone = members
+            .iter()
+            .find(|m| &m.id == local)
+            .and_then(|m| m.zone.as_deref());
+        let in_zone: Vec<&Member> = match (config.zone_scope, zone) {
+            (true, Some(zone)) => hrw::in_zone(members, zone).collect(),
+            _ => Vec::new(),
+        };
+        let candidates: Vec<&Member> = if in_zone.is_empty() {
+            members.iter().collect()
+        } else {
+            in_zone
+        };
+        let ranked: Vec<NodeId> = hrw::top_k(candidates, &digest, usize::MAX)
+            .into_iter()
+            .map(|m| m.id.clone())
+            .collect();
+        let mut cascade = Cascade {
+            config,
+            digest,
+            kind,
+            size,
+            local: local.clone(),
+            ranked,
+            probed: 0,
+            answers: Vec::new(),
+            passed_over: HashSet::new(),
+            taken_over: HashSet::new(),
+            phase: Phase::Probing,
+            waits: 0,
+            expansion: None,
+            takeovers: 0,
+            rank_mismatches: 0,
+            probes_sent: 0,
+            please_pulls_sent: 0,
+        };
+        if cascade.ranked.is_empty() {
+            let action = cascade.done(Rule::NoCandidates, Err(ColdStartError::NoMembers));
+            return (cascade, action);
+        }
+        let k = cascade.config.top_k;
+        let action = cascade.probe_up_to(k);
+        (cascade, action)
+    }
+
+    /// The digest being resolved.
+    pub fn digest(&self) -> &Digest {
+        &self.digest
+    }
+
+    /// The requester's ranking of the candidates, designated puller first.
+    pub fn ranking(&self) -> &[NodeId] {
+        &self.ranked
+    }
+
+    fn stall(&self) -> Duration {
+        self.config.stalls.stale_after(self.kind, self.size)
+    }
+
+    fn probe_up_to(&mut self, k: usize) -> Action {
+        let end = k.min(self.ranked.len());
+        let nodes: Vec<NodeId> = self.ranked[self.probed..end].to_vec();
+        self.probes_sent += nodes.iter().filter(|n| **n != self.local).count() as u32;
+        self.probed = end;
+        self.answers.resize(end, None);
+        self.phase = Phase::Probing;
+        Action::Probe(nodes)
+    }
+
+    /// Probes every candidate probed so far again, for a new pass after a wait.
+    fn probe_again(&mut self) -> Action {
+        let probed = self.probed;
+        self.probed = 0;
+        self.answers.clear();
+        self.probe_up_to(probed)
+    }
+
+    fn done(&mut self, rule: Rule, result: Result<Source, ColdStartError>) -> Action {
+        self.phase = Phase::Done;
+        Action::Done(Resolution {
+            rule,
+            expansion: self.expansion,
+            takeovers: self.takeovers,
+            rank_mismatches: self.rank_mismatches,
+            probes_sent: self.probes_sent,
+            please_pulls_sent: self.please_pulls_sent,
+            result,
+        })
+    }
+
+    fn wait(&mut self, rule: Rule, now: SystemTime) -> Action {
+        self.waits += 1;
+        self.phase = Phase::Waiting {
+            until: now + self.stall(),
+            rule,
+        };
+        Action::LookupProviders { at: now }
+    }
+
+    fn trusted(&self, class: FailureClass) -> bool {
+        self.config.trusted.contains(&class)
+    }
+
+    fn cooldown(&mut self, until: SystemTime, now: SystemTime) -> Action {
+        let until = until.min(now + self.config.transient_cap).max(now);
+        self.done(
+            Rule::TransientCooldown,
+            Err(ColdStartError::CoolingDown { until }),
+        )
+    }
+
+    /// The answers to the last [`Action::Probe`], in any order; a node missing from
+    /// `answers` did not answer. `lookup_healthy` says whether the provider lookup
+    /// works (a Kademlia routing table that is not empty, say).
+    pub fn on_probe(
+        &mut self,
+        answers: Vec<(NodeId, Option<PullIntent>)>,
+        lookup_healthy: bool,
+        now: SystemTime,
+    ) -> Action {
+        if self.phase != Phase::Probing {
+            return self.done(Rule::NoCandidates, Err(ColdStartError::NoPuller));
+        }
+        for (node, intent) in answers {
+            let Some(rank) = self.ranked[..self.probed].iter().position(|n| *n == node) else {
+                continue;
+            };
+            if let Some(intent) = &intent {
+                if intent.hrw_rank != Some(rank as u32) {
+                    self.rank_mismatches += 1;
+                }
+            }
+            self.answers[rank] = intent;
+        }
+        let reachable: Vec<(usize, PullIntent)> = self
+            .answers
+            .iter()
+            .enumerate()
+            .filter_map(|(rank, a)| a.map(|a| (rank, a)))
+            .collect();
+
+        // 1. A trusted failure anywhere.
+        if let Some(class) = reachable
+            .iter()
+            .filter_map(|(_, a)| a.recently_failed)
+            .map(|f| f.class)
+            .find(|c| self.trusted(*c))
+        {
+            return self.done(Rule::TrustedFailure, Err(ColdStartError::Failed(class)));
+        }
+        // 2. A cached copy.
+        if let Some((rank, _)) = reachable.iter().find(|(_, a)| a.has_cached) {
+            let holder = self.ranked[*rank].clone();
+            return self.done(Rule::CachedCopy, Ok(Source::Holder(holder)));
+        }
+        // 3. A fresh in-flight pull is waited on; a stale one is taken over.
+        let stall = self.stall();
+        let mut fresh = false;
+        for (rank, answer) in &reachable {
+            let Some(started) = answer.in_flight_since else {
+                continue;
+            };
+            let age = now.duration_since(started).unwrap_or_default();
+            if age > stall {
+                let node = &self.ranked[*rank];
+                self.passed_over.insert(node.clone());
+                if self.taken_over.insert(node.clone()) {
+                    self.takeovers += 1;
+                }
+            } else {
+                fresh = true;
+            }
+        }
+        if fresh {
+            return self.wait(Rule::InFlight, now);
+        }
+        // 4. A transient failure.
+        if let Some(until) = reachable
+            .iter()
+            .filter_map(|(_, a)| a.recently_failed)
+            .filter(|f| !self.trusted(f.class))
+            .map(|f| f.cooldown_until)
+            .max()
+        {
+            return self.cooldown(until, now);
+        }
+        // 5 and 6: widen the probe once.
+        let more = self.probed < self.ranked.len();
+        if self.expansion.is_none() && more {
+            let reason = if reachable.is_empty() {
+                Some(Expansion::AllUnreachable)
+            } else if !lookup_healthy {
+                Some(Expansion::LookupUnhealthy)
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                self.expansion = Some(reason);
+                let k = 2 * self.config.top_k;
+                return self.probe_up_to(k);
+            }
+        }
+        if reachable.is_empty() {
+            return self.done(Rule::ColdStart, Err(ColdStartError::NoneReachable));
+        }
+        // 7. The lowest-ranked reachable node that has not been passed over.
+        self.ask_next()
+    }
+
+    fn ask_next(&mut self) -> Action {
+        let next = self
+            .answers
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| a.is_some())
+            .map(|(rank, _)| &self.ranked[rank])
+            .find(|node| !self.passed_over.contains(*node))
+            .cloned();
+        match next {
+            Some(node) => {
+                if node != self.local {
+                    self.please_pulls_sent += 1;
+                }
+                self.phase = Phase::Asking;
+                Action::PleasePull(node)
+            }
+            None => self.done(Rule::ColdStart, Err(ColdStartError::NoPuller)),
+        }
+    }
+
+    /// The outcome of the last [`Action::PleasePull`] for this digest; `None` when the
+    /// node could not be asked (unreachable, no response).
+    pub fn on_please_pull(
+        &mut self,
+        node: &NodeId,
+        outcome: Option<Outcome>,
+        now: SystemTime,
+    ) -> Action {
+        if self.phase != Phase::Asking {
+            return self.done(Rule::ColdStart, Err(ColdStartError::NoPuller));
+        }
+        self.passed_over.insert(node.clone());
+        match outcome {
+            Some(Outcome::Started { .. }) => self.wait(Rule::ColdStart, now),
+            Some(Outcome::AlreadyPulling { started_at }) => {
+                let age = now.duration_since(started_at).unwrap_or_default();
+                if age > self.stall() {
+                    if self.taken_over.insert(node.clone()) {
+                        self.takeovers += 1;
+                    }
+                    self.ask_next()
+                } else {
+                    self.wait(Rule::ColdStart, now)
+                }
+            }
+            Some(Outcome::RecentlyFailed(failure)) if self.trusted(failure.class) => self.done(
+                Rule::TrustedFailure,
+                Err(ColdStartError::Failed(failure.class)),
+            ),
+            Some(Outcome::RecentlyFailed(failure)) => self.cooldown(failure.cooldown_until, now),
+            // Declined, or no answer: the next rank is asked, never this node again.
+            Some(Outcome::Unspecified) | None => self.ask_next(),
+        }
+    }
+
+    /// What the provider lookup found, asked as the last [`Action::LookupProviders`] said.
+    pub fn on_providers(&mut self, providers: Vec<PeerId>, now: SystemTime) -> Action {
+        let Phase::Waiting { until, rule } = self.phase else {
+            return self.done(Rule::ColdStart, Err(ColdStartError::NoPuller));
+        };
+        if !providers.is_empty() {
+            return self.done(rule, Ok(Source::Providers(providers)));
+        }
+        if now < until {
+            let at = (now + self.config.poll_interval(self.kind)).min(until);
+            return Action::LookupProviders { at };
+        }
+        if self.waits < self.config.max_waits {
+            // The pull waited on stalled: a new pass takes it over.
+            return self.probe_again();
+        }
+        self.done(rule, Err(ColdStartError::Stalled))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Each rule and each fault, on simulated time.
+
+    use super::*;
+    use crate::RecentFailure;
+
+    fn digest() -> Digest {
+        Digest::parse(&format!("sha256:{}", "ab".repeat(32))).unwrap()
+    }
+
+    fn members(n: usize) -> Vec<Member> {
+        (0..n)
+            .map(|i| Member::new(format!("node-{i}"), None))
+            .collect()
+    }
+
+    fn t0() -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+    }
+
+    struct Sim {
+        cascade: Cascade,
+        action: Action,
+    }
+
+    /// A cascade on `local` among `n` members, for a layer of unknown size.
+    fn sim(n: usize, local: &str, config: CascadeConfig) -> Sim {
+        let (cascade, action) = Cascade::start(
+            Arc::new(config),
+            &members(n),
+            &NodeId::new(local),
+            digest(),
+            OriginRefKind::Blob,
+            None,
+        );
+        Sim { cascade, action }
+    }
+
+    fn idle(rank: usize) -> PullIntent {
+        PullIntent {
+            hrw_rank: Some(rank as u32),
+            ..PullIntent::UNKNOWN
+        }
+    }
+
+    impl Sim {
+        fn rank(&self, i: usize) -> NodeId {
+            self.cascade.ranking()[i].clone()
+        }
+
+        fn probed(&self) -> Vec<NodeId> {
+            match &self.action {
+                Action::Probe(nodes) => nodes.clone(),
+                other => panic!("expected a probe, got {other:?}"),
+            }
+        }
+
+        /// Answers the pending probe: `answer(rank)` for each probed node.
+        fn answer(&mut self, now: SystemTime, answer: impl Fn(usize) -> Option<PullIntent>) {
+            let answers = self
+                .probed()
+                .into_iter()
+                .map(|node| {
+                    let rank = self
+                        .cascade
+                        .ranking()
+                        .iter()
+                        .position(|n| *n == node)
+                        .unwrap();
+                    (node, answer(rank))
+                })
+                .collect();
+            self.action = self.cascade.on_probe(answers, true, now);
+        }
+
+        fn asked(&self) -> NodeId {
+            match &self.action {
+                Action::PleasePull(node) => node.clone(),
+                other => panic!("expected a please_pull, got {other:?}"),
+            }
+        }
+
+        fn pull(&mut self, outcome: Option<Outcome>, now: SystemTime) {
+            let node = self.asked();
+            self.action = self.cascade.on_please_pull(&node, outcome, now);
+        }
+
+        fn providers(&mut self, found: Vec<PeerId>, now: SystemTime) {
+            self.action = self.cascade.on_providers(found, now);
+        }
+
+        fn resolution(&self) -> &Resolution {
+            match &self.action {
+                Action::Done(resolution) => resolution,
+                other => panic!("expected the end, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn probes_the_top_k_of_the_requesters_ranking() {
+        let s = sim(8, "node-5", CascadeConfig::default());
+        let expected: Vec<NodeId> = hrw::top_k(&members(8), &digest(), 3)
+            .into_iter()
+            .map(|m| m.id.clone())
+            .collect();
+        assert_eq!(s.probed(), expected);
+    }
+
+    #[test]
+    fn rule_1_a_trusted_failure_anywhere_ends_it() {
+        let mut s = sim(8, "node-5", CascadeConfig::default());
+        s.answer(t0(), |rank| {
+            Some(PullIntent {
+                has_cached: rank == 0,
+                recently_failed: (rank == 2).then_some(RecentFailure {
+                    cooldown_until: t0() + Duration::from_secs(10),
+                    class: FailureClass::NotFound,
+                }),
+                ..idle(rank)
+            })
+        });
+        let r = s.resolution();
+        assert_eq!(r.rule, Rule::TrustedFailure, "before the cached copy");
+        assert_eq!(
+            r.result,
+            Err(ColdStartError::Failed(FailureClass::NotFound))
+        );
+    }
+
+    #[test]
+    fn rule_2_a_cached_copy_names_its_holder() {
+        let mut s = sim(8, "node-5", CascadeConfig::default());
+        s.answer(t0(), |rank| {
+            Some(PullIntent {
+                has_cached: rank == 1,
+                ..idle(rank)
+            })
+        });
+        let holder = s.rank(1);
+        assert_eq!(s.resolution().rule, Rule::CachedCopy);
+        assert_eq!(s.resolution().result, Ok(Source::Holder(holder)));
+    }
+
+    #[test]
+    fn rule_3_a_fresh_pull_is_waited_on_until_a_provider_appears() {
+        let mut s = sim(8, "node-5", CascadeConfig::default());
+        s.answer(t0(), |rank| {
+            Some(PullIntent {
+                in_flight_since: (rank == 0).then_some(t0() - Duration::from_secs(5)),
+                ..idle(rank)
+            })
+        });
+        assert_eq!(s.action, Action::LookupProviders { at: t0() });
+        s.providers(vec![], t0());
+        // Layers are polled every second.
+        assert_eq!(
+            s.action,
+            Action::LookupProviders {
+                at: t0() + Duration::from_secs(1)
+            }
+        );
+        let provider = PeerId::random();
+        s.providers(vec![provider], t0() + Duration::from_secs(1));
+        assert_eq!(s.resolution().rule, Rule::InFlight);
+        assert_eq!(s.resolution().result, Ok(Source::Providers(vec![provider])));
+        assert_eq!(s.resolution().please_pulls_sent, 0);
+    }
+
+    #[test]
+    fn rule_4_a_transient_failure_is_honoured_for_at_most_the_cap() {
+        let mut s = sim(8, "node-5", CascadeConfig::default());
+        s.answer(t0(), |rank| {
+            Some(PullIntent {
+                recently_failed: (rank == 0).then_some(RecentFailure {
+                    cooldown_until: t0() + Duration::from_secs(90),
+                    class: FailureClass::Transient,
+                }),
+                ..idle(rank)
+            })
+        });
+        assert_eq!(s.resolution().rule, Rule::TransientCooldown);
+        assert_eq!(
+            s.resolution().result,
+            Err(ColdStartError::CoolingDown {
+                until: t0() + Duration::from_secs(30)
+            })
+        );
+    }
+
+    #[test]
+    fn rule_5_nobody_reachable_widens_to_2k_once() {
+        let mut s = sim(8, "node-7", CascadeConfig::default());
+        let top: Vec<NodeId> = (0..6).map(|i| s.rank(i)).collect();
+        s.answer(t0(), |_| None);
+        assert_eq!(s.probed(), top[3..6].to_vec(), "only the new ranks");
+        assert_eq!(s.cascade.expansion, Some(Expansion::AllUnreachable));
+        s.answer(t0(), |_| None);
+        assert_eq!(s.resolution().result, Err(ColdStartError::NoneReachable));
+        assert_eq!(s.resolution().expansion, Some(Expansion::AllUnreachable));
+    }
+
+    #[test]
+    fn rule_6_an_unhealthy_lookup_widens_before_anyone_pulls() {
+        let mut s = sim(8, "node-5", CascadeConfig::default());
+        let answers = s.probed().into_iter().map(|n| {
+            let rank = s.cascade.ranking().iter().position(|m| *m == n).unwrap();
+            (n, Some(idle(rank)))
+        });
+        s.action = s.cascade.on_probe(answers.collect(), false, t0());
+        assert_eq!(s.cascade.expansion, Some(Expansion::LookupUnhealthy));
+        assert_eq!(s.probed(), vec![s.rank(3), s.rank(4), s.rank(5)]);
+        s.answer(t0(), |rank| Some(idle(rank)));
+        assert_eq!(s.asked(), s.rank(0));
+    }
+
+    #[test]
+    fn rule_7_the_best_ranked_reachable_node_pulls_and_is_waited_on() {
+        let mut s = sim(8, "node-5", CascadeConfig::default());
+        s.answer(t0(), |rank| Some(idle(rank)));
+        assert_eq!(s.asked(), s.rank(0));
+        s.pull(Some(Outcome::Started { started_at: t0() }), t0());
+        assert_eq!(s.action, Action::LookupProviders { at: t0() });
+        let provider = PeerId::random();
+        s.providers(vec![provider], t0() + Duration::from_secs(3));
+        assert_eq!(s.resolution().rule, Rule::ColdStart);
+        assert_eq!(s.resolution().result, Ok(Source::Providers(vec![provider])));
+    }
+
+    #[test]
+    fn an_unreachable_designated_puller_is_skipped_and_never_asked() {
+        let mut s = sim(8, "node-5", CascadeConfig::default());
+        s.answer(t0(), |rank| (rank != 0).then(|| idle(rank)));
+        assert_eq!(s.asked(), s.rank(1), "the next reachable rank");
+    }
+
+    #[test]
+    fn a_puller_that_dies_before_the_please_pull_passes_to_the_next_rank_once() {
+        // A requester outside the top 3, so every please_pull goes over the wire.
+        let mut s = sim(8, "outsider", CascadeConfig::default());
+        s.answer(t0(), |rank| Some(idle(rank)));
+        assert_eq!(s.asked(), s.rank(0));
+        s.pull(None, t0());
+        assert_eq!(s.asked(), s.rank(1));
+        s.pull(None, t0());
+        assert_eq!(s.asked(), s.rank(2));
+        s.pull(Some(Outcome::Unspecified), t0());
+        assert_eq!(
+            s.resolution().result,
+            Err(ColdStartError::NoPuller),
+            "each node asked once, then the end: no loop on a dead node"
+        );
+        assert_eq!(s.resolution().please_pulls_sent, 3);
+    }
+
+    #[test]
+    fn a_stalled_puller_is_taken_over_after_the_stall_threshold() {
+        let stalls = Stalls {
+            floor: Duration::from_secs(2),
+            multiplier: 1,
+            ..Stalls::default()
+        };
+        let mut s = sim(8, "node-5", CascadeConfig::default().with_stalls(stalls));
+        s.answer(t0(), |rank| Some(idle(rank)));
+        let stalled = s.asked();
+        assert_eq!(stalled, s.rank(0));
+        s.pull(Some(Outcome::Started { started_at: t0() }), t0());
+        // Nothing appears until the threshold passes...
+        let mut now = t0();
+        while let Action::LookupProviders { at } = s.action {
+            now = at;
+            s.providers(vec![], now);
+        }
+        assert_eq!(now, t0() + Duration::from_secs(2));
+        // ...then a new pass: the stalled node still says it is pulling, since t0.
+        let later = now + Duration::from_secs(1);
+        s.answer(later, |rank| {
+            Some(PullIntent {
+                in_flight_since: (rank == 0).then_some(t0()),
+                ..idle(rank)
+            })
+        });
+        assert_eq!(s.asked(), s.rank(1), "the next rank takes over");
+        assert_eq!(s.cascade.takeovers, 1);
+    }
+
+    #[test]
+    fn a_transient_failure_is_not_probed_again_within_its_window() {
+        // The window is the driver's to keep; the cascade says until when.
+        let mut s = sim(8, "node-5", CascadeConfig::default());
+        s.answer(t0(), |rank| Some(idle(rank)));
+        s.pull(
+            Some(Outcome::RecentlyFailed(RecentFailure {
+                cooldown_until: t0() + Duration::from_secs(10),
+                class: FailureClass::Transient,
+            })),
+            t0(),
+        );
+        assert_eq!(
+            s.resolution().result,
+            Err(ColdStartError::CoolingDown {
+                until: t0() + Duration::from_secs(10)
+            })
+        );
+    }
+
+    #[test]
+    fn a_requester_ranked_first_pulls_itself() {
+        // Find a member set where node-0 ranks first, then resolve from node-0 and from
+        // the second-ranked node: both pick node-0, so no two nodes delegate to each other.
+        let ranking: Vec<NodeId> = hrw::top_k(&members(8), &digest(), 8)
+            .into_iter()
+            .map(|m| m.id.clone())
+            .collect();
+        let first = ranking[0].clone();
+        let second = ranking[1].clone();
+        for local in [&first, &second] {
+            let mut s = sim(8, local.as_str(), CascadeConfig::default());
+            s.answer(t0(), |rank| Some(idle(rank)));
+            assert_eq!(s.asked(), first, "asked by {local}");
+        }
+        let mut s = sim(8, first.as_str(), CascadeConfig::default());
+        s.answer(t0(), |rank| Some(idle(rank)));
+        assert_eq!(s.asked(), first);
+        assert_eq!(
+            s.cascade.please_pulls_sent, 0,
+            "self starts locally, not over the wire"
+        );
+    }
+
+    #[test]
+    fn a_rank_disagreement_is_counted() {
+        let mut s = sim(8, "node-5", CascadeConfig::default());
+        s.answer(t0(), |rank| {
+            Some(PullIntent {
+                has_cached: rank == 2,
+                hrw_rank: Some(if rank == 1 { 4 } else { rank as u32 }),
+                ..PullIntent::UNKNOWN
+            })
+        });
+        assert_eq!(s.resolution().rank_mismatches, 1);
+    }
+
+    #[test]
+    fn zone_scope_keeps_to_the_zone_and_falls_back_when_empty() {
+        let mut members = members(6);
+        for (i, m) in members.iter_mut().enumerate() {
+            m.zone = Some(if i % 2 == 0 { "a" } else { "b" }.into());
+        }
+        let config = Arc::new(CascadeConfig::default().with_zone_scope(true));
+        let (cascade, _) = Cascade::start(
+            config.clone(),
+            &members,
+            &NodeId::new("node-1"),
+            digest(),
+            OriginRefKind::Blob,
+            None,
+        );
+        assert_eq!(cascade.ranking().len(), 3);
+        assert!(cascade
+            .ranking()
+            .iter()
+            .all(|n| ["node-1", "node-3", "node-5"].contains(&n.as_str())));
+        let (cascade, _) = Cascade::start(
+            config,
+            &members,
+            &NodeId::new("outsider"),
+            digest(),
+            OriginRefKind::Blob,
+            None,
+        );
+        assert_eq!(cascade.ranking().len(), 6, "no zone: the whole membership");
+    }
+}
