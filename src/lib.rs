@@ -115,9 +115,11 @@ pub use message::{
     PleasePullOutcome, PullIntent, RecentFailure, MAX_DIGESTS_PER_PLEASE_PULL,
 };
 pub use node::{
-    hrw, stale_after, Claim, Clock, ContentStore, FailureCache, InFlightMap, InFlightPulls, Member,
-    Membership, MemoryStore, NegativeCache, NodeState, NodeStateBuilder, PullOrder, PullerPump,
-    PumpDecision, Signals, StaticMembership, StoreLookup, SystemClock,
+    hrw, stale_after, Action, Cascade, CascadeConfig, Claim, Clock, ColdStart, ColdStartError,
+    ContentStore, Expansion, FailureCache, InFlightMap, InFlightPulls, Member, Membership,
+    MemoryStore, NegativeCache, NoProviders, NodeState, NodeStateBuilder, ProviderLookup,
+    PullOrder, PullerPump, PumpDecision, Resolution, Rule, Signals, Source, Stalls,
+    StaticMembership, StoreLookup, SystemClock,
 };
 pub use node_id::NodeId;
 pub use protocol::{Rpc, PROTOCOL_NAME};

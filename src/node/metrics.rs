@@ -1,13 +1,107 @@
 //! The node state's signals as Prometheus counters. Every name starts with `gantry_coord_`.
 
+use std::time::Duration;
+
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
-    metrics::counter::ConstCounter,
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        histogram::{exponential_buckets, Histogram},
+    },
     registry::Registry,
 };
 
-use super::NodeState;
+use super::{NodeState, Resolution, Rule};
+use crate::OriginRefKind;
+
+type Labels = Vec<(&'static str, &'static str)>;
+
+/// The cold-start resolver's instruments.
+#[derive(Debug)]
+pub(crate) struct ColdStartMetrics {
+    duration: Family<Labels, Histogram>,
+    expansions: Family<Labels, Counter>,
+    takeovers: Counter,
+    rank_mismatches: Family<Labels, Counter>,
+    probe_hits: Counter,
+}
+
+impl ColdStartMetrics {
+    pub(crate) fn register(registry: &mut Registry) -> Self {
+        let registry = registry.sub_registry_with_prefix("gantry_coord_coldstart");
+        let metrics = ColdStartMetrics {
+            duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.001, 2.0, 18))
+            }),
+            expansions: Family::default(),
+            takeovers: Counter::default(),
+            rank_mismatches: Family::default(),
+            probe_hits: Counter::default(),
+        };
+        registry.register(
+            "duration_seconds",
+            "Time to resolve a digest, by kind and the rule that decided it",
+            metrics.duration.clone(),
+        );
+        registry.register(
+            "expansions",
+            "Probes widened to the top 2K, by reason",
+            metrics.expansions.clone(),
+        );
+        registry.register(
+            "takeovers",
+            "Stale in-flight pulls taken over",
+            metrics.takeovers.clone(),
+        );
+        registry.register(
+            "rank_mismatches",
+            "Responders whose HRW rank disagreed with ours (membership divergence), by kind",
+            metrics.rank_mismatches.clone(),
+        );
+        registry.register(
+            "probe_hits",
+            "Resolutions a probe answered: a cached copy or a fresh in-flight pull",
+            metrics.probe_hits.clone(),
+        );
+        metrics
+    }
+
+    pub(crate) fn record(&self, kind: OriginRefKind, resolution: &Resolution, took: Duration) {
+        let kind = match kind {
+            OriginRefKind::Manifest => "manifest",
+            OriginRefKind::Config => "config",
+            OriginRefKind::Blob => "layer",
+        };
+        let outcome = if resolution.result.is_ok() {
+            "ok"
+        } else {
+            "failed"
+        };
+        self.duration
+            .get_or_create(&vec![
+                ("kind", kind),
+                ("rule", resolution.rule.as_str()),
+                ("outcome", outcome),
+            ])
+            .observe(took.as_secs_f64());
+        if let Some(expansion) = resolution.expansion {
+            self.expansions
+                .get_or_create(&vec![("reason", expansion.as_str())])
+                .inc();
+        }
+        self.takeovers.inc_by(resolution.takeovers.into());
+        if resolution.rank_mismatches > 0 {
+            self.rank_mismatches
+                .get_or_create(&vec![("kind", kind)])
+                .inc_by(resolution.rank_mismatches.into());
+        }
+        if matches!(resolution.rule, Rule::CachedCopy | Rule::InFlight) {
+            self.probe_hits.inc();
+        }
+    }
+}
 
 /// Reads a node state's signal counts at scrape time.
 #[derive(Debug)]

@@ -7,6 +7,7 @@
 //! it, so an application may replace any of it and keep the protocol.
 
 mod cascade;
+mod cold_start;
 pub mod hrw;
 mod in_flight;
 mod membership;
@@ -18,6 +19,7 @@ mod store;
 pub use cascade::{
     Action, Cascade, CascadeConfig, ColdStartError, Expansion, Resolution, Rule, Source,
 };
+pub use cold_start::{ColdStart, NoProviders, ProviderLookup};
 pub use in_flight::{stale_after, Claim, InFlightMap, InFlightPulls, Stalls};
 pub use membership::{Member, Membership, StaticMembership};
 pub use negative_cache::{FailureCache, NegativeCache};
@@ -235,6 +237,10 @@ impl NodeState {
     /// The membership view.
     pub fn membership(&self) -> &dyn Membership {
         self.inner.membership.as_ref()
+    }
+
+    pub(crate) fn membership_handle(&self) -> Arc<dyn Membership> {
+        self.inner.membership.clone()
     }
 
     /// The membership as the behaviour's authorizer, for

@@ -1,0 +1,292 @@
+//! The cold-start resolver: drives the [`Cascade`] for a digest this node lacks over the
+//! network, through the protocol layer's [`Coordinator`] and a [`ProviderLookup`]
+//! (Kademlia's providers, in practice), with this node answering itself locally.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::SystemTime,
+};
+
+use futures::{future::BoxFuture, FutureExt};
+use libp2p_identity::PeerId;
+use parking_lot::Mutex;
+
+use super::{
+    cascade::{Action, Cascade, CascadeConfig, ColdStartError, Resolution, Rule},
+    hrw, Membership, NodeState,
+};
+use crate::{Coordinator, Digest, NodeId, Outcome, PleasePull, PleasePullOutcome};
+
+/// Who provides a digest: the content-discovery side of a node (Kademlia's
+/// `get_providers`, say). Gantry asks it first and runs the cascade on a miss; the
+/// cascade asks it again while it waits for a pull to land.
+pub trait ProviderLookup: Send + Sync + 'static {
+    /// The peers that provide `digest`; empty when none is known (yet).
+    fn providers(&self, digest: &Digest) -> BoxFuture<'static, Vec<PeerId>>;
+
+    /// Whether lookups can be trusted to find a provider that exists (a routing table
+    /// that is not empty, say). An unhealthy lookup widens the probe before anyone is
+    /// asked to pull.
+    fn is_healthy(&self) -> bool {
+        true
+    }
+}
+
+/// Resolves digests this node lacks, one origin pull per blob for the whole cluster.
+/// Cheap to clone; clones share the honour windows of transient failures.
+#[derive(Clone)]
+pub struct ColdStart {
+    coordinator: Coordinator,
+    state: NodeState,
+    lookup: Arc<dyn ProviderLookup>,
+    config: Arc<CascadeConfig>,
+    /// Digests whose transient failure is honoured locally, until when.
+    honour: Arc<Mutex<HashMap<Digest, SystemTime>>>,
+    #[cfg(feature = "metrics")]
+    metrics: Option<Arc<super::metrics::ColdStartMetrics>>,
+}
+
+impl std::fmt::Debug for ColdStart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ColdStart")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ColdStart {
+    /// A resolver that asks peers through `coordinator` (its node ids resolved through
+    /// the state's membership), answers for this node from `state`, and looks for
+    /// providers with `lookup`.
+    pub fn new(
+        coordinator: Coordinator,
+        state: NodeState,
+        lookup: impl ProviderLookup,
+        config: CascadeConfig,
+    ) -> Self {
+        let membership = state.membership_handle();
+        let coordinator = coordinator.with_resolver(move |node: &NodeId| {
+            membership
+                .members()
+                .iter()
+                .find(|m| &m.id == node)
+                .and_then(|m| m.peer_id)
+        });
+        ColdStart {
+            coordinator,
+            state,
+            lookup: Arc::new(lookup),
+            config: Arc::new(config),
+            honour: Arc::default(),
+            #[cfg(feature = "metrics")]
+            metrics: None,
+        }
+    }
+
+    /// Records the resolver's metrics in `registry` (names start with
+    /// `gantry_coord_coldstart_`).
+    #[cfg(feature = "metrics")]
+    pub fn register_metrics(&mut self, registry: &mut prometheus_client::registry::Registry) {
+        self.metrics = Some(Arc::new(super::metrics::ColdStartMetrics::register(
+            registry,
+        )));
+    }
+
+    /// Finds where to get the first digest of `request`, the please_pull this node would
+    /// send for it (its registry, repository, kind and delegated credentials), whose
+    /// expected size is `size` if known. Ends in a [`Resolution`] that names the rule
+    /// that decided it.
+    pub async fn resolve(&self, request: &PleasePull, size: Option<u64>) -> Resolution {
+        let started = SystemTime::now();
+        let Some(digest) = request.digests().first().cloned() else {
+            return no_candidates(ColdStartError::NoPuller);
+        };
+        let resolution = self.run(request, &digest, size).await;
+        #[cfg(feature = "metrics")]
+        if let Some(metrics) = &self.metrics {
+            metrics.record(
+                request.kind(),
+                &resolution,
+                started.elapsed().unwrap_or_default(),
+            );
+        }
+        #[cfg(not(feature = "metrics"))]
+        let _ = started;
+        resolution
+    }
+
+    async fn run(&self, request: &PleasePull, digest: &Digest, size: Option<u64>) -> Resolution {
+        let now = SystemTime::now();
+        if let Some(until) = self.honoured_until(digest, now) {
+            return Resolution {
+                rule: Rule::HonourWindow,
+                expansion: None,
+                takeovers: 0,
+                rank_mismatches: 0,
+                probes_sent: 0,
+                please_pulls_sent: 0,
+                result: Err(ColdStartError::CoolingDown { until }),
+            };
+        }
+        let membership = self.state.membership();
+        let local = membership.local_id();
+        let (mut cascade, mut action) = Cascade::start(
+            self.config.clone(),
+            &membership.members(),
+            &local,
+            digest.clone(),
+            request.kind(),
+            size,
+        );
+        let single = match PleasePull::new(
+            request.registry(),
+            request.repository(),
+            request.kind(),
+            vec![digest.clone()],
+        ) {
+            Ok(single) => match request.authorization() {
+                Some(auth) => single.with_authorization(auth.clone()),
+                None => single,
+            },
+            Err(_) => return no_candidates(ColdStartError::NoPuller),
+        };
+        loop {
+            action = match action {
+                Action::Probe(nodes) => {
+                    let answers = futures::future::join_all(nodes.into_iter().map(|node| {
+                        let local = &local;
+                        async move {
+                            let intent = if &node == local {
+                                Some(self.state.local_pull_intent(digest))
+                            } else {
+                                self.coordinator
+                                    .pull_intent_query(node.clone(), digest)
+                                    .await
+                                    .ok()
+                            };
+                            (node, intent)
+                        }
+                    }))
+                    .await;
+                    cascade.on_probe(answers, self.lookup.is_healthy(), SystemTime::now())
+                }
+                Action::PleasePull(node) => {
+                    let outcome = if node == local {
+                        first_outcome(Ok(self.state.start_local_pull(&single)), digest)
+                    } else {
+                        first_outcome(
+                            self.coordinator.please_pull(node.clone(), &single).await,
+                            digest,
+                        )
+                    };
+                    cascade.on_please_pull(&node, outcome, SystemTime::now())
+                }
+                Action::LookupProviders { at } => {
+                    if let Ok(wait) = at.duration_since(SystemTime::now()) {
+                        futures_timer::Delay::new(wait).await;
+                    }
+                    let providers = self.lookup.providers(digest).await;
+                    cascade.on_providers(providers, SystemTime::now())
+                }
+                Action::Done(resolution) => {
+                    if let Err(ColdStartError::CoolingDown { until }) = resolution.result {
+                        self.honour.lock().insert(digest.clone(), until);
+                    }
+                    return resolution;
+                }
+            };
+        }
+    }
+
+    fn honoured_until(&self, digest: &Digest, now: SystemTime) -> Option<SystemTime> {
+        let mut honour = self.honour.lock();
+        match honour.get(digest) {
+            Some(until) if now < *until => Some(*until),
+            Some(_) => {
+                honour.remove(digest);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Asks each designated puller to pull its share of `request`'s digests (the layers
+    /// of one image), one please_pull per puller, as the Go `prefetch` does; this node's
+    /// own share starts locally. The pulls then land while [`ColdStart::resolve`] finds
+    /// them in flight. Returns the outcomes per puller, or why a puller could not be asked.
+    pub async fn prefetch(
+        &self,
+        request: &PleasePull,
+    ) -> BTreeMap<NodeId, Result<Vec<PleasePullOutcome>, crate::CoordinatorError>> {
+        let membership = self.state.membership();
+        let members = membership.members();
+        let local = membership.local_id();
+        let mut shares: BTreeMap<NodeId, Vec<Digest>> = BTreeMap::new();
+        for digest in request.digests() {
+            if let Some(puller) = hrw::top_k(members.iter(), digest, 1).first() {
+                shares
+                    .entry(puller.id.clone())
+                    .or_default()
+                    .push(digest.clone());
+            }
+        }
+        let asks = shares.into_iter().filter_map(|(puller, digests)| {
+            let share = PleasePull::new(
+                request.registry(),
+                request.repository(),
+                request.kind(),
+                digests,
+            )
+            .ok()?;
+            let share = match request.authorization() {
+                Some(auth) => share.with_authorization(auth.clone()),
+                None => share,
+            };
+            let local = local.clone();
+            Some(async move {
+                let result = if puller == local {
+                    Ok(self.state.start_local_pull(&share))
+                } else {
+                    self.coordinator.please_pull(puller.clone(), &share).await
+                };
+                (puller, result)
+            })
+        });
+        futures::future::join_all(asks).await.into_iter().collect()
+    }
+}
+
+fn first_outcome(
+    outcomes: Result<Vec<PleasePullOutcome>, crate::CoordinatorError>,
+    digest: &Digest,
+) -> Option<Outcome> {
+    outcomes
+        .ok()?
+        .into_iter()
+        .find(|o| &o.digest == digest)
+        .map(|o| o.outcome)
+}
+
+fn no_candidates(error: ColdStartError) -> Resolution {
+    Resolution {
+        rule: Rule::NoCandidates,
+        expansion: None,
+        takeovers: 0,
+        rank_mismatches: 0,
+        probes_sent: 0,
+        please_pulls_sent: 0,
+        result: Err(error),
+    }
+}
+
+/// A lookup that knows no providers: for nodes without content discovery, which then
+/// rely on probes alone (rule 2 finds a holder on the next resolution).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoProviders;
+
+impl ProviderLookup for NoProviders {
+    fn providers(&self, _: &Digest) -> BoxFuture<'static, Vec<PeerId>> {
+        async { Vec::new() }.boxed()
+    }
+}
