@@ -1,13 +1,18 @@
-//! A cold start on a small cluster, in one process over loopback TCP.
+//! A cold start on a cluster in one process, through the crate's cold-start resolver.
 //!
 //! `cargo run --example cluster [-- --nodes N]` starts N nodes (default 8), each a full
-//! swarm of Kademlia + Identify + coord bootstrapped through the first. Every node then
-//! needs the same image (a manifest, a config and several layers). For each digest a node
-//! ranks the members by HRW, probes the top 3 with pull_intent_query (itself locally),
-//! and asks the designated puller with please_pull until the digest is cached somewhere it
-//! can fetch from. An in-process origin counts pulls per digest and fails one layer with
-//! 404: its puller records it in the negative cache, and every other node sees
-//! RECENTLY_FAILED and stops instead of pulling it again.
+//! swarm of Kademlia + Identify + coord bootstrapped through the first, on loopback TCP
+//! (`--transport memory` for libp2p's in-memory transport, which a hundred nodes need).
+//! Every node then needs the same image (a manifest, a config and several layers) and
+//! resolves each digest with [`ColdStart`]: HRW ranking, probes of the top 3, one
+//! please_pull to the designated puller, and a wait for a Kademlia provider. An
+//! in-process origin counts pulls per digest and fails one layer with 404: its puller
+//! records it in the negative cache, and every other node stops instead of pulling again.
+//!
+//! Faults: `--kill-puller I` stops the swarm of blob I's designated puller 100 ms into
+//! its origin pull; `--stall-puller I` makes that pull never finish while the node keeps
+//! answering that it is pulling. `--stall-ms MS` shortens the stall thresholds so the
+//! takeover comes quickly.
 //!
 //! The last line is `summary: digests=N origin_pulls=M failed=F nodes=K`.
 
@@ -16,25 +21,53 @@ mod common;
 use std::{
     collections::{HashMap, HashSet},
     process::ExitCode,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
-use common::{build_swarm, NodeBehaviourEvent};
-use futures::{future::join_all, StreamExt};
+use clap::Parser;
+use common::{build_swarm_on, NodeBehaviourEvent};
+use futures::{future::join_all, FutureExt, StreamExt};
 use gantry_coord::{
-    hrw, Config, Coordinator, Digest, FailureClass, Member, Membership, MemoryStore, NodeId,
-    NodeState, OriginRefKind, PleasePull, PullIntent, PullOrder, PullerPump, PumpDecision,
-    RecentFailure, StaticMembership,
+    hrw, CascadeConfig, ColdStart, ColdStartError, Config, ContentStore, Digest, FailureClass,
+    Member, MemoryStore, NodeId, NodeState, OriginRefKind, PleasePull, ProviderLookup, PullOrder,
+    PullerPump, PumpDecision, RecentFailure, Source, Stalls, StaticMembership, StoreLookup,
 };
-use libp2p::{identify, identity::Keypair, kad, multiaddr::Protocol, swarm::SwarmEvent, Multiaddr};
+use libp2p::{
+    identify, identity::Keypair, kad, multiaddr::Protocol, swarm::SwarmEvent, Multiaddr, PeerId,
+};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
 const REGISTRY: &str = "registry.example.com";
 const REPOSITORY: &str = "library/demo";
-/// Members probed per digest before asking anyone to pull.
-const PROBE_K: usize = 3;
+
+/// The command line.
+#[derive(Debug, Parser)]
+#[command(about = "A cold start of one image on an in-process cluster")]
+struct Args {
+    /// Nodes in the cluster.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+    nodes: u16,
+    /// tcp (loopback) or memory (libp2p's in-memory transport).
+    #[arg(long, default_value = "tcp", value_parser = ["tcp", "memory"])]
+    transport: String,
+    /// Stop the designated puller of this blob (0-based, image order) 100 ms into its pull.
+    #[arg(long)]
+    kill_puller: Option<usize>,
+    /// Make the designated puller of this blob never finish its pull.
+    #[arg(long)]
+    stall_puller: Option<usize>,
+    /// The stall threshold for every kind, in milliseconds (default: the Go nodes').
+    #[arg(long)]
+    stall_ms: Option<u64>,
+    /// Nodes start their cold start spread evenly over this many milliseconds.
+    #[arg(long, default_value_t = 0)]
+    spread_ms: u64,
+}
 
 /// One blob of the image.
 struct Blob {
@@ -76,6 +109,17 @@ impl Origin {
             .entry(digest.clone())
             .or_default() += 1;
         Ok(bytes)
+    }
+
+    /// A pull the origin never finishes: the connection hangs.
+    async fn hang(&self, digest: &Digest) {
+        *self
+            .attempts
+            .lock()
+            .unwrap()
+            .entry(digest.clone())
+            .or_default() += 1;
+        futures::future::pending::<()>().await;
     }
 
     fn count(map: &Mutex<HashMap<Digest, u32>>, digest: &Digest) -> u32 {
@@ -165,18 +209,47 @@ impl PullerPump for OriginPump {
 
 enum Control {
     Dial(Multiaddr),
+    /// The members' addresses, as the membership publishes them.
+    Addresses(Vec<(PeerId, Multiaddr)>),
     Bootstrap(oneshot::Sender<usize>),
     Provide(Digest),
+    FindProviders(Digest, oneshot::Sender<Vec<PeerId>>),
+}
+
+/// Kademlia's providers, asked through the node's swarm loop.
+struct KadProviders(mpsc::UnboundedSender<Control>);
+
+impl ProviderLookup for KadProviders {
+    fn providers(&self, digest: &Digest) -> futures::future::BoxFuture<'static, Vec<PeerId>> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.0.send(Control::FindProviders(digest.clone(), tx));
+        async move {
+            tokio::time::timeout(Duration::from_secs(2), rx)
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default()
+        }
+        .boxed()
+    }
+}
+
+/// A fault to inject into one node's pull of one digest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    Kill,
+    Stall,
 }
 
 /// What the demo keeps of each node.
 #[derive(Clone)]
 struct Node {
     id: NodeId,
-    state: NodeState,
+    peer: PeerId,
     store: MemoryStore,
-    coordinator: Coordinator,
+    resolver: ColdStart,
     control: mpsc::UnboundedSender<Control>,
+    dead: Arc<AtomicBool>,
 }
 
 /// Starts one node's swarm task; returns its handle and its listen address.
@@ -185,50 +258,90 @@ async fn start_node(
     id: NodeId,
     membership: StaticMembership,
     origin: Arc<Origin>,
+    args: &Args,
+    fault: Option<(Digest, Fault)>,
 ) -> Result<(Node, Multiaddr), Box<dyn std::error::Error>> {
-    let mut swarm = build_swarm(keypair, Config::default())?;
+    let memory = args.transport == "memory";
+    let mut swarm = build_swarm_on(keypair, Config::default(), memory)?;
     let peer = *swarm.local_peer_id();
-    swarm.listen_on("/ip4/127.0.0.1/tcp/0".parse()?)?;
+    let listen = if memory {
+        "/memory/0"
+    } else {
+        "/ip4/127.0.0.1/tcp/0"
+    };
+    swarm.listen_on(listen.parse()?)?;
     let addr = loop {
         if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
             break address.with(Protocol::P2p(peer));
         }
     };
-    let members = membership.clone();
     let store = MemoryStore::new();
     let (pulls, mut pulled) = mpsc::unbounded_channel::<Digest>();
     let state = NodeState::builder(membership)
         .store(store.clone())
         .pump(OriginPump(pulls))
         .build();
-    let coordinator = swarm
-        .behaviour()
-        .coord
-        .coordinator()
-        .with_resolver(move |node| {
-            members
-                .members()
-                .iter()
-                .find(|m| &m.id == node)
-                .and_then(|m| m.peer_id)
-        });
     let (control, mut controls) = mpsc::unbounded_channel();
+    let mut cascade = CascadeConfig::default();
+    if let Some(ms) = args.stall_ms {
+        let stall = Duration::from_millis(ms);
+        cascade = cascade.with_stalls(Stalls {
+            manifest: stall,
+            floor: stall,
+            multiplier: 1,
+            ..Stalls::default()
+        });
+    }
+    let resolver = ColdStart::new(
+        swarm.behaviour().coord.coordinator(),
+        state.clone(),
+        KadProviders(control.clone()),
+        cascade,
+    );
+    let dead = Arc::new(AtomicBool::new(false));
+    let (kill, mut killed) = oneshot::channel::<()>();
     let node = Node {
         id,
-        state: state.clone(),
+        peer,
         store: store.clone(),
-        coordinator,
+        resolver,
         control: control.clone(),
+        dead: dead.clone(),
     };
 
     // The origin side of the pump: pull, check the digest, store, report.
     let (finisher, announcer) = (state.clone(), control);
+    let mut kill = Some(kill);
     tokio::spawn(async move {
         while let Some(digest) = pulled.recv().await {
+            let fault = fault
+                .as_ref()
+                .filter(|(d, _)| *d == digest)
+                .map(|(_, f)| *f);
             let (state, store, origin) = (finisher.clone(), store.clone(), origin.clone());
-            let announcer = announcer.clone();
+            let (announcer, dead) = (announcer.clone(), dead.clone());
+            if fault == Some(Fault::Kill) {
+                if let Some(kill) = kill.take() {
+                    let dead = dead.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        dead.store(true, Ordering::SeqCst);
+                        let _ = kill.send(());
+                    });
+                }
+            }
             tokio::spawn(async move {
+                if dead.load(Ordering::SeqCst) {
+                    // A stopped node pulls nothing: its resolver may still be mid-way.
+                    return;
+                }
+                if fault == Some(Fault::Stall) {
+                    // In flight forever: the node keeps answering that it is pulling.
+                    origin.hang(&digest).await;
+                }
                 let result = match origin.pull(&digest).await {
+                    // A dead node stores nothing and reports nothing.
+                    _ if dead.load(Ordering::SeqCst) => return,
                     Ok(bytes) if sha256_digest(&bytes) == digest => {
                         store.insert(digest.clone());
                         let _ = announcer.send(Control::Provide(digest.clone()));
@@ -244,8 +357,11 @@ async fn start_node(
 
     tokio::spawn(async move {
         let mut bootstrap_waiters = Vec::new();
+        let mut lookups: HashMap<kad::QueryId, (HashSet<PeerId>, oneshot::Sender<Vec<PeerId>>)> =
+            HashMap::new();
         loop {
             tokio::select! {
+                _ = &mut killed => return,
                 event = swarm.select_next_some() => match event {
                     SwarmEvent::Behaviour(NodeBehaviourEvent::Coord(event)) => {
                         if let Some(event) = state.answer(&mut swarm.behaviour_mut().coord, event) {
@@ -258,19 +374,39 @@ async fn start_node(
                         }
                     }
                     SwarmEvent::Behaviour(NodeBehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
-                        result: kad::QueryResult::Bootstrap(result), step, ..
-                    })) => {
-                        let done = match result {
-                            Ok(ok) => ok.num_remaining == 0 || step.last,
-                            Err(_) => true,
-                        };
-                        if done {
-                            let known = swarm.behaviour_mut().kad.kbuckets().map(|b| b.num_entries()).sum();
-                            for waiter in bootstrap_waiters.drain(..) {
-                                let _: Result<(), usize> = oneshot::Sender::send(waiter, known);
+                        id, result, step, ..
+                    })) => match result {
+                        kad::QueryResult::Bootstrap(result) => {
+                            let done = match result {
+                                Ok(ok) => ok.num_remaining == 0 || step.last,
+                                Err(_) => true,
+                            };
+                            if done {
+                                let known = swarm.behaviour_mut().kad.kbuckets().map(|b| b.num_entries()).sum();
+                                for waiter in bootstrap_waiters.drain(..) {
+                                    let _: Result<(), usize> = oneshot::Sender::send(waiter, known);
+                                }
                             }
                         }
-                    }
+                        kad::QueryResult::GetProviders(result) => {
+                            let found = match result {
+                                Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => providers,
+                                _ => HashSet::new(),
+                            };
+                            if let Some((seen, _)) = lookups.get_mut(&id) {
+                                seen.extend(found);
+                                if !seen.is_empty() || step.last {
+                                    if let Some((seen, reply)) = lookups.remove(&id) {
+                                        let _ = reply.send(seen.into_iter().collect());
+                                    }
+                                    if let Some(mut query) = swarm.behaviour_mut().kad.query_mut(&id) {
+                                        query.finish();
+                                    }
+                                }
+                            }
+                        }
+                        _ => {}
+                    },
                     _ => {}
                 },
                 Some(control) = controls.recv() => match control {
@@ -279,6 +415,11 @@ async fn start_node(
                             swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
                         }
                         let _ = swarm.dial(addr);
+                    }
+                    Control::Addresses(addresses) => {
+                        for (peer, addr) in addresses {
+                            swarm.add_peer_address(peer, addr);
+                        }
                     }
                     Control::Bootstrap(waiter) => match swarm.behaviour_mut().kad.bootstrap() {
                         Ok(_) => bootstrap_waiters.push(waiter),
@@ -290,6 +431,11 @@ async fn start_node(
                         let key = kad::RecordKey::new(&digest.as_str());
                         let _ = swarm.behaviour_mut().kad.start_providing(key);
                     }
+                    Control::FindProviders(digest, reply) => {
+                        let key = kad::RecordKey::new(&digest.as_str());
+                        let id = swarm.behaviour_mut().kad.get_providers(key);
+                        lookups.insert(id, (HashSet::new(), reply));
+                    }
                 },
             }
         }
@@ -300,98 +446,80 @@ async fn start_node(
 /// How one node's cold start of one digest ended.
 #[derive(Debug, Clone)]
 enum Got {
-    Cached { at: Duration },
-    Failed { class: FailureClass },
+    Cached {
+        at: Duration,
+    },
+    Failed {
+        class: FailureClass,
+    },
+    /// The node itself was stopped.
+    Dead,
 }
 
-/// The cold-start cascade for one digest on one node.
+/// Resolves one digest on one node until it is stored, a trusted failure says stop, or
+/// the node is dead; fetches from the source the resolver names.
 async fn cold_start(
     node: &Node,
     blob: &Blob,
-    cluster: &HashMap<NodeId, Node>,
-    members: &[Member],
+    cluster: &HashMap<PeerId, Node>,
+    by_id: &HashMap<NodeId, PeerId>,
     started: Instant,
+    messages: &AtomicU64,
 ) -> Got {
-    let digest = &blob.digest;
-    let top: Vec<NodeId> = hrw::top_k(members, digest, PROBE_K)
-        .into_iter()
-        .map(|m| m.id.clone())
-        .collect();
-    let designated = top[0].clone();
+    let request = PleasePull::new(REGISTRY, REPOSITORY, blob.kind, vec![blob.digest.clone()])
+        .expect("a valid request");
+    let mut backoff = Duration::from_millis(50);
     loop {
-        if node.store.lookup_cached(digest) {
+        if node.dead.load(Ordering::SeqCst) {
+            return Got::Dead;
+        }
+        if cached(&node.store, &blob.digest) {
             return Got::Cached {
                 at: started.elapsed(),
             };
         }
-        let probes = join_all(top.iter().map(|target| async move {
-            let answer = if *target == node.id {
-                Ok(node.state.local_pull_intent(digest))
-            } else {
-                node.coordinator.pull_intent_query(target, digest).await
-            };
-            (target.clone(), answer)
-        }))
-        .await;
-        let answers: Vec<(NodeId, PullIntent)> = probes
-            .into_iter()
-            .filter_map(|(target, answer)| answer.ok().map(|a| (target, a)))
-            .collect();
-
-        if let Some(failure) = answers
+        let resolution = node
+            .resolver
+            .resolve(&request, Some(blob.size as u64))
+            .await;
+        messages.fetch_add(
+            u64::from(resolution.probes_sent + resolution.please_pulls_sent),
+            Ordering::Relaxed,
+        );
+        let holders: Vec<&Node> = match &resolution.result {
+            Ok(Source::Holder(id)) => by_id
+                .get(id)
+                .and_then(|p| cluster.get(p))
+                .into_iter()
+                .collect(),
+            Ok(Source::Providers(peers)) => peers.iter().filter_map(|p| cluster.get(p)).collect(),
+            Err(ColdStartError::Failed(class)) => return Got::Failed { class: *class },
+            Err(_) => Vec::new(),
+        };
+        // The transfer itself is another protocol's job: here, a look into the holder.
+        if holders
             .iter()
-            .filter_map(|(_, a)| a.recently_failed)
-            .find(|f| f.class.is_trusted())
+            .any(|h| !h.dead.load(Ordering::SeqCst) && cached(&h.store, &blob.digest))
         {
-            return Got::Failed {
-                class: failure.class,
-            };
+            node.store.insert(blob.digest.clone());
+            let _ = node.control.send(Control::Provide(blob.digest.clone()));
+            continue;
         }
-        if let Some((holder, _)) = answers.iter().find(|(_, a)| a.has_cached) {
-            // Fetch from the holder: the transfer itself is another protocol's job.
-            if cluster[holder].store.lookup_cached(digest) {
-                node.store.insert(digest.clone());
-                let _ = node.control.send(Control::Provide(digest.clone()));
-                return Got::Cached {
-                    at: started.elapsed(),
-                };
-            }
-        }
-        let fresh_pull = answers.iter().any(|(_, a)| {
-            a.in_flight_since.is_some_and(|since| {
-                since.elapsed().unwrap_or_default()
-                    < gantry_coord::stale_after(blob.kind, Some(blob.size as u64))
-            })
-        });
-        if !fresh_pull {
-            let request = PleasePull::new(REGISTRY, REPOSITORY, blob.kind, vec![digest.clone()])
-                .expect("a valid request");
-            if designated == node.id {
-                node.state.start_local_pull(&request);
-            } else if let Err(error) = node.coordinator.please_pull(&designated, &request).await {
-                tracing::warn!(%error, node = %node.id, "please_pull failed");
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(40)).await;
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_millis(800));
     }
 }
 
-trait CachedLookup {
-    fn lookup_cached(&self, digest: &Digest) -> bool;
-}
-
-impl CachedLookup for MemoryStore {
-    fn lookup_cached(&self, digest: &Digest) -> bool {
-        use gantry_coord::ContentStore;
-        self.lookup(digest) == gantry_coord::StoreLookup::Cached
-    }
+fn cached(store: &MemoryStore, digest: &Digest) -> bool {
+    store.lookup(digest) == StoreLookup::Cached
 }
 
 fn short(digest: &Digest) -> String {
     digest.as_str().chars().take(19).collect()
 }
 
-async fn run(nodes: usize) -> Result<bool, Box<dyn std::error::Error>> {
+async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
+    let nodes = usize::from(args.nodes);
     let blobs = image();
     let failing = blobs
         .iter()
@@ -416,64 +544,95 @@ async fn run(nodes: usize) -> Result<bool, Box<dyn std::error::Error>> {
         .enumerate()
         .map(|(i, k)| Member::new(format!("node-{i}").as_str(), Some(k.public().to_peer_id())))
         .collect();
+    let designated = |blob: &Blob| hrw::top_k(&members, &blob.digest, 1)[0].id.clone();
+    let mut faults: HashMap<NodeId, (Digest, Fault)> = HashMap::new();
+    for (index, fault) in [
+        (args.kill_puller, Fault::Kill),
+        (args.stall_puller, Fault::Stall),
+    ] {
+        if let Some(index) = index {
+            let blob = blobs.get(index).ok_or("no blob with that index")?;
+            faults.insert(designated(blob), (blob.digest.clone(), fault));
+        }
+    }
 
-    println!("starting {nodes} nodes on loopback TCP");
+    println!(
+        "starting {nodes} nodes on {}",
+        match args.transport.as_str() {
+            "memory" => "the in-memory transport",
+            _ => "loopback TCP",
+        }
+    );
     let mut cluster = HashMap::new();
+    let mut by_id = HashMap::new();
     let mut order = Vec::new();
     let mut bootstrap_addr = None;
+    let mut addresses = Vec::new();
     for (i, key) in keys.into_iter().enumerate() {
         let id = NodeId::new(format!("node-{i}"));
         let membership = StaticMembership::new(id.clone(), members.clone());
-        let (node, addr) = start_node(key, id.clone(), membership, origin.clone()).await?;
+        let fault = faults.get(&id).cloned();
+        let (node, addr) =
+            start_node(key, id.clone(), membership, origin.clone(), &args, fault).await?;
         match &bootstrap_addr {
-            None => bootstrap_addr = Some(addr),
+            None => bootstrap_addr = Some(addr.clone()),
             Some(first) => {
                 let _ = node.control.send(Control::Dial(first.clone()));
             }
         }
-        order.push(id.clone());
-        cluster.insert(id, node);
+        order.push(node.peer);
+        by_id.insert(id, node.peer);
+        addresses.push((node.peer, addr));
+        cluster.insert(node.peer, node);
+    }
+    // Each node knows every member's address, as a membership view carries them: a
+    // please_pull to the designated puller never waits on its routing table.
+    for node in cluster.values() {
+        let _ = node.control.send(Control::Addresses(addresses.clone()));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut known = Vec::new();
-    for id in &order {
+    let known = join_all(order.iter().map(|peer| {
         let (tx, rx) = oneshot::channel();
-        let _ = cluster[id].control.send(Control::Bootstrap(tx));
-        known.push(
-            tokio::time::timeout(Duration::from_secs(5), rx)
+        let _ = cluster[peer].control.send(Control::Bootstrap(tx));
+        async move {
+            tokio::time::timeout(Duration::from_secs(10), rx)
                 .await
                 .ok()
                 .and_then(Result::ok)
-                .unwrap_or(0),
-        );
-    }
-    println!("bootstrapped through node-0; routing-table sizes {known:?}");
+                .unwrap_or(0)
+        }
+    }))
+    .await;
+    let (least, most) = (known.iter().min(), known.iter().max());
+    println!("bootstrapped through node-0; routing-table sizes {least:?} to {most:?}");
 
     println!(
         "cold start: {} digests, every node needs all of them",
         blobs.len()
     );
     let started = Instant::now();
-    let jobs = order.iter().flat_map(|id| {
-        let node = &cluster[id];
-        let (cluster, members) = (&cluster, &members);
+    let messages = AtomicU64::new(0);
+    let spread = Duration::from_millis(args.spread_ms);
+    let jobs = order.iter().enumerate().flat_map(|(i, peer)| {
+        let node = &cluster[peer];
+        let (cluster, by_id, messages) = (&cluster, &by_id, &messages);
+        // Nodes of a rollout start within `--spread-ms` of each other, not in lockstep.
+        let delay = spread * i as u32 / nodes as u32;
         blobs.iter().map(move |blob| async move {
-            let got = cold_start(node, blob, cluster, members, started).await;
-            if let Got::Cached { at } = &got {
-                tracing::debug!(node = %node.id, digest = %blob.digest, ?at, "cached");
-            }
+            tokio::time::sleep(delay).await;
+            let got = cold_start(node, blob, cluster, by_id, started, messages).await;
             (node.id.clone(), blob.digest.clone(), got)
         })
     });
     let progress = tokio::spawn({
-        let stores: Vec<MemoryStore> = order.iter().map(|id| cluster[id].store.clone()).collect();
+        let stores: Vec<MemoryStore> = order.iter().map(|p| cluster[p].store.clone()).collect();
         let digests: Vec<Digest> = blobs.iter().map(|b| b.digest.clone()).collect();
         async move {
             loop {
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
                 let have: usize = stores
                     .iter()
-                    .map(|s| digests.iter().filter(|d| s.lookup_cached(d)).count())
+                    .map(|s| digests.iter().filter(|d| cached(s, d)).count())
                     .sum();
                 println!(
                     "progress: {have}/{} node-digests cached",
@@ -482,9 +641,19 @@ async fn run(nodes: usize) -> Result<bool, Box<dyn std::error::Error>> {
             }
         }
     });
-    let results = tokio::time::timeout(Duration::from_secs(60), join_all(jobs)).await?;
+    let results = tokio::time::timeout(Duration::from_secs(240), join_all(jobs)).await?;
     progress.abort();
 
+    let alive = order
+        .iter()
+        .filter(|p| !cluster[*p].dead.load(Ordering::SeqCst))
+        .count();
+    // Blobs whose designated puller is the killed or stalled node.
+    let faulty: HashSet<&Digest> = blobs
+        .iter()
+        .filter(|b| faults.contains_key(&designated(b)))
+        .map(|b| &b.digest)
+        .collect();
     let mut ok = true;
     let mut failed = 0;
     let mut origin_pulls = 0;
@@ -494,7 +663,7 @@ async fn run(nodes: usize) -> Result<bool, Box<dyn std::error::Error>> {
         "blob", "kind", "digest", "puller", "pulls", "attempts", "first (ms)", "all (ms)"
     );
     for blob in &blobs {
-        let puller = &hrw::top_k(&members, &blob.digest, 1)[0].id;
+        let puller = designated(blob);
         let served = Origin::count(&origin.served, &blob.digest);
         let attempts = Origin::count(&origin.attempts, &blob.digest);
         origin_pulls += served;
@@ -507,22 +676,29 @@ async fn run(nodes: usize) -> Result<bool, Box<dyn std::error::Error>> {
             .iter()
             .filter_map(|g| match g {
                 Got::Cached { at } => Some(at.as_millis()),
-                Got::Failed { .. } => None,
+                _ => None,
             })
             .collect();
         let failures: Vec<FailureClass> = got
             .iter()
             .filter_map(|g| match g {
                 Got::Failed { class } => Some(*class),
-                Got::Cached { .. } => None,
+                _ => None,
             })
             .collect();
+        // One origin pull per blob; a blob whose puller was killed or stalled may see
+        // one more, from the node that took over.
+        let allowed = if faulty.contains(&blob.digest) { 2 } else { 1 };
         let result = if failures.is_empty() {
-            ok &= served == 1 && times.len() == nodes;
-            "cached everywhere".to_owned()
+            ok &= (1..=allowed).contains(&served) && attempts <= allowed && times.len() == alive;
+            if alive == nodes {
+                "cached everywhere".to_owned()
+            } else {
+                format!("cached on all {alive} live nodes")
+            }
         } else {
             failed += 1;
-            ok &= served == 0 && attempts == 1 && failures.len() == nodes;
+            ok &= served == 0 && attempts <= allowed && failures.len() == alive;
             format!("failed ({:?}) on {} nodes", failures[0], failures.len())
         };
         let ms = |t: Option<&u128>| t.map_or("-".to_owned(), |t| t.to_string());
@@ -539,8 +715,10 @@ async fn run(nodes: usize) -> Result<bool, Box<dyn std::error::Error>> {
         );
     }
     println!();
+    let per = messages.load(Ordering::Relaxed) as f64 / (nodes * blobs.len()) as f64;
+    println!("coordination messages per node-digest: {per:.2} (probes and please_pulls sent)");
     if !ok {
-        println!("error: the origin saw a digest more than once, or a node missed one");
+        println!("error: the origin saw a digest more often than allowed, or a node missed one");
     }
     println!(
         "summary: digests={} origin_pulls={origin_pulls} failed={failed} nodes={nodes}",
@@ -557,18 +735,8 @@ async fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .try_init();
-    let mut args = std::env::args().skip(1);
-    let mut nodes = 8;
-    while let Some(flag) = args.next() {
-        match (flag.as_str(), args.next().map(|v| v.parse::<usize>())) {
-            ("--nodes", Some(Ok(n))) if (1..=64).contains(&n) => nodes = n,
-            _ => {
-                eprintln!("usage: cluster [--nodes N]  (1 ≤ N ≤ 64)");
-                return ExitCode::from(2);
-            }
-        }
-    }
-    match run(nodes).await {
+    let args = Args::parse();
+    match run(args).await {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(error) => {

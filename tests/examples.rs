@@ -6,21 +6,97 @@ mod common;
 
 use std::process::Command;
 
-#[test]
-fn cold_start_pulls_each_digest_from_the_origin_once() {
+/// Runs the cluster demo; its table rows (blob, kind, digest, puller, pulls, attempts,
+/// first, all, result) and its last line.
+fn cluster(args: &[&str]) -> (Vec<Vec<String>>, String, String) {
     let output = Command::new(common::example_binary("cluster"))
-        .args(["--nodes", "4"])
+        .args(args)
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
         "{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let last = stdout.lines().last().unwrap();
+    let rows = stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("blob "))
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .map(|l| {
+            let mut cols: Vec<String> = l.split_whitespace().take(8).map(str::to_owned).collect();
+            cols.push(l.split_whitespace().skip(8).collect::<Vec<_>>().join(" "));
+            cols
+        })
+        .collect();
+    let last = stdout.lines().last().unwrap().to_owned();
+    (rows, last, stdout)
+}
+
+#[test]
+fn cold_start_pulls_each_digest_from_the_origin_once() {
+    let (rows, last, stdout) = cluster(&["--nodes", "4"]);
     assert_eq!(last, "summary: digests=7 origin_pulls=6 failed=1 nodes=4");
     assert!(stdout.contains("failed (NotFound) on 4 nodes"), "{stdout}");
+    assert_eq!(rows.len(), 7, "{stdout}");
+    for row in &rows {
+        let pulls: u32 = row[4].parse().unwrap();
+        if row[8].starts_with("failed") {
+            assert_eq!(pulls, 0, "{row:?}");
+        } else {
+            assert_eq!(pulls, 1, "{row:?}");
+            assert_eq!(row[8], "cached everywhere");
+        }
+    }
+}
+
+/// A fault on blob 3's designated puller: only blobs that node was to pull may see one
+/// more origin pull, and every live node ends with every good blob.
+fn survives(fault: &str, live: usize) {
+    let (rows, last, stdout) = cluster(&[
+        "--nodes",
+        "6",
+        "--transport",
+        "memory",
+        "--stall-ms",
+        "1000",
+        fault,
+        "3",
+    ]);
+    let faulty = rows[3][3].clone();
+    let mut extra = 0;
+    for row in &rows {
+        let pulls: u32 = row[4].parse().unwrap();
+        if row[8].starts_with("failed") {
+            assert_eq!(pulls, 0, "{row:?}");
+            continue;
+        }
+        let allowed = if row[3] == faulty { 2 } else { 1 };
+        assert!((1..=allowed).contains(&pulls), "{row:?}\n{stdout}");
+        extra += pulls - 1;
+        let everywhere = if live == 6 {
+            "cached everywhere".to_owned()
+        } else {
+            format!("cached on all {live} live nodes")
+        };
+        assert_eq!(row[8], everywhere, "{stdout}");
+    }
+    assert!(last.starts_with("summary: digests=7 "), "{last}");
+    assert!(
+        last.contains(&format!("origin_pulls={} ", 6 + extra)),
+        "{last}"
+    );
+}
+
+#[test]
+fn a_killed_designated_puller_costs_at_most_one_extra_pull_per_blob() {
+    survives("--kill-puller", 5);
+}
+
+#[test]
+fn a_stalled_designated_puller_is_taken_over() {
+    survives("--stall-puller", 6);
 }
 
 #[test]

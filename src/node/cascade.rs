@@ -101,8 +101,9 @@ impl CascadeConfig {
         self
     }
 
-    /// Waits for a provider in one resolution before it gives up (default 2): after the
-    /// first wait times out, the cascade probes again and takes over the stalled pull.
+    /// Passes after the first in one resolution before it gives up (default 2): after a
+    /// wait times out, or a please_pull goes unanswered, the cascade probes again (and
+    /// takes over a stalled pull).
     pub fn with_max_waits(mut self, waits: u32) -> Self {
         self.max_waits = waits.max(1);
         self
@@ -235,11 +236,14 @@ pub enum Action {
     /// Ask this node to pull (self: start it locally), and hand the result to
     /// [`Cascade::on_please_pull`]; `None` when it could not be asked.
     PleasePull(NodeId),
-    /// Ask the provider lookup at (or after) this time, and hand the providers to
-    /// [`Cascade::on_providers`].
+    /// Ask the provider lookup at (or after) this time, and the node whose pull is
+    /// waited on its `pull_intent_query` (so a pull that fails is seen at once, not at
+    /// the stall threshold); hand both to [`Cascade::on_providers`].
     LookupProviders {
         /// Not before this.
         at: SystemTime,
+        /// The node whose pull is waited on.
+        watch: NodeId,
     },
     /// The resolution is over.
     Done(Resolution),
@@ -249,7 +253,11 @@ pub enum Action {
 enum Phase {
     Probing,
     Asking,
-    Waiting { until: SystemTime, rule: Rule },
+    Waiting {
+        until: SystemTime,
+        rule: Rule,
+        watch: usize,
+    },
     Done,
 }
 
@@ -272,7 +280,8 @@ pub struct Cascade {
     /// Candidates whose stale pull was taken over, each counted once.
     taken_over: HashSet<NodeId>,
     phase: Phase,
-    waits: u32,
+    /// Passes after the first: each looks again after a wait or an unanswered ask.
+    passes: u32,
     expansion: Option<Expansion>,
     takeovers: u32,
     rank_mismatches: u32,
@@ -320,7 +329,7 @@ impl Cascade {
             passed_over: HashSet::new(),
             taken_over: HashSet::new(),
             phase: Phase::Probing,
-            waits: 0,
+            passes: 0,
             expansion: None,
             takeovers: 0,
             rank_mismatches: 0,
@@ -381,13 +390,14 @@ impl Cascade {
         })
     }
 
-    fn wait(&mut self, rule: Rule, now: SystemTime) -> Action {
-        self.waits += 1;
+    fn wait(&mut self, rule: Rule, watch: NodeId, now: SystemTime) -> Action {
+        let watch_rank = self.ranked.iter().position(|n| *n == watch).unwrap_or(0);
         self.phase = Phase::Waiting {
             until: now + self.stall(),
             rule,
+            watch: watch_rank,
         };
-        Action::LookupProviders { at: now }
+        Action::LookupProviders { at: now, watch }
     }
 
     fn trusted(&self, class: FailureClass) -> bool {
@@ -448,7 +458,7 @@ impl Cascade {
         }
         // 3. A fresh in-flight pull is waited on; a stale one is taken over.
         let stall = self.stall();
-        let mut fresh = false;
+        let mut fresh = None;
         for (rank, answer) in &reachable {
             let Some(started) = answer.in_flight_since else {
                 continue;
@@ -460,12 +470,12 @@ impl Cascade {
                 if self.taken_over.insert(node.clone()) {
                     self.takeovers += 1;
                 }
-            } else {
-                fresh = true;
+            } else if fresh.is_none() {
+                fresh = Some(self.ranked[*rank].clone());
             }
         }
-        if fresh {
-            return self.wait(Rule::InFlight, now);
+        if let Some(puller) = fresh {
+            return self.wait(Rule::InFlight, puller, now);
         }
         // 4. A transient failure.
         if let Some(until) = reachable
@@ -534,7 +544,7 @@ impl Cascade {
         }
         self.passed_over.insert(node.clone());
         match outcome {
-            Some(Outcome::Started { .. }) => self.wait(Rule::ColdStart, now),
+            Some(Outcome::Started { .. }) => self.wait(Rule::ColdStart, node.clone(), now),
             Some(Outcome::AlreadyPulling { started_at }) => {
                 let age = now.duration_since(started_at).unwrap_or_default();
                 if age > self.stall() {
@@ -543,7 +553,7 @@ impl Cascade {
                     }
                     self.ask_next()
                 } else {
-                    self.wait(Rule::ColdStart, now)
+                    self.wait(Rule::ColdStart, node.clone(), now)
                 }
             }
             Some(Outcome::RecentlyFailed(failure)) if self.trusted(failure.class) => self.done(
@@ -551,28 +561,68 @@ impl Cascade {
                 Err(ColdStartError::Failed(failure.class)),
             ),
             Some(Outcome::RecentlyFailed(failure)) => self.cooldown(failure.cooldown_until, now),
-            // Declined, or no answer: the next rank is asked, never this node again.
-            Some(Outcome::Unspecified) | None => self.ask_next(),
+            // Declined: the next rank is asked, never this node again.
+            Some(Outcome::Unspecified) => self.ask_next(),
+            // No response: it may have started all the same (a slow response is not a
+            // refusal), so look again before anyone else pulls, as the Go resolver
+            // ends its pass; the node is not asked again in this resolution.
+            None => self.new_pass_or(Rule::ColdStart, ColdStartError::NoPuller),
         }
     }
 
-    /// What the provider lookup found, asked as the last [`Action::LookupProviders`] said.
-    pub fn on_providers(&mut self, providers: Vec<PeerId>, now: SystemTime) -> Action {
-        let Phase::Waiting { until, rule } = self.phase else {
+    /// What the provider lookup found and what the watched node answered (`None`: no
+    /// answer), asked as the last [`Action::LookupProviders`] said.
+    pub fn on_providers(
+        &mut self,
+        providers: Vec<PeerId>,
+        watched: Option<PullIntent>,
+        now: SystemTime,
+    ) -> Action {
+        let Phase::Waiting { until, rule, watch } = self.phase else {
             return self.done(Rule::ColdStart, Err(ColdStartError::NoPuller));
         };
         if !providers.is_empty() {
             return self.done(rule, Ok(Source::Providers(providers)));
         }
+        let watched_node = self.ranked[watch].clone();
+        if let Some(intent) = watched {
+            if watched_node != self.local {
+                self.probes_sent += 1;
+            }
+            if intent.has_cached {
+                return self.done(rule, Ok(Source::Holder(watched_node)));
+            }
+            if let Some(failure) = intent.recently_failed {
+                if self.trusted(failure.class) {
+                    return self.done(
+                        Rule::TrustedFailure,
+                        Err(ColdStartError::Failed(failure.class)),
+                    );
+                }
+                return self.cooldown(failure.cooldown_until, now);
+            }
+            if intent.in_flight_since.is_none() {
+                // The pull ended and left no trace here: look again.
+                return self.new_pass_or(rule, ColdStartError::Stalled);
+            }
+        }
         if now < until {
             let at = (now + self.config.poll_interval(self.kind)).min(until);
-            return Action::LookupProviders { at };
+            return Action::LookupProviders {
+                at,
+                watch: watched_node,
+            };
         }
-        if self.waits < self.config.max_waits {
-            // The pull waited on stalled: a new pass takes it over.
+        // The pull waited on stalled: a new pass takes it over.
+        self.new_pass_or(rule, ColdStartError::Stalled)
+    }
+
+    fn new_pass_or(&mut self, rule: Rule, error: ColdStartError) -> Action {
+        if self.passes < self.config.max_waits {
+            self.passes += 1;
             return self.probe_again();
         }
-        self.done(rule, Err(ColdStartError::Stalled))
+        self.done(rule, Err(error))
     }
 }
 
@@ -664,8 +714,20 @@ mod tests {
             self.action = self.cascade.on_please_pull(&node, outcome, now);
         }
 
+        /// The provider lookup finds `found`; the watched node still pulls.
         fn providers(&mut self, found: Vec<PeerId>, now: SystemTime) {
-            self.action = self.cascade.on_providers(found, now);
+            let pulling = PullIntent {
+                in_flight_since: Some(now),
+                ..PullIntent::UNKNOWN
+            };
+            self.action = self.cascade.on_providers(found, Some(pulling), now);
+        }
+
+        fn watched(&self) -> NodeId {
+            match &self.action {
+                Action::LookupProviders { watch, .. } => watch.clone(),
+                other => panic!("expected a wait, got {other:?}"),
+            }
         }
 
         fn resolution(&self) -> &Resolution {
@@ -730,13 +792,20 @@ mod tests {
                 ..idle(rank)
             })
         });
-        assert_eq!(s.action, Action::LookupProviders { at: t0() });
+        assert_eq!(
+            s.action,
+            Action::LookupProviders {
+                at: t0(),
+                watch: s.rank(0)
+            }
+        );
         s.providers(vec![], t0());
         // Layers are polled every second.
         assert_eq!(
             s.action,
             Action::LookupProviders {
-                at: t0() + Duration::from_secs(1)
+                at: t0() + Duration::from_secs(1),
+                watch: s.rank(0)
             }
         );
         let provider = PeerId::random();
@@ -799,7 +868,7 @@ mod tests {
         s.answer(t0(), |rank| Some(idle(rank)));
         assert_eq!(s.asked(), s.rank(0));
         s.pull(Some(Outcome::Started { started_at: t0() }), t0());
-        assert_eq!(s.action, Action::LookupProviders { at: t0() });
+        assert_eq!(s.watched(), s.rank(0));
         let provider = PeerId::random();
         s.providers(vec![provider], t0() + Duration::from_secs(3));
         assert_eq!(s.resolution().rule, Rule::ColdStart);
@@ -814,22 +883,47 @@ mod tests {
     }
 
     #[test]
-    fn a_puller_that_dies_before_the_please_pull_passes_to_the_next_rank_once() {
+    fn a_puller_that_dies_before_the_please_pull_is_not_asked_again() {
         // A requester outside the top 3, so every please_pull goes over the wire.
         let mut s = sim(8, "outsider", CascadeConfig::default());
         s.answer(t0(), |rank| Some(idle(rank)));
         assert_eq!(s.asked(), s.rank(0));
+        // No response: look again first, since a slow response is not a refusal.
         s.pull(None, t0());
+        assert_eq!(s.probed(), vec![s.rank(0), s.rank(1), s.rank(2)]);
+        // It is gone now; the next rank is asked, and the dead node never again.
+        s.answer(t0(), |rank| (rank != 0).then(|| idle(rank)));
         assert_eq!(s.asked(), s.rank(1));
-        s.pull(None, t0());
-        assert_eq!(s.asked(), s.rank(2));
         s.pull(Some(Outcome::Unspecified), t0());
+        assert_eq!(
+            s.asked(),
+            s.rank(2),
+            "a declining node passes to the next at once"
+        );
+        s.pull(None, t0());
+        s.answer(t0(), |rank| Some(idle(rank)));
         assert_eq!(
             s.resolution().result,
             Err(ColdStartError::NoPuller),
             "each node asked once, then the end: no loop on a dead node"
         );
         assert_eq!(s.resolution().please_pulls_sent, 3);
+    }
+
+    #[test]
+    fn a_slow_please_pull_response_does_not_start_a_second_pull() {
+        let mut s = sim(8, "outsider", CascadeConfig::default());
+        s.answer(t0(), |rank| Some(idle(rank)));
+        s.pull(None, t0());
+        // The designated puller did start: the next pass waits on it.
+        s.answer(t0() + Duration::from_secs(2), |rank| {
+            Some(PullIntent {
+                in_flight_since: (rank == 0).then_some(t0()),
+                ..idle(rank)
+            })
+        });
+        assert_eq!(s.watched(), s.rank(0));
+        assert_eq!(s.cascade.please_pulls_sent, 1);
     }
 
     #[test]
@@ -846,7 +940,7 @@ mod tests {
         s.pull(Some(Outcome::Started { started_at: t0() }), t0());
         // Nothing appears until the threshold passes...
         let mut now = t0();
-        while let Action::LookupProviders { at } = s.action {
+        while let Action::LookupProviders { at, .. } = s.action {
             now = at;
             s.providers(vec![], now);
         }
@@ -861,6 +955,45 @@ mod tests {
         });
         assert_eq!(s.asked(), s.rank(1), "the next rank takes over");
         assert_eq!(s.cascade.takeovers, 1);
+    }
+
+    #[test]
+    fn a_pull_that_fails_while_waited_on_is_seen_at_the_next_poll() {
+        let mut s = sim(8, "outsider", CascadeConfig::default());
+        s.answer(t0(), |rank| Some(idle(rank)));
+        s.pull(Some(Outcome::Started { started_at: t0() }), t0());
+        let watched = s.watched();
+        let failed = PullIntent {
+            recently_failed: Some(RecentFailure {
+                cooldown_until: t0() + Duration::from_secs(10),
+                class: FailureClass::NotFound,
+            }),
+            ..PullIntent::UNKNOWN
+        };
+        s.action = s
+            .cascade
+            .on_providers(vec![], Some(failed), t0() + Duration::from_secs(1));
+        assert_eq!(s.resolution().rule, Rule::TrustedFailure);
+        assert_eq!(
+            s.resolution().result,
+            Err(ColdStartError::Failed(FailureClass::NotFound))
+        );
+        assert_eq!(watched, s.rank(0));
+    }
+
+    #[test]
+    fn a_pull_that_landed_is_fetched_from_its_puller_even_before_the_lookup_knows() {
+        let mut s = sim(8, "outsider", CascadeConfig::default());
+        s.answer(t0(), |rank| Some(idle(rank)));
+        s.pull(Some(Outcome::Started { started_at: t0() }), t0());
+        let landed = PullIntent {
+            has_cached: true,
+            ..PullIntent::UNKNOWN
+        };
+        s.action = s
+            .cascade
+            .on_providers(vec![], Some(landed), t0() + Duration::from_secs(1));
+        assert_eq!(s.resolution().result, Ok(Source::Holder(s.rank(0))));
     }
 
     #[test]

@@ -154,19 +154,9 @@ impl ColdStart {
         loop {
             action = match action {
                 Action::Probe(nodes) => {
-                    let answers = futures::future::join_all(nodes.into_iter().map(|node| {
-                        let local = &local;
-                        async move {
-                            let intent = if &node == local {
-                                Some(self.state.local_pull_intent(digest))
-                            } else {
-                                self.coordinator
-                                    .pull_intent_query(node.clone(), digest)
-                                    .await
-                                    .ok()
-                            };
-                            (node, intent)
-                        }
+                    let answers = futures::future::join_all(nodes.into_iter().map(|node| async {
+                        let intent = self.intent_of(&node, &local, digest).await;
+                        (node, intent)
                     }))
                     .await;
                     cascade.on_probe(answers, self.lookup.is_healthy(), SystemTime::now())
@@ -182,12 +172,15 @@ impl ColdStart {
                     };
                     cascade.on_please_pull(&node, outcome, SystemTime::now())
                 }
-                Action::LookupProviders { at } => {
+                Action::LookupProviders { at, watch } => {
                     if let Ok(wait) = at.duration_since(SystemTime::now()) {
                         futures_timer::Delay::new(wait).await;
                     }
-                    let providers = self.lookup.providers(digest).await;
-                    cascade.on_providers(providers, SystemTime::now())
+                    let (providers, watched) = futures::join!(
+                        self.lookup.providers(digest),
+                        self.intent_of(&watch, &local, digest)
+                    );
+                    cascade.on_providers(providers, watched, SystemTime::now())
                 }
                 Action::Done(resolution) => {
                     if let Err(ColdStartError::CoolingDown { until }) = resolution.result {
@@ -197,6 +190,22 @@ impl ColdStart {
                 }
             };
         }
+    }
+
+    /// A node's answer to a pull_intent query: self answers locally, never over the wire.
+    async fn intent_of(
+        &self,
+        node: &NodeId,
+        local: &NodeId,
+        digest: &Digest,
+    ) -> Option<crate::PullIntent> {
+        if node == local {
+            return Some(self.state.local_pull_intent(digest));
+        }
+        self.coordinator
+            .pull_intent_query(node.clone(), digest)
+            .await
+            .ok()
     }
 
     fn honoured_until(&self, digest: &Digest, now: SystemTime) -> Option<SystemTime> {
