@@ -64,6 +64,30 @@
 //! carries a [`Responder`] whose type parameter is the response's type. Code outside the swarm loop
 //! uses [`Behaviour::coordinator`], a cloneable async handle.
 
+//! # Layers
+//!
+//! The protocol layer ([`Behaviour`], its [`Handler`], [`Coordinator`], the wire) speaks
+//! `/gantry/coord/1.0.0` and decides nothing. The node layer decides: [`NodeState`]
+//! answers from a content store, an in-flight map, a negative cache and the membership
+//! (ranked by [`hrw`]); [`ColdStart`] resolves a digest the node lacks through the
+//! cascade of the Go nodes ([`Cascade`], a state machine over answers and time), asking
+//! peers through a [`Coordinator`] and providers through a [`ProviderLookup`]. The node
+//! layer uses only the protocol layer's public API, so an application may replace any
+//! of it and keep the protocol.
+//!
+//! ```no_run
+//! # async fn cold(coordinator: gantry_coord::Coordinator, state: gantry_coord::NodeState,
+//! #               digest: gantry_coord::Digest) {
+//! use gantry_coord::{CascadeConfig, ColdStart, NoProviders, OriginRefKind, PleasePull};
+//!
+//! let resolver = ColdStart::new(coordinator, state, NoProviders, CascadeConfig::default());
+//! let request = PleasePull::new("docker.io", "library/nginx", OriginRefKind::Blob, vec![digest])
+//!     .unwrap();
+//! let resolution = resolver.resolve(&request, None).await;
+//! println!("{:?} decided: {:?}", resolution.rule, resolution.result);
+//! # }
+//! ```
+
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
