@@ -330,10 +330,13 @@ fn rr_behaviour() -> RrBehaviour {
 }
 
 fn coord_config() -> Config {
-    // The default per-peer share (128) would reset a single client's 256 in flight.
+    // The default per-peer share (128) would reset a single client's 256 in flight, and
+    // the default outbound bound (128) would queue half of them; request-response is
+    // given 1024 concurrent streams alike.
     Config::default()
         .with_max_inbound_streams(1024)
         .with_max_inbound_streams_per_peer(1024)
+        .with_max_outbound_streams_per_connection(1024)
         .with_request_timeout(Duration::from_secs(30))
         .with_answer_timeout(Duration::from_secs(30))
         .with_handshake_timeout(Duration::from_secs(60))

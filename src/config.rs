@@ -19,6 +19,7 @@ pub enum AuthorizationMode {
 pub struct Config {
     pub(crate) max_inbound_streams: usize,
     pub(crate) max_inbound_streams_per_peer: usize,
+    pub(crate) max_outbound_streams_per_connection: usize,
     pub(crate) handshake_timeout: Duration,
     pub(crate) answer_timeout: Duration,
     pub(crate) request_timeout: Duration,
@@ -33,6 +34,7 @@ impl Default for Config {
         Config {
             max_inbound_streams: 512,
             max_inbound_streams_per_peer: 128,
+            max_outbound_streams_per_connection: 128,
             handshake_timeout: Duration::from_secs(5),
             answer_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(2),
@@ -56,6 +58,13 @@ impl Config {
     /// (default 128), so a single peer cannot starve the rest.
     pub fn with_max_inbound_streams_per_peer(mut self, max: usize) -> Self {
         self.max_inbound_streams_per_peer = max;
+        self
+    }
+
+    /// Outbound streams one connection runs at once (default 128); further requests wait
+    /// their turn within their own budget.
+    pub fn with_max_outbound_streams_per_connection(mut self, max: usize) -> Self {
+        self.max_outbound_streams_per_connection = max.max(1);
         self
     }
 

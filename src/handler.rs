@@ -41,10 +41,6 @@ use crate::{
     PROTOCOL_NAME,
 };
 
-/// Outbound streams one connection runs at once; further requests wait their turn, as
-/// every rust-libp2p protocol bounds them.
-const MAX_OUTBOUND_STREAMS: usize = 128;
-
 /// Events from the behaviour to a handler.
 #[derive(Debug)]
 pub enum HandlerIn {
@@ -241,7 +237,8 @@ impl ConnectionHandler for Handler {
         loop {
             // Local work first: streams for pending requests, then a full batch of events.
             let now = Instant::now();
-            if self.opening + self.open_outbound < MAX_OUTBOUND_STREAMS {
+            // Bounded, as every rust-libp2p protocol bounds them; the rest wait their turn.
+            if self.opening + self.open_outbound < self.config.max_outbound_streams_per_connection {
                 if let Some(request) = self.pending_outbound.pop_front() {
                     if request.deadline <= now {
                         self.events.push(HandlerEvent::OutboundFailure {
