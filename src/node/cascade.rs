@@ -521,6 +521,16 @@ impl Cascade {
             .cloned();
         match next {
             Some(node) => {
+                if node != self.ranked[0] {
+                    tracing::debug!(
+                        digest = %self.digest,
+                        puller = %node,
+                        designated = %self.ranked[0],
+                        passed_over = self.passed_over.len(),
+                        designated_answered = self.answers.first().is_some_and(Option::is_some),
+                        "asking past the designated puller"
+                    );
+                }
                 if node != self.local {
                     self.please_pulls_sent += 1;
                 }
