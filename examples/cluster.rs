@@ -30,11 +30,11 @@ use std::{
 
 use clap::Parser;
 use common::{build_swarm_on, NodeBehaviourEvent};
-use futures::{future::join_all, FutureExt, StreamExt};
+use futures::{future::join_all, StreamExt};
 use gantry_coord::{
     hrw, CascadeConfig, ColdStart, ColdStartError, Config, ContentStore, Digest, FailureClass,
-    Member, MemoryStore, NodeId, NodeState, OriginRefKind, PleasePull, ProviderLookup, PullOrder,
-    PullerPump, PumpDecision, RecentFailure, Source, Stalls, StaticMembership, StoreLookup,
+    Member, MemoryStore, NodeId, NodeState, OriginRefKind, PleasePull, PullOrder, PullerPump,
+    PumpDecision, RecentFailure, Source, Stalls, StaticMembership, StoreLookup,
 };
 use libp2p::{
     identify, identity::Keypair, kad, multiaddr::Protocol, swarm::SwarmEvent, Multiaddr, PeerId,
@@ -213,25 +213,6 @@ enum Control {
     Addresses(Vec<(PeerId, Multiaddr)>),
     Bootstrap(oneshot::Sender<usize>),
     Provide(Digest),
-    FindProviders(Digest, oneshot::Sender<Vec<PeerId>>),
-}
-
-/// Kademlia's providers, asked through the node's swarm loop.
-struct KadProviders(mpsc::UnboundedSender<Control>);
-
-impl ProviderLookup for KadProviders {
-    fn providers(&self, digest: &Digest) -> futures::future::BoxFuture<'static, Vec<PeerId>> {
-        let (tx, rx) = oneshot::channel();
-        let _ = self.0.send(Control::FindProviders(digest.clone(), tx));
-        async move {
-            tokio::time::timeout(Duration::from_secs(2), rx)
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .unwrap_or_default()
-        }
-        .boxed()
-    }
 }
 
 /// A fault to inject into one node's pull of one digest.
@@ -292,10 +273,12 @@ async fn start_node(
             ..Stalls::default()
         });
     }
+    // The resolver asks Kademlia for providers through the swarm loop below.
+    let (providers, mut lookups) = gantry_coord::kad_providers();
     let resolver = ColdStart::new(
         swarm.behaviour().coord.coordinator(),
         state.clone(),
-        KadProviders(control.clone()),
+        providers,
         cascade,
     );
     let dead = Arc::new(AtomicBool::new(false));
@@ -357,11 +340,12 @@ async fn start_node(
 
     tokio::spawn(async move {
         let mut bootstrap_waiters = Vec::new();
-        let mut lookups: HashMap<kad::QueryId, (HashSet<PeerId>, oneshot::Sender<Vec<PeerId>>)> =
-            HashMap::new();
         loop {
             tokio::select! {
                 _ = &mut killed => return,
+                Some(lookup) = lookups.next_lookup() => {
+                    lookups.start(lookup, &mut swarm.behaviour_mut().kad);
+                }
                 event = swarm.select_next_some() => match event {
                     SwarmEvent::Behaviour(NodeBehaviourEvent::Coord(event)) => {
                         if let Some(event) = state.answer(&mut swarm.behaviour_mut().coord, event) {
@@ -373,10 +357,14 @@ async fn start_node(
                             swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                         }
                     }
-                    SwarmEvent::Behaviour(NodeBehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
-                        id, result, step, ..
-                    })) => match result {
-                        kad::QueryResult::Bootstrap(result) => {
+                    SwarmEvent::Behaviour(NodeBehaviourEvent::Kad(event)) => {
+                        if lookups.on_event(&event, &mut swarm.behaviour_mut().kad) {
+                            continue;
+                        }
+                        if let kad::Event::OutboundQueryProgressed {
+                            result: kad::QueryResult::Bootstrap(result), step, ..
+                        } = event
+                        {
                             let done = match result {
                                 Ok(ok) => ok.num_remaining == 0 || step.last,
                                 Err(_) => true,
@@ -388,25 +376,7 @@ async fn start_node(
                                 }
                             }
                         }
-                        kad::QueryResult::GetProviders(result) => {
-                            let found = match result {
-                                Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => providers,
-                                _ => HashSet::new(),
-                            };
-                            if let Some((seen, _)) = lookups.get_mut(&id) {
-                                seen.extend(found);
-                                if !seen.is_empty() || step.last {
-                                    if let Some((seen, reply)) = lookups.remove(&id) {
-                                        let _ = reply.send(seen.into_iter().collect());
-                                    }
-                                    if let Some(mut query) = swarm.behaviour_mut().kad.query_mut(&id) {
-                                        query.finish();
-                                    }
-                                }
-                            }
-                        }
-                        _ => {}
-                    },
+                    }
                     _ => {}
                 },
                 Some(control) = controls.recv() => match control {
@@ -428,13 +398,8 @@ async fn start_node(
                         }
                     },
                     Control::Provide(digest) => {
-                        let key = kad::RecordKey::new(&digest.as_str());
+                        let key = gantry_coord::provider_key(&digest);
                         let _ = swarm.behaviour_mut().kad.start_providing(key);
-                    }
-                    Control::FindProviders(digest, reply) => {
-                        let key = kad::RecordKey::new(&digest.as_str());
-                        let id = swarm.behaviour_mut().kad.get_providers(key);
-                        lookups.insert(id, (HashSet::new(), reply));
                     }
                 },
             }

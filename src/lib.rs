@@ -145,5 +145,7 @@ pub use node::{
     PullOrder, PullerPump, PumpDecision, Resolution, Rule, Signals, Source, Stalls,
     StaticMembership, StoreLookup, SystemClock,
 };
+#[cfg(feature = "kad")]
+pub use node::{kad_providers, provider_key, KadLookups, KadProviders, Lookup};
 pub use node_id::NodeId;
 pub use protocol::{Rpc, PROTOCOL_NAME};

@@ -10,6 +10,8 @@ mod cascade;
 mod cold_start;
 pub mod hrw;
 mod in_flight;
+#[cfg(feature = "kad")]
+mod kad;
 mod membership;
 #[cfg(feature = "metrics")]
 mod metrics;
@@ -21,6 +23,8 @@ pub use cascade::{
 };
 pub use cold_start::{ColdStart, NoProviders, ProviderLookup};
 pub use in_flight::{stale_after, Claim, InFlightMap, InFlightPulls, Stalls};
+#[cfg(feature = "kad")]
+pub use kad::{kad_providers, provider_key, KadLookups, KadProviders, Lookup};
 pub use membership::{Member, Membership, StaticMembership};
 pub use negative_cache::{FailureCache, NegativeCache};
 pub use store::{ContentStore, MemoryStore, StoreLookup};
