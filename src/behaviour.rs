@@ -450,6 +450,7 @@ impl Behaviour {
             id,
             rpc,
             frame,
+            secret: protocol::holds_credentials(envelope),
             deadline,
         };
         if self.connections.contains_key(&peer) {

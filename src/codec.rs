@@ -106,16 +106,6 @@ pub(crate) enum FrameReader {
     Body { buf: Vec<u8>, filled: usize },
 }
 
-/// A request frame may carry delegated credentials: the bytes are wiped when the reader
-/// goes.
-impl Drop for FrameReader {
-    fn drop(&mut self) {
-        if let FrameReader::Body { buf, .. } = self {
-            buf.zeroize();
-        }
-    }
-}
-
 impl Default for FrameReader {
     fn default() -> Self {
         FrameReader::Prefix(LengthPrefix::default())
@@ -165,6 +155,11 @@ impl FrameReader {
                     }
                     let envelope = wire::Envelope::decode(buf.as_slice())
                         .map_err(|_| FrameError::Undecodable)?;
+                    // A please_pull may carry delegated credentials: its bytes are wiped
+                    // (only then: wiping is a byte-by-byte write of the whole frame).
+                    if crate::protocol::holds_credentials(&envelope) {
+                        buf.zeroize();
+                    }
                     return Poll::Ready(Ok((envelope, buf.len())));
                 }
             }
@@ -177,18 +172,35 @@ impl FrameReader {
 pub(crate) struct FrameWriter {
     frame: Vec<u8>,
     written: usize,
+    /// The frame carries credentials: wipe it when done.
+    secret: bool,
 }
 
-/// An outbound request frame may carry delegated credentials: wiped when the writer goes.
+/// A request frame that carries delegated credentials is wiped when the writer goes.
 impl Drop for FrameWriter {
     fn drop(&mut self) {
-        self.frame.zeroize();
+        if self.secret {
+            self.frame.zeroize();
+        }
     }
 }
 
 impl FrameWriter {
     pub(crate) fn new(frame: Vec<u8>) -> Self {
-        FrameWriter { frame, written: 0 }
+        FrameWriter {
+            frame,
+            written: 0,
+            secret: false,
+        }
+    }
+
+    /// A frame that carries credentials, wiped when the writer goes.
+    pub(crate) fn secret(frame: Vec<u8>) -> Self {
+        FrameWriter {
+            frame,
+            written: 0,
+            secret: true,
+        }
     }
 
     /// A writer that sends nothing and only closes: how a responder rejects.

@@ -64,6 +64,8 @@ pub struct OutboundRequest {
     pub(crate) id: OutboundRequestId,
     pub(crate) rpc: Rpc,
     pub(crate) frame: Vec<u8>,
+    /// The frame carries delegated credentials, to be wiped once written.
+    pub(crate) secret: bool,
     /// The end of the request's one budget, counted from when it was asked for: the
     /// dial, if any, already spent part of it.
     pub(crate) deadline: Instant,
@@ -520,7 +522,11 @@ impl<Io: AsyncRead + AsyncWrite + Unpin> OutboundStream<Io> {
             id: request.id,
             rpc: request.rpc,
             io,
-            state: OutboundState::Writing(FrameWriter::new(request.frame)),
+            state: OutboundState::Writing(if request.secret {
+                FrameWriter::secret(request.frame)
+            } else {
+                FrameWriter::new(request.frame)
+            }),
             deadline: request.deadline,
             config,
         }
@@ -750,6 +756,7 @@ mod tests {
             id: OutboundRequestId(9),
             rpc: Rpc::PullIntent,
             frame,
+            secret: false,
             deadline,
         };
         OutboundStream::new(request, MemoryIo::default(), config())

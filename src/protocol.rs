@@ -279,6 +279,14 @@ pub(crate) fn please_pull_request(request: &PleasePull) -> wire::Envelope {
     }
 }
 
+/// Whether an envelope carries delegated credentials.
+pub(crate) fn holds_credentials(envelope: &wire::Envelope) -> bool {
+    matches!(
+        &envelope.msg,
+        Some(wire::envelope::Msg::PleasePullRequest(request)) if !request.authorization.is_empty()
+    )
+}
+
 /// Wipes the copy of the credentials a request envelope holds, once it is encoded.
 pub(crate) fn wipe_authorization(envelope: &mut wire::Envelope) {
     if let Some(wire::envelope::Msg::PleasePullRequest(request)) = &mut envelope.msg {
