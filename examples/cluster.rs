@@ -609,10 +609,13 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
     let results = tokio::time::timeout(Duration::from_secs(240), join_all(jobs)).await?;
     progress.abort();
 
-    let alive = order
+    let live: HashSet<NodeId> = order
         .iter()
-        .filter(|p| !cluster[*p].dead.load(Ordering::SeqCst))
-        .count();
+        .map(|p| &cluster[p])
+        .filter(|n| !n.dead.load(Ordering::SeqCst))
+        .map(|n| n.id.clone())
+        .collect();
+    let alive = live.len();
     // Blobs whose designated puller is the killed or stalled node.
     let faulty: HashSet<&Digest> = blobs
         .iter()
@@ -632,9 +635,10 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         let served = Origin::count(&origin.served, &blob.digest);
         let attempts = Origin::count(&origin.attempts, &blob.digest);
         origin_pulls += served;
+        // What the live nodes ended with: a stopped node's results do not count.
         let got: Vec<&Got> = results
             .iter()
-            .filter(|(_, d, _)| *d == blob.digest)
+            .filter(|(node, d, _)| *d == blob.digest && live.contains(node))
             .map(|(_, _, g)| g)
             .collect();
         let times: Vec<u128> = got
