@@ -862,10 +862,31 @@ fn us(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1e6)
 }
 
+/// The command line.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(about = "coord beside request-response and a raw libp2p-stream baseline")]
+struct Args {
+    /// Run everything on one thread: without cross-thread wake-ups, it shows what
+    /// scheduling adds to the tails on the default two worker threads.
+    #[arg(long)]
+    single_thread: bool,
+    /// 0.3 s per cell in one round, instead of 1.5 s in three.
+    #[arg(long)]
+    quick: bool,
+    /// Run one cell, such as `mem_256` (for profiling), skipping memory and scale.
+    #[arg(long)]
+    only: Option<String>,
+    /// Run one stack only (for profiling).
+    #[arg(long, value_parser = ["ours", "rr", "raw"])]
+    stack: Option<String>,
+    /// Add the cross-stack rows: each client against the other's server.
+    #[arg(long)]
+    cross: bool,
+}
+
 fn main() {
-    // `--single-thread` runs everything on one thread: without cross-thread wake-ups, it
-    // shows what scheduling adds to the tails on the default two worker threads.
-    let mut runtime = if std::env::args().any(|a| a == "--single-thread") {
+    let args = <Args as clap::Parser>::parse();
+    let mut runtime = if args.single_thread {
         tokio::runtime::Builder::new_current_thread()
     } else {
         let mut builder = tokio::runtime::Builder::new_multi_thread();
@@ -876,24 +897,19 @@ fn main() {
         .enable_all()
         .build()
         .expect("a tokio runtime")
-        .block_on(async { tokio::spawn(run()).await })
+        .block_on(async { tokio::spawn(run(args)).await })
         .expect("the benchmark task");
 }
 
-async fn run() {
+async fn run(args: Args) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "off".into()),
         )
         .with_writer(std::io::stderr)
         .try_init();
-    let args: Vec<String> = std::env::args().collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    // `--only mem_256` runs one cell (for profiling), skipping memory and scale.
-    let only = args
-        .iter()
-        .position(|a| a == "--only")
-        .and_then(|i| args.get(i + 1).cloned());
+    let quick = args.quick;
+    let only = args.only.clone();
     let duration = Duration::from_millis(if quick { 300 } else { 1500 });
     let rounds: u32 = if quick { 1 } else { 3 };
     let query = Work::Query(digest(7));
@@ -906,19 +922,15 @@ async fn run() {
         )
         .unwrap(),
     );
-    // A please_pull of 1,000 digests goes as 4 requests of 250 in flight at once: the
-    // requester refuses batches above 256, as the Go client does.
+    // A please_pull of 1,000 digests goes as 4 requests of 250 in flight at once: one
+    // request carries at most 256, as the newer Go client sends.
     let cells: [(&Work, usize, &str); 4] = [
         (&query, 1, "1"),
         (&query, 16, "16"),
         (&query, 256, "256"),
         (&batch, 4, "pp1000"),
     ];
-    // `--stack ours|rr|raw` runs one stack only (for profiling).
-    let stack = args
-        .iter()
-        .position(|a| a == "--stack")
-        .and_then(|i| args.get(i + 1).map(String::as_str));
+    let stack = args.stack.as_deref();
     let runs = |name: &str| stack.is_none_or(|s| s == name);
     let slice = duration / rounds;
     let started = Instant::now();
@@ -994,7 +1006,7 @@ async fn run() {
         }
     }
 
-    if args.iter().any(|a| a == "--cross") {
+    if args.cross {
         for net in [Net::Memory, Net::Tcp] {
             cross(net, &query, 16, duration).await;
         }
