@@ -23,8 +23,8 @@ use libp2p_identity::PeerId;
 use libp2p_swarm::{
     behaviour::{ConnectionClosed, ConnectionEstablished, DialFailure, PeerAddresses},
     dial_opts::DialOpts,
-    ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, NotifyHandler, THandler,
-    THandlerInEvent, THandlerOutEvent, ToSwarm,
+    ConnectionDenied, ConnectionId, DialError, FromSwarm, NetworkBehaviour, NotifyHandler,
+    THandler, THandlerInEvent, THandlerOutEvent, ToSwarm,
 };
 
 use crate::{
@@ -877,6 +877,12 @@ impl NetworkBehaviour for Behaviour {
                 remaining_established,
                 ..
             }) => self.on_connection_closed(peer_id, connection_id, remaining_established),
+            // Another behaviour's dial to the peer is under way: the requests wait for
+            // that connection (or their deadline) instead of failing.
+            FromSwarm::DialFailure(DialFailure {
+                error: DialError::DialPeerConditionFalse(_),
+                ..
+            }) => {}
             FromSwarm::DialFailure(DialFailure {
                 peer_id: Some(peer),
                 error,

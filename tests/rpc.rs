@@ -489,3 +489,23 @@ async fn a_reply_over_the_cap_is_refused_and_the_stream_closed() {
     assert!(matches!(requester_failure, OutboundFailure::NoResponse));
     assert_eq!(responder.behaviour().pending_responses(), 0);
 }
+
+#[tokio::test]
+async fn a_request_waits_for_a_dial_another_behaviour_started() {
+    let now = SystemTime::now();
+    let (mut requester, responder) = pair(Config::default(), Config::default()).await;
+    let target = *responder.local_peer_id();
+    let _seen = spawn_coord(responder, answering(PullIntent::UNKNOWN, now));
+    // Someone else (Kademlia, say) dials the peer first: the behaviour's own dial is then
+    // refused by the swarm's dial condition, and the request must wait, not fail.
+    requester
+        .dial(libp2p_swarm::dial_opts::DialOpts::peer_id(target).build())
+        .unwrap();
+    let id = requester
+        .behaviour_mut()
+        .pull_intent_query(target, &digest(3));
+    match requester.next_behaviour_event().await {
+        Event::PullIntentResponse { request_id, .. } => assert_eq!(request_id, id),
+        other => panic!("unexpected {other:?}"),
+    }
+}
