@@ -38,7 +38,8 @@ pub struct Lookup {
 /// The resolver's side: asks the swarm loop for providers. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct KadProviders {
-    lookups: mpsc::Sender<Lookup>,
+    /// One sender for every clone, so the queue's bound holds for all of them together.
+    lookups: Arc<parking_lot::Mutex<mpsc::Sender<Lookup>>>,
     healthy: Arc<AtomicBool>,
 }
 
@@ -77,7 +78,7 @@ pub fn kad_providers() -> (KadProviders, KadLookups) {
     let healthy = Arc::new(AtomicBool::new(false));
     (
         KadProviders {
-            lookups: sender,
+            lookups: Arc::new(parking_lot::Mutex::new(sender)),
             healthy: healthy.clone(),
         },
         KadLookups {
@@ -91,18 +92,17 @@ pub fn kad_providers() -> (KadProviders, KadLookups) {
 impl ProviderLookup for KadProviders {
     fn providers(&self, digest: &Digest) -> BoxFuture<'static, Vec<PeerId>> {
         let (reply, answer) = oneshot::channel();
-        let mut lookups = self.lookups.clone();
         let lookup = Lookup {
             digest: digest.clone(),
             reply,
         };
+        // Queued at once; a full queue (the loop is far behind) counts as "none known".
+        if self.lookups.lock().try_send(lookup).is_err() {
+            return futures::future::ready(Vec::new()).boxed();
+        }
         async move {
-            let asked = async {
-                futures::SinkExt::send(&mut lookups, lookup).await.ok()?;
-                answer.await.ok()
-            };
             futures::select! {
-                found = asked.fuse() => found.unwrap_or_default(),
+                found = answer.fuse() => found.unwrap_or_default(),
                 () = futures_timer::Delay::new(LOOKUP_TIMEOUT).fuse() => Vec::new(),
             }
         }
@@ -179,5 +179,71 @@ impl KadLookups {
     fn note_health<S: RecordStore + Send + 'static>(&self, kad: &mut libp2p_kad::Behaviour<S>) {
         let known = kad.kbuckets().any(|bucket| bucket.num_entries() > 0);
         self.healthy.store(known, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroUsize;
+
+    use libp2p_kad::{store::MemoryStore, ProgressStep, QueryStats};
+
+    use super::*;
+
+    fn digest() -> Digest {
+        Digest::parse(&format!("sha256:{}", "ab".repeat(32))).unwrap()
+    }
+
+    fn progressed(id: QueryId, providers: HashSet<PeerId>, last: bool) -> Event {
+        Event::OutboundQueryProgressed {
+            id,
+            result: QueryResult::GetProviders(Ok(GetProvidersOk::FoundProviders {
+                key: provider_key(&digest()),
+                providers,
+            })),
+            stats: QueryStats::empty(),
+            step: ProgressStep {
+                count: NonZeroUsize::MIN,
+                last,
+            },
+        }
+    }
+
+    #[test]
+    fn a_lookup_is_answered_with_the_first_providers_found() {
+        let local = PeerId::random();
+        let mut kad = libp2p_kad::Behaviour::new(local, MemoryStore::new(local));
+        let (providers, mut lookups) = kad_providers();
+        assert!(!providers.is_healthy(), "an empty routing table");
+
+        let answer = providers.providers(&digest());
+        let lookup = futures::executor::block_on(lookups.next_lookup()).unwrap();
+        lookups.start(lookup, &mut kad);
+        let (&id, _) = lookups.running.iter().next().unwrap();
+
+        // An unrelated query's event is not ours.
+        let other = kad.get_providers(provider_key(&digest()));
+        assert!(!lookups.on_event(&progressed(other, HashSet::new(), true), &mut kad));
+
+        let provider = PeerId::random();
+        assert!(lookups.on_event(&progressed(id, HashSet::from([provider]), false), &mut kad));
+        assert!(lookups.running.is_empty());
+        assert_eq!(futures::executor::block_on(answer), vec![provider]);
+        assert!(providers.is_healthy());
+    }
+
+    #[test]
+    fn a_lookup_that_ends_empty_answers_empty() {
+        let local = PeerId::random();
+        let mut kad = libp2p_kad::Behaviour::new(local, MemoryStore::new(local));
+        let (providers, mut lookups) = kad_providers();
+        let answer = providers.providers(&digest());
+        let lookup = futures::executor::block_on(lookups.next_lookup()).unwrap();
+        lookups.start(lookup, &mut kad);
+        let (&id, _) = lookups.running.iter().next().unwrap();
+        assert!(lookups.on_event(&progressed(id, HashSet::new(), false), &mut kad));
+        assert_eq!(lookups.running.len(), 1, "still looking");
+        assert!(lookups.on_event(&progressed(id, HashSet::new(), true), &mut kad));
+        assert_eq!(futures::executor::block_on(answer), Vec::<PeerId>::new());
     }
 }
