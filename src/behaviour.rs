@@ -239,8 +239,8 @@ pub struct Behaviour {
     command_sender: mpsc::Sender<Command>,
     coordinator_calls: HashMap<OutboundRequestId, ResponseSender>,
     pending_outbound_requests: HashMap<OutboundRequestId, PendingOutbound>,
-    /// Inbound requests read and not yet responded to, by the peer that asked.
-    pending_inbound_responses: HashMap<InboundRequestId, PeerId>,
+    /// Inbound requests read and not yet responded to.
+    pending_inbound_responses: HashSet<InboundRequestId>,
     /// The membership that vouches for peers; without one every peer is allowed.
     authorizer: Option<Box<dyn PeerAuthorizer>>,
     warnings: WarningLimiter,
@@ -272,7 +272,7 @@ impl Behaviour {
             command_sender,
             coordinator_calls: HashMap::new(),
             pending_outbound_requests: HashMap::new(),
-            pending_inbound_responses: HashMap::new(),
+            pending_inbound_responses: HashSet::new(),
             authorizer: None,
             warnings: WarningLimiter::default(),
             pending_events: VecDeque::new(),
@@ -330,7 +330,7 @@ impl Behaviour {
             to_wire,
             ..
         } = responder;
-        if self.pending_inbound_responses.remove(&id).is_none() {
+        if !self.pending_inbound_responses.remove(&id) {
             return Err(ResponseError::Expired);
         }
         if let Some(connection) = self.connection_mut(peer, connection) {
@@ -551,7 +551,7 @@ impl Behaviour {
             return;
         };
         pending.pending_inbound_responses.insert(id);
-        self.pending_inbound_responses.insert(id, peer);
+        self.pending_inbound_responses.insert(id);
         let event = match request {
             InboundRequest::PullIntent(digest) => Event::PullIntentQuery {
                 peer,
@@ -753,7 +753,7 @@ impl Behaviour {
             }
         }
         for request in closed.pending_inbound_responses {
-            if self.pending_inbound_responses.remove(&request).is_some() {
+            if self.pending_inbound_responses.remove(&request) {
                 self.emit(Event::InboundFailure {
                     peer,
                     request_id: request,
@@ -776,7 +776,7 @@ impl Behaviour {
                 rpc,
             }),
             HandlerEvent::InboundFailure { id, error } => {
-                if self.pending_inbound_responses.remove(&id).is_some() {
+                if self.pending_inbound_responses.remove(&id) {
                     if let Some(c) = self.connection_mut(peer, connection) {
                         c.pending_inbound_responses.remove(&id);
                     }

@@ -115,6 +115,12 @@ impl From<Digest> for String {
     }
 }
 
+/// `sha256:` and the byte `n` 32 times in hex: distinct digests for the crate's tests.
+#[cfg(test)]
+pub(crate) fn sample(n: u8) -> Digest {
+    Digest::parse(&format!("sha256:{}", format!("{n:02x}").repeat(32))).expect("valid")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

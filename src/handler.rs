@@ -264,15 +264,14 @@ impl ConnectionHandler for Handler {
                 return Poll::Ready(self.flush_events());
             }
             match self.streams.poll_next(cx, now) {
-                Poll::Ready((key, Step::Progress(event) | Step::Done(event))) => {
-                    if matches!(key, StreamKey::Outbound(_))
-                        && matches!(
-                            event,
-                            HandlerEvent::Response { .. } | HandlerEvent::OutboundFailure { .. }
-                        )
-                    {
-                        self.open_outbound -= 1;
-                    }
+                Poll::Ready((key, step)) => {
+                    let event = match step {
+                        Step::Done(event) if matches!(key, StreamKey::Outbound(_)) => {
+                            self.open_outbound -= 1;
+                            event
+                        }
+                        Step::Progress(event) | Step::Done(event) => event,
+                    };
                     self.events.push(event);
                 }
                 Poll::Pending if self.events.is_empty() => return Poll::Pending,
@@ -659,6 +658,18 @@ mod tests {
         InboundStream::new(InboundRequestId(1), MemoryIo::default(), t0, config(), None)
     }
 
+    /// A stream opened at `t0` whose pull_intent request has been read at `t0`.
+    fn read_request(t0: Instant) -> (InboundStream<MemoryIo>, oneshot::Sender<InboundResponse>) {
+        let mut stream = inbound(t0);
+        stream.io.input = protocol::pull_intent_request(&digest()).encode_length_delimited_to_vec();
+        let Poll::Ready(Step::Progress(HandlerEvent::InboundRequest { response, .. })) =
+            poll_inbound(&mut stream, t0)
+        else {
+            panic!("the request is read");
+        };
+        (stream, response)
+    }
+
     #[test]
     fn a_silent_peer_is_cut_off_at_the_handshake_deadline() {
         let t0 = Instant::now();
@@ -704,13 +715,7 @@ mod tests {
     #[test]
     fn a_response_is_written_and_the_stream_closed() {
         let t0 = Instant::now();
-        let mut stream = inbound(t0);
-        stream.io.input = protocol::pull_intent_request(&digest()).encode_length_delimited_to_vec();
-        let Poll::Ready(Step::Progress(HandlerEvent::InboundRequest { response, .. })) =
-            poll_inbound(&mut stream, t0)
-        else {
-            panic!("the request is read");
-        };
+        let (mut stream, response) = read_request(t0);
         let envelope = protocol::pull_intent_response(PullIntent::UNKNOWN);
         response
             .send(InboundResponse::Send {
@@ -732,13 +737,7 @@ mod tests {
     #[test]
     fn a_dropped_responder_closes_without_a_response() {
         let t0 = Instant::now();
-        let mut stream = inbound(t0);
-        stream.io.input = protocol::pull_intent_request(&digest()).encode_length_delimited_to_vec();
-        let Poll::Ready(Step::Progress(HandlerEvent::InboundRequest { response, .. })) =
-            poll_inbound(&mut stream, t0)
-        else {
-            panic!("the request is read");
-        };
+        let (mut stream, response) = read_request(t0);
         drop(response);
         assert!(matches!(
             poll_inbound(&mut stream, t0),

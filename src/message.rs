@@ -318,9 +318,7 @@ impl fmt::Debug for PleasePull {
 mod tests {
     use super::*;
 
-    fn digest(n: u8) -> Digest {
-        Digest::parse(&format!("sha256:{}", format!("{n:02x}").repeat(32))).unwrap()
-    }
+    use crate::digest::sample as digest;
 
     #[test]
     fn please_pull_validates_before_sending() {

@@ -351,9 +351,7 @@ pub(crate) fn decode_response(
 mod tests {
     use super::*;
 
-    fn digest(n: u8) -> Digest {
-        Digest::parse(&format!("sha256:{}", format!("{n:02x}").repeat(32))).unwrap()
-    }
+    use crate::digest::sample as digest;
 
     #[test]
     fn authorization_is_wiped() {

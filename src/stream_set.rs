@@ -205,13 +205,12 @@ where
             other => {
                 let deadline = entry.stream.deadline();
                 debug_assert!(deadline > now, "a stream past its deadline must be done");
+                // An unchanged deadline is still queued: one taken out as due has
+                // passed, and a stream past its deadline is done.
                 if deadline != entry.deadline {
                     self.deadlines.remove(&(entry.deadline, key));
                     self.deadlines.insert((deadline, key));
                     entry.deadline = deadline;
-                } else if !self.deadlines.contains(&(deadline, key)) {
-                    // Taken out as due earlier in this poll; still the stream's deadline.
-                    self.deadlines.insert((deadline, key));
                 }
                 match other {
                     Poll::Ready(progress) => {

@@ -100,7 +100,7 @@ impl ColdStart {
     pub async fn resolve(&self, request: &PleasePull, size: Option<u64>) -> Resolution {
         let started = SystemTime::now();
         let Some(digest) = request.digests().first().cloned() else {
-            return no_candidates(ColdStartError::NoPuller);
+            return unprobed(Rule::NoCandidates, ColdStartError::NoPuller);
         };
         let resolution = self.run(request, &digest, size).await;
         #[cfg(feature = "metrics")]
@@ -119,15 +119,7 @@ impl ColdStart {
     async fn run(&self, request: &PleasePull, digest: &Digest, size: Option<u64>) -> Resolution {
         let now = SystemTime::now();
         if let Some(until) = self.honoured_until(digest, now) {
-            return Resolution {
-                rule: Rule::HonourWindow,
-                expansion: None,
-                takeovers: 0,
-                rank_mismatches: 0,
-                probes_sent: 0,
-                please_pulls_sent: 0,
-                result: Err(ColdStartError::CoolingDown { until }),
-            };
+            return unprobed(Rule::HonourWindow, ColdStartError::CoolingDown { until });
         }
         let membership = self.state.membership();
         let local = membership.local_id();
@@ -149,7 +141,7 @@ impl ColdStart {
                 Some(auth) => single.with_authorization(auth.clone()),
                 None => single,
             },
-            Err(_) => return no_candidates(ColdStartError::NoPuller),
+            Err(_) => return unprobed(Rule::NoCandidates, ColdStartError::NoPuller),
         };
         loop {
             action = match action {
@@ -277,9 +269,10 @@ fn first_outcome(
         .map(|o| o.outcome)
 }
 
-fn no_candidates(error: ColdStartError) -> Resolution {
+/// A resolution that ended before anyone was asked.
+fn unprobed(rule: Rule, error: ColdStartError) -> Resolution {
     Resolution {
-        rule: Rule::NoCandidates,
+        rule,
         expansion: None,
         takeovers: 0,
         rank_mismatches: 0,

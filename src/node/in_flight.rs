@@ -143,9 +143,7 @@ impl Stalls {
 mod tests {
     use super::*;
 
-    fn digest(n: u8) -> Digest {
-        Digest::parse(&format!("sha256:{}", format!("{n:02x}").repeat(32))).unwrap()
-    }
+    use crate::digest::sample as digest;
 
     #[test]
     fn dedupes_per_digest_and_remembers_the_start() {

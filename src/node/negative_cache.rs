@@ -122,9 +122,7 @@ impl FailureCache for NegativeCache {
 mod tests {
     use super::*;
 
-    fn digest(n: u8) -> Digest {
-        Digest::parse(&format!("sha256:{}", format!("{n:02x}").repeat(32))).unwrap()
-    }
+    use crate::digest::sample as digest;
 
     #[test]
     fn cooldown_grows_and_caps() {
