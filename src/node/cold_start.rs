@@ -194,10 +194,17 @@ impl ColdStart {
         if node == local {
             return Some(self.state.local_pull_intent(digest));
         }
-        self.coordinator
+        match self
+            .coordinator
             .pull_intent_query(node.clone(), digest)
             .await
-            .ok()
+        {
+            Ok(intent) => Some(intent),
+            Err(error) => {
+                tracing::debug!(%node, %digest, %error, "probe unanswered");
+                None
+            }
+        }
     }
 
     fn honoured_until(&self, digest: &Digest, now: SystemTime) -> Option<SystemTime> {

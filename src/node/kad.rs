@@ -28,6 +28,12 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 /// Lookups the resolver may queue before they wait; the loop starts them as it goes.
 const QUEUED_LOOKUPS: usize = 256;
 
+/// Lookups running at once on one node. A `get_providers` for a key nobody provides
+/// asks about twenty peers, each of which sorts its routing table to answer: a node
+/// waiting on many pulls at once would otherwise spend its peers' CPU on lookups that
+/// the resolver's probes of the puller make redundant. The rest wait in the queue.
+const RUNNING_LOOKUPS: usize = 4;
+
 /// A lookup asked for and not yet started.
 #[derive(Debug)]
 pub struct Lookup {
@@ -49,6 +55,9 @@ pub struct KadProviders {
 pub struct KadLookups {
     lookups: mpsc::Receiver<Lookup>,
     running: HashMap<QueryId, (HashSet<PeerId>, oneshot::Sender<Vec<PeerId>>)>,
+    /// Queries whose asker stopped waiting: finished at the next chance, their events
+    /// still claimed.
+    abandoned: HashSet<QueryId>,
     healthy: Arc<AtomicBool>,
 }
 
@@ -84,6 +93,7 @@ pub fn kad_providers() -> (KadProviders, KadLookups) {
         KadLookups {
             lookups: receiver,
             running: HashMap::new(),
+            abandoned: HashSet::new(),
             healthy,
         },
     )
@@ -120,9 +130,28 @@ pub fn provider_key(digest: &Digest) -> RecordKey {
 }
 
 impl KadLookups {
-    /// The next lookup to start; `None` once every [`KadProviders`] is gone.
+    /// The next lookup to start, once fewer than four run; `None` once every
+    /// [`KadProviders`] is gone. A lookup whose asker stopped waiting is dropped unstarted.
     pub async fn next_lookup(&mut self) -> Option<Lookup> {
-        self.lookups.next().await
+        // A query whose asker gave up (it waits at most two seconds) frees its slot.
+        let abandoned = &mut self.abandoned;
+        self.running.retain(|id, (_, reply)| {
+            let waiting = !reply.is_canceled();
+            if !waiting {
+                abandoned.insert(*id);
+            }
+            waiting
+        });
+        if self.running.len() >= RUNNING_LOOKUPS {
+            // `on_event` frees a slot; the caller's loop asks again after each event.
+            return futures::future::pending().await;
+        }
+        loop {
+            let lookup = self.lookups.next().await?;
+            if !lookup.reply.is_canceled() {
+                return Some(lookup);
+            }
+        }
     }
 
     /// Starts `lookup` on `kad`.
@@ -132,6 +161,7 @@ impl KadLookups {
         kad: &mut libp2p_kad::Behaviour<S>,
     ) {
         self.note_health(kad);
+        self.finish_abandoned(kad);
         let id = kad.get_providers(provider_key(&lookup.digest));
         self.running.insert(id, (HashSet::new(), lookup.reply));
     }
@@ -157,6 +187,13 @@ impl KadLookups {
         else {
             return false;
         };
+        if self.abandoned.contains(id) {
+            if step.last {
+                self.abandoned.remove(id);
+            }
+            self.finish_abandoned(kad);
+            return true;
+        }
         let Some((found, _)) = self.running.get_mut(id) else {
             return false;
         };
@@ -173,6 +210,20 @@ impl KadLookups {
             }
         }
         true
+    }
+
+    /// Stops the queries nobody waits for any more; their last events are still claimed.
+    fn finish_abandoned<S: RecordStore + Send + 'static>(
+        &mut self,
+        kad: &mut libp2p_kad::Behaviour<S>,
+    ) {
+        self.abandoned.retain(|id| match kad.query_mut(id) {
+            Some(mut query) => {
+                query.finish();
+                true
+            }
+            None => false,
+        });
     }
 
     /// A routing table with peers in it can find providers that exist.
@@ -245,5 +296,42 @@ mod tests {
         assert_eq!(lookups.running.len(), 1, "still looking");
         assert!(lookups.on_event(&progressed(id, HashSet::new(), true), &mut kad));
         assert_eq!(futures::executor::block_on(answer), Vec::<PeerId>::new());
+    }
+
+    #[test]
+    fn at_most_four_lookups_run_and_an_abandoned_one_frees_its_slot() {
+        use futures::FutureExt;
+        let local = PeerId::random();
+        let mut kad = libp2p_kad::Behaviour::new(local, MemoryStore::new(local));
+        let (providers, mut lookups) = kad_providers();
+        let mut answers: Vec<_> = (0..6).map(|_| providers.providers(&digest())).collect();
+        for _ in 0..RUNNING_LOOKUPS {
+            let lookup = lookups.next_lookup().now_or_never().flatten().unwrap();
+            lookups.start(lookup, &mut kad);
+        }
+        assert!(
+            lookups.next_lookup().now_or_never().is_none(),
+            "a fifth waits while four run"
+        );
+
+        // The first asker stops waiting: its query is abandoned and its slot taken.
+        drop(answers.remove(0));
+        let fifth = lookups.next_lookup().now_or_never().flatten().unwrap();
+        assert_eq!(lookups.abandoned.len(), 1);
+        let abandoned = *lookups.abandoned.iter().next().unwrap();
+        lookups.start(fifth, &mut kad);
+        // Its events are still claimed, and its last one forgets it.
+        assert!(lookups.on_event(&progressed(abandoned, HashSet::new(), true), &mut kad));
+        assert!(lookups.abandoned.is_empty());
+
+        // A lookup whose asker is gone before it starts is never started.
+        drop(answers.pop());
+        let (&running, _) = lookups.running.iter().next().unwrap();
+        assert!(lookups.on_event(&progressed(running, HashSet::new(), true), &mut kad));
+        assert!(
+            lookups.next_lookup().now_or_never().is_none(),
+            "the remaining queued lookup's asker is gone"
+        );
+        assert_eq!(lookups.running.len(), RUNNING_LOOKUPS - 1);
     }
 }
