@@ -1,5 +1,8 @@
 //! The swarm every example node runs: TCP + Noise + Yamux, Kademlia, Identify and coord.
 
+#[allow(dead_code)] // the examples without metrics leave it unused
+pub mod metrics;
+
 use std::time::Duration;
 
 use libp2p::{identify, identity::Keypair, kad, noise, swarm::NetworkBehaviour, tcp, yamux, Swarm};

@@ -1,0 +1,716 @@
+//! One node of an image-distribution cluster, composed as a rust-libp2p user would:
+//! TCP + Noise + Yamux, Kademlia (providers), Identify, coord, and a blob-transfer
+//! protocol between members. Origin pulls go to an OCI registry through `oci-client`;
+//! blobs land in a content-addressed directory; which node pulls what is decided by the
+//! crate's cold-start resolver ([`ColdStart`]).
+//!
+//! ```text
+//! agent keygen --out FILE
+//! agent run --key FILE --node-id NAME --listen MULTIADDR --members FILE --origin URL --store DIR
+//!           [--image REPO@sha256:HEX] [--stall-manifest DURATION] [--stall-layer-floor DURATION]
+//!           [--metrics ADDR]
+//! ```
+//!
+//! Standard output is JSON lines (`listening`, one `blob` per blob stored, `error` for a
+//! blob that ends failed, `image` once every blob is stored); logs go to standard error.
+//! Registry credentials come from `AGENT_ORIGIN_AUTH` (`user:password`) and are
+//! delegated in please_pull to the peer asked to pull.
+
+#[path = "../common/metrics.rs"]
+mod metrics;
+mod origin;
+mod store;
+mod transfer;
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    process::ExitCode,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use clap::Parser;
+use futures::StreamExt;
+use gantry_coord::{
+    Authorization, AuthorizationMode, CascadeConfig, ColdStart, ColdStartError, Config, Digest,
+    FailureClass, Member, Membership, NodeId, NodeState, OriginRefKind, PleasePull, PullOrder,
+    PullerPump, PumpDecision, Source, Stalls, StaticMembership,
+};
+use libp2p::{
+    identify, identity::Keypair, kad, noise, swarm::NetworkBehaviour, swarm::SwarmEvent, tcp,
+    yamux, Multiaddr, PeerId,
+};
+use oci_client::secrets::RegistryAuth;
+use parking_lot::Mutex;
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use origin::Origin;
+use store::BlobDir;
+
+/// The command line; other tools rely on its spelling.
+#[derive(Debug, Parser)]
+#[command(about = "A node of an image-distribution cluster")]
+enum Command {
+    /// Writes a new ed25519 key (libp2p protobuf encoding) and prints its peer id.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Runs the node.
+    Run(Box<RunArgs>),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    #[arg(long)]
+    key: PathBuf,
+    #[arg(long)]
+    node_id: String,
+    #[arg(long)]
+    listen: Multiaddr,
+    /// JSON array of {"node_id", "peer_id", "addrs"}; re-read when it changes.
+    #[arg(long)]
+    members: PathBuf,
+    /// The registry, http://HOST:PORT.
+    #[arg(long)]
+    origin: String,
+    #[arg(long)]
+    store: PathBuf,
+    /// The manifest to cold-start, REPO@sha256:HEX.
+    #[arg(long)]
+    image: Option<String>,
+    /// A manifest pull counts as stalled after this long (default 5s).
+    #[arg(long, value_parser = parse_duration)]
+    stall_manifest: Option<Duration>,
+    /// The least a blob pull is given before it counts as stalled (default 10s).
+    #[arg(long, value_parser = parse_duration)]
+    stall_layer_floor: Option<Duration>,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long)]
+    metrics: Option<std::net::SocketAddr>,
+}
+
+/// `500ms`, `2s`, `1m`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or("a unit is needed: ms, s or m")?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("not a number: {number}"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("unknown unit {unit}: ms, s or m")),
+    }
+}
+
+#[derive(NetworkBehaviour)]
+struct Agent {
+    kad: kad::Behaviour<kad::store::MemoryStore>,
+    identify: identify::Behaviour,
+    coord: gantry_coord::Behaviour,
+    blobs: libp2p_stream::Behaviour,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct MemberEntry {
+    node_id: String,
+    peer_id: String,
+    #[serde(default)]
+    addrs: Vec<Multiaddr>,
+}
+
+type Addresses = Vec<(PeerId, Multiaddr)>;
+
+fn read_members(path: &PathBuf) -> Result<(Vec<Member>, Addresses), String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let entries: Vec<MemberEntry> =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut members = Vec::new();
+    let mut addresses = Vec::new();
+    for entry in entries {
+        let peer: PeerId = entry
+            .peer_id
+            .parse()
+            .map_err(|e| format!("peer id of {}: {e}", entry.node_id))?;
+        addresses.extend(entry.addrs.into_iter().map(|a| (peer, a)));
+        members.push(Member::new(entry.node_id.as_str(), Some(peer)));
+    }
+    Ok((members, addresses))
+}
+
+fn emit(line: serde_json::Value) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn class_name(class: FailureClass) -> &'static str {
+    match class {
+        FailureClass::Auth => "auth",
+        FailureClass::NotFound => "not-found",
+        FailureClass::RateLimited => "rate-limited",
+        _ => "transient",
+    }
+}
+
+/// What the swarm loop is asked to do from other tasks.
+enum Control {
+    Provide(Digest),
+    Members(Addresses),
+}
+
+/// An origin pull handed from the pump to the pulling task.
+struct PullJob {
+    repository: String,
+    digest: Digest,
+    kind: OriginRefKind,
+    auth: RegistryAuth,
+}
+
+/// Hands each pull order to the pulling task; never waits.
+struct OriginPump {
+    jobs: mpsc::UnboundedSender<PullJob>,
+    own_auth: RegistryAuth,
+}
+
+impl PullerPump for OriginPump {
+    fn start(&self, order: PullOrder<'_>) -> PumpDecision {
+        // Delegated credentials serve this pull only; without them the node's own.
+        let auth = match order.authorization {
+            Some(auth) => origin::basic_auth(Some(auth.expose_secret())),
+            None => self.own_auth.clone(),
+        };
+        let job = PullJob {
+            repository: order.repository.to_owned(),
+            digest: order.digest.clone(),
+            kind: order.kind,
+            auth,
+        };
+        match self.jobs.send(job) {
+            Ok(()) => PumpDecision::Started,
+            Err(_) => PumpDecision::Declined,
+        }
+    }
+}
+
+/// How a blob came to be stored, for its `blob` line.
+#[derive(Debug, Clone)]
+struct Stored {
+    source: &'static str,
+    peer: Option<String>,
+    bytes: u64,
+}
+
+/// What every blob task shares.
+struct Node {
+    local: NodeId,
+    store: BlobDir,
+    state: NodeState,
+    membership: StaticMembership,
+    resolver: ColdStart,
+    control: mpsc::UnboundedSender<Control>,
+    blobs: libp2p_stream::Control,
+    origin: Origin,
+    credentials: Option<String>,
+    stored: Mutex<HashMap<Digest, Stored>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BlobKind {
+    Manifest,
+    Config,
+    Layer,
+}
+
+impl BlobKind {
+    fn name(self) -> &'static str {
+        match self {
+            BlobKind::Manifest => "manifest",
+            BlobKind::Config => "config",
+            BlobKind::Layer => "layer",
+        }
+    }
+
+    fn origin_kind(self) -> OriginRefKind {
+        match self {
+            BlobKind::Manifest => OriginRefKind::Manifest,
+            BlobKind::Config => OriginRefKind::Config,
+            BlobKind::Layer => OriginRefKind::Blob,
+        }
+    }
+}
+
+impl Node {
+    fn request(
+        &self,
+        repository: &str,
+        digests: Vec<Digest>,
+        kind: OriginRefKind,
+    ) -> Option<PleasePull> {
+        let request = PleasePull::new(&self.origin.registry, repository, kind, digests).ok()?;
+        Some(match &self.credentials {
+            Some(credentials) => {
+                request.with_authorization(Authorization::new(credentials.clone()))
+            }
+            None => request,
+        })
+    }
+
+    fn peer_of(&self, node: &NodeId) -> Option<PeerId> {
+        self.membership
+            .members()
+            .iter()
+            .find(|m| &m.id == node)
+            .and_then(|m| m.peer_id)
+    }
+
+    /// Fetches `digest` from one of `peers` (members only, never self).
+    async fn fetch_from(&self, peers: &[PeerId], digest: &Digest, size: Option<u64>) -> bool {
+        let members = self.membership.members();
+        for peer in peers {
+            let Some(member) = members.iter().find(|m| m.peer_id == Some(*peer)) else {
+                continue;
+            };
+            if member.id == self.local {
+                continue;
+            }
+            let mut control = self.blobs.clone();
+            let max = size.unwrap_or(64 << 30);
+            match transfer::fetch(&mut control, *peer, digest, &self.store, max).await {
+                Ok(bytes) => {
+                    self.stored.lock().insert(
+                        digest.clone(),
+                        Stored {
+                            source: "peer",
+                            peer: Some(member.id.to_string()),
+                            bytes,
+                        },
+                    );
+                    let _ = self.control.send(Control::Provide(digest.clone()));
+                    return true;
+                }
+                Err(error) => tracing::debug!(%peer, %digest, %error, "fetch from a peer failed"),
+            }
+        }
+        false
+    }
+
+    /// Gets one blob: through the cascade, from a peer or by this node's own origin pull,
+    /// retrying with backoff until it is stored or a trusted failure class says stop.
+    async fn obtain(
+        &self,
+        repository: &str,
+        digest: &Digest,
+        kind: BlobKind,
+        size: Option<u64>,
+    ) -> Result<u64, FailureClass> {
+        let started = Instant::now();
+        let Some(request) = self.request(repository, vec![digest.clone()], kind.origin_kind())
+        else {
+            return Err(FailureClass::NotFound);
+        };
+        let mut backoff = Duration::from_millis(100);
+        let mut rule = "stored";
+        loop {
+            if self.store.has(digest) {
+                let stored = self.stored.lock().get(digest).cloned().unwrap_or(Stored {
+                    source: "origin",
+                    peer: None,
+                    bytes: std::fs::metadata(self.store.path(digest)).map_or(0, |m| m.len()),
+                });
+                let mut line = json!({
+                    "event": "blob", "digest": digest.to_string(), "kind": kind.name(),
+                    "source": stored.source, "bytes": stored.bytes,
+                    "ms": started.elapsed().as_millis() as u64, "rule": rule,
+                });
+                if let Some(peer) = stored.peer {
+                    line["peer"] = json!(peer);
+                }
+                emit(line);
+                return Ok(stored.bytes);
+            }
+            let resolution = self.resolver.resolve(&request, size).await;
+            rule = resolution.rule.as_str();
+            tracing::debug!(%digest, rule, result = ?resolution.result, "resolved");
+            match resolution.result {
+                Ok(Source::Holder(node)) => {
+                    if let Some(peer) = self.peer_of(&node) {
+                        if self.fetch_from(&[peer], digest, size).await {
+                            continue;
+                        }
+                    }
+                }
+                Ok(Source::Providers(peers)) => {
+                    if self.fetch_from(&peers, digest, size).await {
+                        continue;
+                    }
+                }
+                Err(ColdStartError::Failed(class)) => {
+                    emit(json!({
+                        "event": "error", "digest": digest.to_string(),
+                        "class": class_name(class),
+                        "error": format!("the origin refused it ({})", class_name(class)),
+                    }));
+                    return Err(class);
+                }
+                Err(ColdStartError::CoolingDown { until }) => {
+                    let wait = until.duration_since(SystemTime::now()).unwrap_or_default();
+                    tokio::time::sleep(wait.min(Duration::from_secs(30))).await;
+                    continue;
+                }
+                Err(
+                    ColdStartError::NoneReachable
+                    | ColdStartError::NoPuller
+                    | ColdStartError::NoMembers,
+                ) => {
+                    // Nobody to ask or nobody willing: pull from the origin itself, as
+                    // containerd falls back to the upstream when its mirror fails.
+                    tracing::info!(%digest, "no member can pull it: pulling from the origin");
+                    self.state.start_local_pull(&request);
+                }
+                Err(_) => {}
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// The manifest, then its config and layers in parallel, with one batched
+    /// please_pull per designated puller first.
+    async fn cold_start(self: Arc<Self>, image: String) {
+        let started = Instant::now();
+        let Some((repository, digest)) = image
+            .split_once('@')
+            .and_then(|(r, d)| Some((r.to_owned(), Digest::parse(d).ok()?)))
+        else {
+            emit(
+                json!({"event": "error", "digest": image, "class": "not-found", "error": "--image must be REPO@sha256:HEX"}),
+            );
+            return;
+        };
+        let Ok(manifest_bytes) = self
+            .obtain(&repository, &digest, BlobKind::Manifest, None)
+            .await
+        else {
+            return;
+        };
+        let blobs = match std::fs::read(self.store.path(&digest))
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| parse_manifest(&bytes))
+        {
+            Ok(blobs) => blobs,
+            Err(error) => {
+                emit(
+                    json!({"event": "error", "digest": digest.to_string(), "class": "transient", "error": error}),
+                );
+                return;
+            }
+        };
+        let layers: Vec<Digest> = blobs
+            .iter()
+            .filter(|(_, kind, _)| *kind == BlobKind::Layer)
+            .map(|(d, _, _)| d.clone())
+            .filter(|d| !self.store.has(d))
+            .collect();
+        if let Some(request) = self.request(&repository, layers, OriginRefKind::Blob) {
+            if request.digests().len() <= 256 {
+                self.resolver.prefetch(&request).await;
+            }
+        }
+        let results = futures::future::join_all(
+            blobs
+                .iter()
+                .map(|(d, kind, size)| self.obtain(&repository, d, *kind, Some(*size))),
+        )
+        .await;
+        if results.iter().all(Result::is_ok) {
+            let bytes: u64 = manifest_bytes + results.iter().flatten().sum::<u64>();
+            emit(json!({
+                "event": "image", "blobs": blobs.len() + 1, "bytes": bytes,
+                "ms": started.elapsed().as_millis() as u64,
+            }));
+        }
+    }
+}
+
+/// The config and layers an image manifest names, with their sizes.
+fn parse_manifest(bytes: &[u8]) -> Result<Vec<(Digest, BlobKind, u64)>, String> {
+    let manifest: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("manifest: {e}"))?;
+    let descriptor = |v: &serde_json::Value, kind| -> Result<(Digest, BlobKind, u64), String> {
+        let digest = v["digest"].as_str().ok_or("descriptor without a digest")?;
+        let digest = Digest::parse(digest).map_err(|e| format!("descriptor digest: {e}"))?;
+        Ok((digest, kind, v["size"].as_u64().unwrap_or(0)))
+    };
+    let mut blobs = vec![descriptor(&manifest["config"], BlobKind::Config)?];
+    for layer in manifest["layers"]
+        .as_array()
+        .ok_or("manifest without layers")?
+    {
+        blobs.push(descriptor(layer, BlobKind::Layer)?);
+    }
+    Ok(blobs)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    // reqwest, under oci-client, wants one even when the origin speaks plain HTTP.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let result = match Command::parse() {
+        Command::Keygen { out } => keygen(&out),
+        Command::Run(args) => run(*args).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("agent: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn keygen(out: &PathBuf) -> Result<(), Box<dyn std::error::Error>> {
+    let key = Keypair::generate_ed25519();
+    std::fs::write(out, key.to_protobuf_encoding()?)?;
+    emit(json!({"peer_id": key.public().to_peer_id().to_string()}));
+    Ok(())
+}
+
+async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let key = Keypair::from_protobuf_encoding(&std::fs::read(&args.key)?)?;
+    let local = NodeId::new(args.node_id.as_str());
+    let (members, addresses) = read_members(&args.members)?;
+    let membership = StaticMembership::new(local.clone(), members);
+    let store = BlobDir::open(&args.store)?;
+    let origin = Origin::new(&args.origin)?;
+    let credentials = std::env::var("AGENT_ORIGIN_AUTH")
+        .ok()
+        .filter(|c| !c.is_empty());
+    let (jobs, mut pulls) = mpsc::unbounded_channel::<PullJob>();
+    let state = NodeState::builder(membership.clone())
+        .store(store.clone())
+        .pump(OriginPump {
+            jobs,
+            own_auth: origin::basic_auth(credentials.as_deref()),
+        })
+        .build();
+
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )?
+        .with_behaviour(|key| {
+            let peer = key.public().to_peer_id();
+            let mut kad = kad::Behaviour::new(peer, kad::store::MemoryStore::new(peer));
+            kad.set_mode(Some(kad::Mode::Server));
+            Agent {
+                kad,
+                identify: identify::Behaviour::new(identify::Config::new(
+                    "/gantry-agent/0.1.0".into(),
+                    key.public(),
+                )),
+                coord: gantry_coord::Behaviour::new(
+                    Config::default().with_authorization_mode(AuthorizationMode::Enforce),
+                ),
+                blobs: libp2p_stream::Behaviour::new(),
+            }
+        })?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    // Membership is the security boundary: coord answers members only.
+    swarm
+        .behaviour_mut()
+        .coord
+        .authorize_with(membership.clone());
+    let local_peer = *swarm.local_peer_id();
+    swarm.listen_on(args.listen.clone())?;
+    let listening = loop {
+        if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
+            break address;
+        }
+    };
+
+    let mut cascade = CascadeConfig::default();
+    if args.stall_manifest.is_some() || args.stall_layer_floor.is_some() {
+        let defaults = Stalls::default();
+        cascade = cascade.with_stalls(Stalls {
+            manifest: args.stall_manifest.unwrap_or(defaults.manifest),
+            floor: args.stall_layer_floor.unwrap_or(defaults.floor),
+            ..defaults
+        });
+    }
+    let (providers, mut lookups) = gantry_coord::kad_providers();
+    #[allow(unused_mut)]
+    let mut resolver = ColdStart::new(
+        swarm.behaviour().coord.coordinator(),
+        state.clone(),
+        providers,
+        cascade,
+    );
+    let metrics = match args.metrics {
+        Some(addr) => {
+            let mut registry = prometheus_client::registry::Registry::default();
+            swarm.behaviour_mut().coord.register_metrics(&mut registry);
+            state.register_metrics(&mut registry);
+            resolver.register_metrics(&mut registry);
+            Some(metrics::serve(addr, registry).await?)
+        }
+        None => None,
+    };
+    let mut line = json!({
+        "event": "listening", "node_id": local.to_string(),
+        "peer_id": local_peer.to_string(), "listen": [listening.to_string()],
+    });
+    if let Some(addr) = metrics {
+        line["metrics"] = json!(addr.to_string());
+    }
+    emit(line);
+
+    let (control, mut controls) = mpsc::unbounded_channel();
+    let node = Arc::new(Node {
+        local: local.clone(),
+        store: store.clone(),
+        state: state.clone(),
+        membership: membership.clone(),
+        resolver,
+        control: control.clone(),
+        blobs: swarm.behaviour().blobs.new_control(),
+        origin: origin.clone(),
+        credentials,
+        stored: Mutex::default(),
+    });
+    tokio::spawn(transfer::serve(
+        swarm.behaviour().blobs.new_control(),
+        store.clone(),
+        Arc::new(membership.clone()),
+    ));
+
+    // The pulling task: every origin pull this node makes, its own or asked for.
+    {
+        let (node, control) = (node.clone(), control.clone());
+        tokio::spawn(async move {
+            while let Some(job) = pulls.recv().await {
+                let (node, control) = (node.clone(), control.clone());
+                tokio::spawn(async move {
+                    let result = node
+                        .origin
+                        .pull(
+                            &job.repository,
+                            &job.digest,
+                            job.kind,
+                            &job.auth,
+                            &node.store,
+                        )
+                        .await;
+                    match result {
+                        Ok(bytes) => {
+                            node.stored.lock().insert(
+                                job.digest.clone(),
+                                Stored {
+                                    source: "origin",
+                                    peer: None,
+                                    bytes,
+                                },
+                            );
+                            let _ = control.send(Control::Provide(job.digest.clone()));
+                            node.state.finish_pull(&job.digest, Ok(()));
+                        }
+                        Err(error) => {
+                            tracing::warn!(digest = %job.digest, %error, "origin pull failed");
+                            node.state.finish_pull(&job.digest, Err(error.class));
+                        }
+                    }
+                });
+            }
+        });
+    }
+
+    // The members file: re-read when it changes.
+    {
+        let (path, membership, control) =
+            (args.members.clone(), membership.clone(), control.clone());
+        tokio::spawn(async move {
+            let modified = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+            let mut seen = modified(&path);
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let now = modified(&path);
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+                match read_members(&path) {
+                    Ok((members, addresses)) => {
+                        membership.set_members(members);
+                        let _ = control.send(Control::Members(addresses));
+                    }
+                    Err(error) => tracing::warn!(%error, "members file not re-read"),
+                }
+            }
+        });
+    }
+    let _ = control.send(Control::Members(addresses));
+
+    if let Some(image) = args.image.clone() {
+        tokio::spawn(node.clone().cold_start(image));
+    }
+
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = terminate.recv() => return Ok(()),
+            Some(lookup) = lookups.next_lookup() => {
+                lookups.start(lookup, &mut swarm.behaviour_mut().kad);
+            }
+            Some(control) = controls.recv() => match control {
+                Control::Provide(digest) => {
+                    let _ = swarm
+                        .behaviour_mut()
+                        .kad
+                        .start_providing(gantry_coord::provider_key(&digest));
+                }
+                Control::Members(addresses) => {
+                    for (peer, addr) in addresses {
+                        if peer == local_peer {
+                            continue;
+                        }
+                        swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                        swarm.add_peer_address(peer, addr.clone());
+                        if !swarm.is_connected(&peer) {
+                            let _ = swarm.dial(addr);
+                        }
+                    }
+                    let _ = swarm.behaviour_mut().kad.bootstrap();
+                }
+            },
+            event = swarm.select_next_some() => match event {
+                SwarmEvent::Behaviour(AgentEvent::Coord(event)) => {
+                    if let Some(event) = state.answer(&mut swarm.behaviour_mut().coord, event) {
+                        tracing::debug!(?event, "coord");
+                    }
+                }
+                SwarmEvent::Behaviour(AgentEvent::Kad(event)) => {
+                    lookups.on_event(&event, &mut swarm.behaviour_mut().kad);
+                }
+                _ => {}
+            },
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! Pulls from the origin registry over the distribution API, through `oci-client`.
+
+use futures::StreamExt;
+use gantry_coord::{Digest, FailureClass, OriginRefKind};
+use oci_client::{
+    client::{ClientConfig, ClientProtocol},
+    errors::OciDistributionError,
+    secrets::RegistryAuth,
+    Client, Reference,
+};
+
+use crate::store::{BlobDir, StoreError};
+
+/// The manifest media types asked for: OCI and Docker, image and index.
+const MANIFEST_TYPES: &[&str] = &[
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+];
+
+/// Blobs larger than this are refused outright.
+const MAX_BLOB: u64 = 64 << 30;
+
+#[derive(Debug, Clone)]
+pub struct Origin {
+    /// `host:port`, as image references name a registry.
+    pub registry: String,
+}
+
+/// `user:password` as the environment gives it.
+pub fn basic_auth(credentials: Option<&str>) -> RegistryAuth {
+    match credentials.and_then(|c| c.split_once(':')) {
+        Some((user, password)) => RegistryAuth::Basic(user.to_owned(), password.to_owned()),
+        None => RegistryAuth::Anonymous,
+    }
+}
+
+/// Why an origin pull failed, with the class every node would see.
+#[derive(Debug, thiserror::Error)]
+#[error("{class:?}: {message}")]
+pub struct OriginError {
+    pub class: FailureClass,
+    pub message: String,
+}
+
+impl From<StoreError> for OriginError {
+    fn from(error: StoreError) -> Self {
+        OriginError {
+            class: FailureClass::Transient,
+            message: error.to_string(),
+        }
+    }
+}
+
+fn classify(error: OciDistributionError) -> OriginError {
+    use OciDistributionError as E;
+    let class = match &error {
+        E::AuthenticationFailure(_) | E::UnauthorizedError { .. } => FailureClass::Auth,
+        E::ImageManifestNotFoundError(_) => FailureClass::NotFound,
+        E::ServerError {
+            code: 401 | 403, ..
+        } => FailureClass::Auth,
+        E::ServerError { code: 404, .. } => FailureClass::NotFound,
+        E::ServerError { code: 429, .. } => FailureClass::RateLimited,
+        E::RegistryError { envelope, .. } => {
+            let codes: Vec<String> = envelope
+                .errors
+                .iter()
+                .map(|e| format!("{:?}", e.code))
+                .collect();
+            if codes.iter().any(|c| c.contains("Unknown")) {
+                FailureClass::NotFound
+            } else if codes
+                .iter()
+                .any(|c| c.contains("Unauthorized") || c.contains("Denied"))
+            {
+                FailureClass::Auth
+            } else if codes.iter().any(|c| c.contains("TooManyRequests")) {
+                FailureClass::RateLimited
+            } else {
+                FailureClass::Transient
+            }
+        }
+        _ => FailureClass::Transient,
+    };
+    OriginError {
+        class,
+        message: error.to_string(),
+    }
+}
+
+impl Origin {
+    /// `url` is `http://HOST:PORT`.
+    pub fn new(url: &str) -> Result<Self, String> {
+        let registry = url
+            .strip_prefix("http://")
+            .ok_or("--origin must be http://HOST:PORT")?
+            .trim_end_matches('/')
+            .to_owned();
+        Ok(Origin { registry })
+    }
+
+    /// Pulls `digest` of `repository` into `store`; returns its length.
+    pub async fn pull(
+        &self,
+        repository: &str,
+        digest: &Digest,
+        kind: OriginRefKind,
+        auth: &RegistryAuth,
+        store: &BlobDir,
+    ) -> Result<u64, OriginError> {
+        let reference = Reference::with_digest(
+            self.registry.clone(),
+            repository.to_owned(),
+            digest.to_string(),
+        );
+        // A client per pull: `oci-client` keeps credentials per registry, and delegated
+        // ones serve this pull only.
+        let client = Client::new(ClientConfig {
+            protocol: ClientProtocol::Http,
+            ..Default::default()
+        });
+        if kind == OriginRefKind::Manifest {
+            let (bytes, _) = client
+                .pull_manifest_raw(&reference, auth, MANIFEST_TYPES)
+                .await
+                .map_err(classify)?;
+            let mut writer = store
+                .writer(digest, bytes.len() as u64)
+                .await
+                .map_err(StoreError::from)?;
+            writer.write(&bytes).await?;
+            return Ok(writer.finish().await?);
+        }
+        client
+            .auth(&reference, auth, oci_client::RegistryOperation::Pull)
+            .await
+            .map_err(classify)?;
+        let mut stream = client
+            .pull_blob_stream(&reference, digest.as_str())
+            .await
+            .map_err(classify)?;
+        let len = stream.content_length.unwrap_or(MAX_BLOB).min(MAX_BLOB);
+        let mut writer = store.writer(digest, len).await.map_err(StoreError::from)?;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| OriginError {
+                class: FailureClass::Transient,
+                message: e.to_string(),
+            })?;
+            writer.write(&chunk).await?;
+        }
+        Ok(writer.finish().await?)
+    }
+}

@@ -1,0 +1,141 @@
+//! A content-addressed directory: `DIR/sha256/<hex>`, each blob written to `DIR/tmp`
+//! first and renamed into place only once its digest matched, so that a node killed
+//! mid-write never leaves a bad blob behind.
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use gantry_coord::{ContentStore, Digest, StoreLookup};
+use sha2::{Digest as _, Sha256};
+use tokio::io::AsyncWriteExt;
+
+#[derive(Debug, Clone)]
+pub struct BlobDir {
+    root: PathBuf,
+}
+
+/// Why a blob was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store: {0}")]
+    Io(#[from] io::Error),
+    #[error("content does not match its digest (got {actual})")]
+    Mismatch { actual: String },
+    #[error("more bytes than announced")]
+    TooLong,
+}
+
+impl BlobDir {
+    pub fn open(root: &Path) -> io::Result<Self> {
+        std::fs::create_dir_all(root.join("sha256"))?;
+        // Whatever a killed run left half-written is of no use.
+        let _ = std::fs::remove_dir_all(root.join("tmp"));
+        std::fs::create_dir_all(root.join("tmp"))?;
+        Ok(BlobDir {
+            root: root.to_owned(),
+        })
+    }
+
+    pub fn path(&self, digest: &Digest) -> PathBuf {
+        let (_, hex) = digest
+            .as_str()
+            .split_once(':')
+            .unwrap_or(("", digest.as_str()));
+        self.root.join("sha256").join(hex)
+    }
+
+    pub fn has(&self, digest: &Digest) -> bool {
+        self.path(digest).is_file()
+    }
+
+    /// A writer for `digest`, at most `max_len` bytes long.
+    pub async fn writer(&self, digest: &Digest, max_len: u64) -> io::Result<BlobWriter> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let tmp = self.root.join("tmp").join(format!(
+            "{}.{}.{}",
+            self.path(digest)
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("blob"),
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let file = tokio::fs::File::create(&tmp).await?;
+        Ok(BlobWriter {
+            file: Some(file),
+            hasher: Sha256::new(),
+            tmp,
+            target: self.path(digest),
+            expected: digest.clone(),
+            written: 0,
+            max_len,
+        })
+    }
+}
+
+impl ContentStore for BlobDir {
+    fn lookup(&self, digest: &Digest) -> StoreLookup {
+        match std::fs::metadata(self.path(digest)) {
+            Ok(meta) if meta.is_file() => StoreLookup::Cached,
+            Ok(_) => StoreLookup::NotCached,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => StoreLookup::NotCached,
+            Err(_) => StoreLookup::Unavailable,
+        }
+    }
+}
+
+/// Hashes what it writes; `finish` renames the file into place if the digest matches.
+/// Dropped unfinished, it removes its temporary file.
+pub struct BlobWriter {
+    file: Option<tokio::fs::File>,
+    hasher: Sha256,
+    tmp: PathBuf,
+    target: PathBuf,
+    expected: Digest,
+    written: u64,
+    max_len: u64,
+}
+
+impl BlobWriter {
+    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        self.written += bytes.len() as u64;
+        if self.written > self.max_len {
+            return Err(StoreError::TooLong);
+        }
+        self.hasher.update(bytes);
+        let file = self
+            .file
+            .as_mut()
+            .ok_or(io::Error::from(io::ErrorKind::BrokenPipe))?;
+        file.write_all(bytes).await?;
+        Ok(())
+    }
+
+    /// Checks the digest and moves the blob into place; returns its length.
+    pub async fn finish(mut self) -> Result<u64, StoreError> {
+        let actual = format!("sha256:{:x}", self.hasher.clone().finalize());
+        if actual != self.expected.as_str() {
+            return Err(StoreError::Mismatch { actual });
+        }
+        let mut file = self
+            .file
+            .take()
+            .ok_or(io::Error::from(io::ErrorKind::BrokenPipe))?;
+        file.flush().await?;
+        file.sync_all().await?;
+        drop(file);
+        tokio::fs::rename(&self.tmp, &self.target).await?;
+        Ok(self.written)
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
