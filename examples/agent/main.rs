@@ -160,6 +160,9 @@ fn class_name(class: FailureClass) -> &'static str {
     }
 }
 
+/// How long a node waits for its members' connections before its cold start.
+const CONNECT_GRACE: Duration = Duration::from_secs(3);
+
 /// What the swarm loop is asked to do from other tasks.
 enum Control {
     Provide(Digest),
@@ -220,6 +223,8 @@ struct Node {
     origin: Origin,
     credentials: Option<String>,
     stored: Mutex<HashMap<Digest, Stored>>,
+    /// Members this node is connected to, kept by the swarm loop.
+    connected: std::sync::atomic::AtomicUsize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -386,6 +391,15 @@ impl Node {
     /// please_pull per designated puller first.
     async fn cold_start(self: Arc<Self>, image: String) {
         let started = Instant::now();
+        // A node that has just started asks its members before it has reached them, and
+        // takes a member it has not dialled yet for one that is down. Give the
+        // connections a moment, as a node that joins a cluster does.
+        let others = self.membership.members().len().saturating_sub(1);
+        while self.connected.load(std::sync::atomic::Ordering::Relaxed) < others
+            && started.elapsed() < CONNECT_GRACE
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let Some((repository, digest)) = image
             .split_once('@')
             .and_then(|(r, d)| Some((r.to_owned(), Digest::parse(d).ok()?)))
@@ -419,8 +433,17 @@ impl Node {
             .map(|(d, _, _)| d.clone())
             .filter(|d| !self.store.has(d))
             .collect();
+        // A manifest that came from the origin is new to the cluster: ask each layer's
+        // designated puller at once, one batch per puller. One a peer already held means
+        // the image was pulled before, and its layers are found by probing instead: a
+        // designated puller that joined late would otherwise pull them again.
+        let new_to_cluster = self
+            .stored
+            .lock()
+            .get(&digest)
+            .is_some_and(|s| s.source == "origin");
         if let Some(request) = self.request(&repository, layers, OriginRefKind::Blob) {
-            if request.digests().len() <= 256 {
+            if new_to_cluster && request.digests().len() <= 256 {
                 self.resolver.prefetch(&request).await;
             }
         }
@@ -594,6 +617,7 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         origin: origin.clone(),
         credentials,
         stored: Mutex::default(),
+        connected: Default::default(),
     });
     tokio::spawn(transfer::serve(
         swarm.behaviour().blobs.new_control(),
@@ -701,6 +725,14 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
                 }
             },
             event = swarm.select_next_some() => match event {
+                SwarmEvent::ConnectionEstablished { .. } | SwarmEvent::ConnectionClosed { .. } => {
+                    let members = membership.members();
+                    let connected = swarm
+                        .connected_peers()
+                        .filter(|p| members.iter().any(|m| m.peer_id == Some(**p)))
+                        .count();
+                    node.connected.store(connected, std::sync::atomic::Ordering::Relaxed);
+                }
                 SwarmEvent::Behaviour(AgentEvent::Coord(event)) => {
                     if let Some(event) = state.answer(&mut swarm.behaviour_mut().coord, event) {
                         tracing::debug!(?event, "coord");
