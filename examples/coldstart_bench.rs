@@ -1,0 +1,182 @@
+//! What a user gets from the cascade: one image pulled by N agents (default 8), each in a
+//! network namespace of its own, from a real registry behind a rate-limited link, and in
+//! the same run the same image pulled by every node straight from the origin.
+//!
+//! `cargo run --release --example coldstart_bench [-- --nodes N --svg FILE]` (as root,
+//! with `docker-registry` and `htpasswd` installed). Prints the per-node completion times
+//! and `ratio coldstart_vs_origin_only VALUE` and `ratio coldstart_vs_limit VALUE`, where
+//! the limit is the image's bytes over the origin's rate: one copy through its link.
+//! Writes the per-node completion times as an SVG plot.
+
+#[path = "../tests/lab/mod.rs"]
+mod lab;
+
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use clap::Parser;
+use lab::{lab_available, Cluster};
+
+/// The origin's link, as `lab::ORIGIN_RATE` shapes it: 40 Mbit/s.
+const ORIGIN_BYTES_PER_SEC: f64 = 40e6 / 8.0;
+const LAYERS: [usize; 3] = [4 << 20, 8 << 20, 16 << 20];
+
+#[derive(Debug, Parser)]
+#[command(about = "Cold start through the cascade against every node pulling from the origin")]
+struct Args {
+    /// Agents in the cluster.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u8).range(2..=60))]
+    nodes: u8,
+    /// Where to write the plot of per-node completion times.
+    #[arg(long, default_value = "coldstart_bench.svg")]
+    svg: PathBuf,
+}
+
+/// Starts `nodes` agents at once, each with the members file `members(i)` returns, and
+/// returns each node's completion time since the first start, in node order.
+fn pull_everywhere(
+    name: &str,
+    nodes: u8,
+    members: impl Fn(&Cluster, u8) -> String,
+) -> (Vec<Duration>, u64) {
+    let mut cluster = Cluster::new(name, nodes, false, &LAYERS);
+    let image_bytes: u64 = cluster.image.bytes.values().map(|b| b.len() as u64).sum();
+    let started = Instant::now();
+    for i in 1..=nodes {
+        let file = members(&cluster, i);
+        cluster.start(i, &file, None);
+    }
+    let all: Vec<u8> = (1..=nodes).collect();
+    cluster.wait_images(&all, Duration::from_secs(600));
+    let times = all
+        .iter()
+        .map(|i| cluster.agent(*i).image_at.expect("an image line") - started)
+        .collect();
+    (times, image_bytes)
+}
+
+/// Both runs' completion times, sorted, as dots on one time axis.
+fn plot(coldstart: &[Duration], origin_only: &[Duration], limit: Duration) -> String {
+    let (width, height, left, right, top, bottom) = (720.0, 360.0, 70.0, 20.0, 40.0, 50.0);
+    let max = coldstart
+        .iter()
+        .chain(origin_only)
+        .chain([&limit])
+        .map(Duration::as_secs_f64)
+        .fold(1.0, f64::max)
+        * 1.05;
+    let n = coldstart.len().max(origin_only.len()) as f64;
+    let x = |s: f64| left + s / max * (width - left - right);
+    let y = |rank: f64| top + (rank + 0.5) / n * (height - top - bottom);
+    let mut svg = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="{left}" y="24" font-size="14">Per-node completion of one image ({} nodes), seconds since start</text>
+"#,
+        coldstart.len()
+    );
+    let step = match max as u64 {
+        0..=12 => 1,
+        13..=30 => 2,
+        31..=80 => 5,
+        _ => 10,
+    };
+    for tick in (0..=(max as u64)).step_by(step) {
+        let tx = x(tick as f64);
+        svg += &format!(
+            r##"<line x1="{tx:.1}" y1="{top}" x2="{tx:.1}" y2="{:.1}" stroke="#ddd"/><text x="{tx:.1}" y="{:.1}" text-anchor="middle">{tick}</text>
+"##,
+            height - bottom,
+            height - bottom + 16.0
+        );
+    }
+    let lx = x(limit.as_secs_f64());
+    svg += &format!(
+        r##"<line x1="{lx:.1}" y1="{top}" x2="{lx:.1}" y2="{:.1}" stroke="#888" stroke-dasharray="4 3"/><text x="{lx:.1}" y="{:.1}" fill="#555">limit</text>
+"##,
+        height - bottom,
+        top - 4.0
+    );
+    for (times, color, label, row) in [
+        (coldstart, "#1f77b4", "cascade", 0.0),
+        (origin_only, "#d62728", "origin only", 1.0),
+    ] {
+        let mut sorted = times.to_vec();
+        sorted.sort();
+        for (rank, t) in sorted.iter().enumerate() {
+            svg += &format!(
+                r#"<circle cx="{:.1}" cy="{:.1}" r="4" fill="{color}"/>
+"#,
+                x(t.as_secs_f64()),
+                y(rank as f64)
+            );
+        }
+        svg += &format!(
+            r#"<circle cx="{:.1}" cy="{:.1}" r="4" fill="{color}"/><text x="{:.1}" y="{:.1}">{label}</text>
+"#,
+            width - 120.0,
+            12.0 + row * 14.0,
+            width - 110.0,
+            16.0 + row * 14.0
+        );
+    }
+    svg += &format!(
+        r#"<text x="16" y="{:.1}" transform="rotate(-90 16 {:.1})">nodes, by completion</text>
+</svg>
+"#,
+        height / 2.0,
+        height / 2.0
+    );
+    svg
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if !lab_available() {
+        return ExitCode::FAILURE;
+    }
+    let nodes = args.nodes;
+    println!("cascade: {nodes} agents, one registry behind a 40 Mbit/s link");
+    let (coldstart, image_bytes) = pull_everywhere("bench", nodes, |_, _| "members.json".into());
+    println!("origin only: the same {nodes} agents, each on its own");
+    let (origin_only, _) = pull_everywhere("solo", nodes, |cluster, i| cluster.write_solo(i));
+    let limit = Duration::from_secs_f64(image_bytes as f64 / ORIGIN_BYTES_PER_SEC);
+
+    println!();
+    println!("| node | cascade s | origin only s |");
+    println!("|---:|---:|---:|");
+    for (i, (a, b)) in coldstart.iter().zip(&origin_only).enumerate() {
+        println!(
+            "| {} | {:.2} | {:.2} |",
+            i + 1,
+            a.as_secs_f64(),
+            b.as_secs_f64()
+        );
+    }
+    let last = |times: &[Duration]| times.iter().max().copied().unwrap_or_default();
+    let (cascade, solo) = (last(&coldstart), last(&origin_only));
+    println!();
+    println!(
+        "image {:.1} MiB; limit {:.2} s; cascade done in {:.2} s; origin only in {:.2} s",
+        image_bytes as f64 / f64::from(1 << 20),
+        limit.as_secs_f64(),
+        cascade.as_secs_f64(),
+        solo.as_secs_f64()
+    );
+    if let Err(error) = std::fs::write(&args.svg, plot(&coldstart, &origin_only, limit)) {
+        eprintln!("{}: {error}", args.svg.display());
+    }
+    println!("plot: {}", args.svg.display());
+    println!(
+        "ratio coldstart_vs_origin_only {:.2}",
+        cascade.as_secs_f64() / solo.as_secs_f64()
+    );
+    println!(
+        "ratio coldstart_vs_limit {:.2}",
+        cascade.as_secs_f64() / limit.as_secs_f64()
+    );
+    ExitCode::SUCCESS
+}
