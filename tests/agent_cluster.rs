@@ -50,6 +50,9 @@ fn healthy_cluster_pulls_each_blob_once_and_a_late_joiner_only_from_peers() {
         before,
         "the late joiner made the origin pull again"
     );
+
+    // Done, a node keeps serving until it is told to stop, and then exits cleanly.
+    assert_eq!(cluster.terminate(1), Some(0), "node-1 on SIGTERM");
 }
 
 /// The designated puller of the largest layer fails mid-pull (`fault`): every other

@@ -657,6 +657,21 @@ impl Cluster {
         }
     }
 
+    /// Sends SIGTERM and returns the exit code, if the agent exits within five seconds.
+    pub fn terminate(&mut self, index: u8) -> Option<i32> {
+        let process = self.agent(index).process;
+        let child = &mut self.lab.processes[process].0;
+        run("kill", &["-TERM", &child.id().to_string()]).ok()?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
     pub fn kill(&mut self, index: u8) {
         let process = self.agent(index).process;
         let _ = self.lab.processes[process].0.kill();
