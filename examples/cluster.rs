@@ -2,7 +2,9 @@
 //!
 //! `cargo run --example cluster [-- --nodes N]` starts N nodes (default 8), each a full
 //! swarm of Kademlia + Identify + coord bootstrapped through the first, on loopback TCP
-//! (`--transport memory` for libp2p's in-memory transport, which a hundred nodes need).
+//! (`--transport memory` for libp2p's in-memory transport, which a hundred nodes need,
+//! with `--request-timeout-ms 5000`: a hundred swarms share two cores, and an answer can
+//! take over a second to get through a busy swarm loop).
 //! Every node then needs the same image (a manifest, a config and several layers) and
 //! resolves each digest with [`ColdStart`]: HRW ranking, probes of the top 3, one
 //! please_pull to the designated puller, and a wait for a Kademlia provider. An
@@ -67,6 +69,12 @@ struct Args {
     /// Nodes start their cold start spread evenly over this many milliseconds.
     #[arg(long, default_value_t = 0)]
     spread_ms: u64,
+    /// The budget of one coord request, dial included (the Go nodes' 2 s by default).
+    /// A hundred swarms on two cores take up to a second and a half to get an answer
+    /// through a busy swarm loop: a longer budget keeps a slow node from counting as
+    /// down.
+    #[arg(long, default_value_t = 2000)]
+    request_timeout_ms: u64,
 }
 
 /// One blob of the image.
@@ -243,7 +251,9 @@ async fn start_node(
     fault: Option<(Digest, Fault)>,
 ) -> Result<(Node, Multiaddr), Box<dyn std::error::Error>> {
     let memory = args.transport == "memory";
-    let mut swarm = build_swarm_on(keypair, Config::default(), memory)?;
+    let config =
+        Config::default().with_request_timeout(Duration::from_millis(args.request_timeout_ms));
+    let mut swarm = build_swarm_on(keypair, config, memory)?;
     let peer = *swarm.local_peer_id();
     let listen = if memory {
         "/memory/0"
