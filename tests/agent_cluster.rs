@@ -166,14 +166,38 @@ fn credentials_are_delegated_and_wrong_ones_stop_every_node() {
     };
     let right = format!("{USER}:{PASSWORD}");
     let mut cluster = Cluster::new("auth", NODES, true, &LAYERS);
+    // One node has no credentials of its own: the largest layer's designated puller, so
+    // long as it is not the manifest's or the config's (which it would pull for itself
+    // before anyone asks it). It can pull only with what the requesters delegate.
+    let bare = |c: &Cluster| {
+        let puller = c.designated(c.image.largest_layer(), NODES);
+        puller != c.designated(&c.image.manifest, NODES)
+            && puller != c.designated(&c.image.config, NODES)
+    };
+    assert!(
+        cluster.rename_until(bare),
+        "no fitting node ids in fifty tries"
+    );
+    let without = cluster.designated(cluster.image.largest_layer(), NODES);
     for i in 1..=NODES {
-        cluster.start(i, "members.json", Some(&right));
+        let credentials = (i != without).then_some(right.as_str());
+        cluster.start(i, "members.json", credentials);
     }
     let all: Vec<u8> = (1..=NODES).collect();
     cluster.wait_images(&all, WITHIN);
     for (digest, pulls) in cluster.pulls() {
         assert_eq!(pulls, 1, "{digest} pulled from the origin {pulls} times");
     }
+    let largest = cluster.image.largest_layer().to_string();
+    let pulled_by_bare = cluster
+        .agent(without)
+        .blobs()
+        .iter()
+        .any(|b| b["digest"] == largest.as_str() && b["source"] == "origin");
+    assert!(
+        pulled_by_bare,
+        "node-{without}, without credentials, did not pull the layer it was asked to"
+    );
     drop(cluster);
 
     let mut cluster = Cluster::new("deny", NODES, true, &LAYERS);

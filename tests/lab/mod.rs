@@ -510,6 +510,21 @@ impl Cluster {
         cluster
     }
 
+    /// New node ids (HRW ranks by them) and the members file anew, until `wanted` holds
+    /// for the cluster's designations (at most fifty tries).
+    pub fn rename_until(&mut self, wanted: impl Fn(&Cluster) -> bool) -> bool {
+        for attempt in 1..=50 {
+            if wanted(self) {
+                return true;
+            }
+            for (i, key) in self.keys.iter_mut().enumerate() {
+                key.0 = format!("node-{}-{attempt}", i + 1);
+            }
+            self.write_members("members.json", self.keys.len() as u8);
+        }
+        wanted(self)
+    }
+
     pub fn keygen(&mut self, index: u8) {
         let file = self.lab.path(&format!("key{index}"));
         let out = run(
