@@ -746,3 +746,44 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_are_written_with_a_unit() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("2").is_err());
+        assert!(parse_duration("2h").is_err());
+        assert!(parse_duration("ms").is_err());
+    }
+
+    #[test]
+    fn a_manifest_names_its_config_then_its_layers() {
+        let d = |c: char| format!("sha256:{}", c.to_string().repeat(64));
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "config": {"digest": d('c'), "size": 7},
+            "layers": [{"digest": d('a'), "size": 10}, {"digest": d('b'), "size": 20}],
+        });
+        let blobs = parse_manifest(manifest.to_string().as_bytes()).unwrap();
+        let kinds: Vec<_> = blobs
+            .iter()
+            .map(|(d, k, s)| (d.to_string(), *k, *s))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (d('c'), BlobKind::Config, 7),
+                (d('a'), BlobKind::Layer, 10),
+                (d('b'), BlobKind::Layer, 20),
+            ]
+        );
+        assert!(parse_manifest(b"{}").is_err());
+        let bad = serde_json::json!({"config": {"digest": "sha512:00"}, "layers": []});
+        assert!(parse_manifest(bad.to_string().as_bytes()).is_err());
+    }
+}

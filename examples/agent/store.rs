@@ -139,3 +139,64 @@ impl Drop for BlobWriter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("agent-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn digest_of(bytes: &[u8]) -> Digest {
+        Digest::parse(&format!("sha256:{:x}", Sha256::digest(bytes))).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_blob_is_in_place_only_once_its_digest_matched() {
+        let root = dir("match");
+        let store = BlobDir::open(&root).unwrap();
+        let digest = digest_of(b"hello layer");
+        let mut writer = store.writer(&digest, 64).await.unwrap();
+        writer.write(b"hello ").await.unwrap();
+        assert!(!store.has(&digest), "not before it is finished");
+        assert_eq!(store.lookup(&digest), StoreLookup::NotCached);
+        writer.write(b"layer").await.unwrap();
+        assert_eq!(writer.finish().await.unwrap(), 11);
+        assert!(store.has(&digest));
+        assert_eq!(store.lookup(&digest), StoreLookup::Cached);
+        assert_eq!(std::fs::read(store.path(&digest)).unwrap(), b"hello layer");
+        assert_eq!(std::fs::read_dir(root.join("tmp")).unwrap().count(), 0);
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[tokio::test]
+    async fn wrong_bytes_and_abandoned_writes_leave_nothing() {
+        let root = dir("mismatch");
+        let store = BlobDir::open(&root).unwrap();
+        let digest = digest_of(b"the real bytes");
+        let mut writer = store.writer(&digest, 64).await.unwrap();
+        writer.write(b"other bytes").await.unwrap();
+        assert!(matches!(
+            writer.finish().await,
+            Err(StoreError::Mismatch { .. })
+        ));
+        assert!(!store.has(&digest));
+
+        let mut writer = store.writer(&digest, 4).await.unwrap();
+        assert!(matches!(
+            writer.write(b"too long").await,
+            Err(StoreError::TooLong)
+        ));
+        drop(writer);
+        // A writer dropped mid-way (a killed transfer) leaves no temporary file behind.
+        let mut writer = store.writer(&digest, 64).await.unwrap();
+        writer.write(b"the real").await.unwrap();
+        drop(writer);
+        assert!(!store.has(&digest));
+        assert_eq!(std::fs::read_dir(root.join("tmp")).unwrap().count(), 0);
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}
