@@ -160,6 +160,11 @@ fn class_name(class: FailureClass) -> &'static str {
     }
 }
 
+/// The largest manifest accepted from a peer.
+const MAX_MANIFEST: u64 = 4 << 20;
+/// The largest blob of unknown size accepted from a peer.
+const MAX_BLOB: u64 = 64 << 30;
+
 /// How long a node waits for its members' connections before its cold start.
 const CONNECT_GRACE: Duration = Duration::from_secs(3);
 
@@ -276,8 +281,9 @@ impl Node {
             .and_then(|m| m.peer_id)
     }
 
-    /// Fetches `digest` from one of `peers` (members only, never self).
-    async fn fetch_from(&self, peers: &[PeerId], digest: &Digest, size: Option<u64>) -> bool {
+    /// Fetches `digest` from one of `peers` (members only, never self), at most `max_len`
+    /// bytes of it.
+    async fn fetch_from(&self, peers: &[PeerId], digest: &Digest, max_len: u64) -> bool {
         let members = self.membership.members();
         for peer in peers {
             let Some(member) = members.iter().find(|m| m.peer_id == Some(*peer)) else {
@@ -287,8 +293,7 @@ impl Node {
                 continue;
             }
             let mut control = self.blobs.clone();
-            let max = size.unwrap_or(64 << 30);
-            match transfer::fetch(&mut control, *peer, digest, &self.store, max).await {
+            match transfer::fetch(&mut control, *peer, digest, &self.store, max_len).await {
                 Ok(bytes) => {
                     self.stored.lock().insert(
                         digest.clone(),
@@ -321,6 +326,12 @@ impl Node {
         else {
             return Err(FailureClass::NotFound);
         };
+        // A peer sends no more than the manifest said, and a manifest no more than 4 MiB
+        // (the limit registries apply): a peer cannot fill the disk.
+        let max_len = size.unwrap_or(match kind {
+            BlobKind::Manifest => MAX_MANIFEST,
+            _ => MAX_BLOB,
+        });
         let mut backoff = Duration::from_millis(100);
         let mut rule = "stored";
         loop {
@@ -347,13 +358,13 @@ impl Node {
             match resolution.result {
                 Ok(Source::Holder(node)) => {
                     if let Some(peer) = self.peer_of(&node) {
-                        if self.fetch_from(&[peer], digest, size).await {
+                        if self.fetch_from(&[peer], digest, max_len).await {
                             continue;
                         }
                     }
                 }
                 Ok(Source::Providers(peers)) => {
-                    if self.fetch_from(&peers, digest, size).await {
+                    if self.fetch_from(&peers, digest, max_len).await {
                         continue;
                     }
                 }

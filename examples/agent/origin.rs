@@ -9,7 +9,10 @@ use oci_client::{
     Client, Reference,
 };
 
-use crate::store::{BlobDir, StoreError};
+use crate::{
+    store::{BlobDir, StoreError},
+    MAX_BLOB,
+};
 
 /// The manifest media types asked for: OCI and Docker, image and index.
 const MANIFEST_TYPES: &[&str] = &[
@@ -18,9 +21,6 @@ const MANIFEST_TYPES: &[&str] = &[
     "application/vnd.oci.image.index.v1+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
 ];
-
-/// Blobs larger than this are refused outright.
-const MAX_BLOB: u64 = 64 << 30;
 
 #[derive(Debug, Clone)]
 pub struct Origin {
