@@ -253,3 +253,33 @@ fn an_outsider_gets_nothing_from_members() {
         );
     }
 }
+
+#[test]
+fn a_member_added_to_the_members_file_is_served_without_a_restart() {
+    let Some(_turn) = lab_turn() else {
+        return;
+    };
+    let mut cluster = Cluster::new("grow", NODES + 1, false, &LAYERS);
+    cluster.write_members("members6.json", NODES);
+    for i in 1..=NODES {
+        cluster.start(i, "members6.json", None);
+    }
+    let all: Vec<u8> = (1..=NODES).collect();
+    cluster.wait_images(&all, WITHIN);
+    let before = cluster.pulls();
+
+    // The running members learn of node-7 from their file alone.
+    cluster.write_members("members6.json", NODES + 1);
+    std::thread::sleep(Duration::from_millis(1500));
+    cluster.start(NODES + 1, "members6.json", None);
+    cluster.wait_images(&[NODES + 1], WITHIN);
+    cluster.assert_store_complete(NODES + 1, &[]);
+    for blob in cluster.agent(NODES + 1).blobs() {
+        assert_eq!(blob["source"], "peer", "the new member: {blob}");
+    }
+    assert_eq!(
+        cluster.pulls(),
+        before,
+        "the new member pulled from the origin"
+    );
+}
