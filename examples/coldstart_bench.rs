@@ -49,11 +49,9 @@ fn pull_everywhere(
         let file = members(&cluster, i);
         cluster.start(i, &file, None);
     }
-    let all: Vec<u8> = (1..=nodes).collect();
-    cluster.wait_images(&all, Duration::from_secs(600));
-    let times = all
-        .iter()
-        .map(|i| cluster.agent(*i).image_at.expect("an image line") - started)
+    cluster.wait_first(nodes, Duration::from_secs(600));
+    let times = (1..=nodes)
+        .map(|i| cluster.agent(i).image_at.expect("an image line") - started)
         .collect();
     (times, image_bytes)
 }

@@ -24,11 +24,8 @@ fn healthy_cluster_pulls_each_blob_once_and_a_late_joiner_only_from_peers() {
         return;
     };
     let mut cluster = Cluster::new("ok", NODES + 1, false, &LAYERS);
-    for i in 1..=NODES {
-        cluster.start(i, "members.json", None);
-    }
-    let all: Vec<u8> = (1..=NODES).collect();
-    cluster.wait_images(&all, WITHIN);
+    cluster.start_nodes(NODES, "members.json");
+    cluster.wait_first(NODES, WITHIN);
     for i in 1..=NODES {
         cluster.assert_store_complete(i, &[]);
     }
@@ -61,9 +58,7 @@ fn puller_fault(name: &str, fault: impl FnOnce(&mut Cluster, u8)) {
     let mut cluster = Cluster::new(name, NODES, false, &LAYERS);
     let largest = cluster.image.largest_layer().clone();
     let victim = cluster.designated(&largest, NODES);
-    for i in 1..=NODES {
-        cluster.start(i, "members.json", None);
-    }
+    cluster.start_nodes(NODES, "members.json");
     // Mid-pull: its manifest is in, so the batched please_pull for the layers has come.
     let deadline = Instant::now() + WITHIN;
     let manifest = cluster.image.manifest.clone();
@@ -78,8 +73,9 @@ fn puller_fault(name: &str, fault: impl FnOnce(&mut Cluster, u8)) {
     for &i in &others {
         cluster.assert_store_complete(i, &[]);
     }
+    let gets = cluster.registry.gets();
     for digest in cluster.image.all() {
-        let pulls = cluster.registry.pulls(digest);
+        let pulls = gets.pulls(digest);
         let allowed = if cluster.designated(digest, NODES) == victim {
             2
         } else {
@@ -122,9 +118,7 @@ fn a_missing_layer_fails_everywhere_without_a_retry_storm() {
     let mut cluster = Cluster::new("gone", NODES, false, &LAYERS);
     let missing = cluster.image.layers[0].clone();
     cluster.registry.delete_blob(&missing);
-    for i in 1..=NODES {
-        cluster.start(i, "members.json", None);
-    }
+    cluster.start_nodes(NODES, "members.json");
     let deadline = Instant::now() + WITHIN;
     let wanted: Vec<Digest> = cluster
         .image
@@ -152,7 +146,7 @@ fn a_missing_layer_fails_everywhere_without_a_retry_storm() {
         assert_eq!(error["class"], "not-found", "{error}");
         cluster.assert_store_complete(i, &[&missing]);
     }
-    let attempts: usize = cluster.registry.gets(&missing).values().sum();
+    let attempts: usize = cluster.registry.gets().requests(&missing);
     assert!(
         (1..=2).contains(&attempts),
         "the missing layer was asked for {attempts} times by {NODES} nodes"
@@ -183,8 +177,7 @@ fn credentials_are_delegated_and_wrong_ones_stop_every_node() {
         let credentials = (i != without).then_some(right.as_str());
         cluster.start(i, "members.json", credentials);
     }
-    let all: Vec<u8> = (1..=NODES).collect();
-    cluster.wait_images(&all, WITHIN);
+    cluster.wait_first(NODES, WITHIN);
     for (digest, pulls) in cluster.pulls() {
         assert_eq!(pulls, 1, "{digest} pulled from the origin {pulls} times");
     }
@@ -216,7 +209,7 @@ fn credentials_are_delegated_and_wrong_ones_stop_every_node() {
         let error = agent.error_for(&manifest).cloned().unwrap_or_default();
         assert_eq!(error["class"], "auth", "node-{i}: {:?}", agent.seen);
     }
-    let refused: usize = cluster.registry.gets(&manifest).values().sum();
+    let refused: usize = cluster.registry.gets().requests(&manifest);
     assert!(
         refused < usize::from(NODES),
         "{refused} refused manifest requests from {NODES} nodes"
@@ -231,11 +224,8 @@ fn an_outsider_gets_nothing_from_members() {
     let mut cluster = Cluster::new("out", NODES + 1, false, &LAYERS);
     // The members know six; the outsider knows their addresses and itself.
     cluster.write_members("members6.json", NODES);
-    for i in 1..=NODES {
-        cluster.start(i, "members6.json", None);
-    }
-    let all: Vec<u8> = (1..=NODES).collect();
-    cluster.wait_images(&all, WITHIN);
+    cluster.start_nodes(NODES, "members6.json");
+    cluster.wait_first(NODES, WITHIN);
     cluster.start(NODES + 1, "members.json", None);
     cluster.wait_images(&[NODES + 1], WITHIN);
     cluster.assert_store_complete(NODES + 1, &[]);
@@ -261,11 +251,8 @@ fn a_member_added_to_the_members_file_is_served_without_a_restart() {
     };
     let mut cluster = Cluster::new("grow", NODES + 1, false, &LAYERS);
     cluster.write_members("members6.json", NODES);
-    for i in 1..=NODES {
-        cluster.start(i, "members6.json", None);
-    }
-    let all: Vec<u8> = (1..=NODES).collect();
-    cluster.wait_images(&all, WITHIN);
+    cluster.start_nodes(NODES, "members6.json");
+    cluster.wait_first(NODES, WITHIN);
     let before = cluster.pulls();
 
     // The running members learn of node-7 from their file alone.

@@ -590,7 +590,6 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         });
     }
     let (providers, mut lookups) = gantry_coord::kad_providers();
-    #[allow(unused_mut)]
     let mut resolver = ColdStart::new(
         swarm.behaviour().coord.coordinator(),
         state.clone(),
@@ -737,10 +736,9 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
             },
             event = swarm.select_next_some() => match event {
                 SwarmEvent::ConnectionEstablished { .. } | SwarmEvent::ConnectionClosed { .. } => {
-                    let members = membership.members();
                     let connected = swarm
                         .connected_peers()
-                        .filter(|p| members.iter().any(|m| m.peer_id == Some(**p)))
+                        .filter(|p| membership.check_peer(p).is_ok())
                         .count();
                     node.connected.store(connected, std::sync::atomic::Ordering::Relaxed);
                 }

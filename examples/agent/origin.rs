@@ -64,19 +64,18 @@ fn classify(error: OciDistributionError) -> OriginError {
         E::ServerError { code: 404, .. } => FailureClass::NotFound,
         E::ServerError { code: 429, .. } => FailureClass::RateLimited,
         E::RegistryError { envelope, .. } => {
-            let codes: Vec<String> = envelope
-                .errors
-                .iter()
-                .map(|e| format!("{:?}", e.code))
-                .collect();
-            if codes.iter().any(|c| c.contains("Unknown")) {
+            use oci_client::errors::OciErrorCode as C;
+            let has = |codes: &[C]| envelope.errors.iter().any(|e| codes.contains(&e.code));
+            if has(&[
+                C::BlobUnknown,
+                C::ManifestUnknown,
+                C::NameUnknown,
+                C::NotFound,
+            ]) {
                 FailureClass::NotFound
-            } else if codes
-                .iter()
-                .any(|c| c.contains("Unauthorized") || c.contains("Denied"))
-            {
+            } else if has(&[C::Unauthorized, C::Denied]) {
                 FailureClass::Auth
-            } else if codes.iter().any(|c| c.contains("TooManyRequests")) {
+            } else if has(&[C::Toomanyrequests]) {
                 FailureClass::RateLimited
             } else {
                 FailureClass::Transient

@@ -48,7 +48,7 @@ impl BlobDir {
     }
 
     pub fn has(&self, digest: &Digest) -> bool {
-        self.path(digest).is_file()
+        self.lookup(digest) == StoreLookup::Cached
     }
 
     /// A writer for `digest`, at most `max_len` bytes long.

@@ -409,31 +409,53 @@ impl Registry {
         assert_eq!(code, "202", "blob delete");
     }
 
-    /// GET requests for `digest` in the access log, by status code.
-    pub fn gets(&self, digest: &Digest) -> HashMap<u16, usize> {
+    /// The GET requests in the access log, read once.
+    pub fn gets(&self) -> Gets {
         let log = std::fs::read_to_string(&self.log).unwrap_or_default()
             + &std::fs::read_to_string(self.log.with_extension("err")).unwrap_or_default();
         let mut counts = HashMap::new();
         for line in log.lines() {
-            let Some(request) = line.split('"').nth(1) else {
+            let mut parts = line.split('"');
+            let (Some(request), Some(rest)) = (parts.nth(1), parts.next()) else {
                 continue;
             };
-            if !request.starts_with("GET ") || !request.contains(&format!("/{digest} ")) {
+            let Some(path) = request.strip_prefix("GET ") else {
                 continue;
-            }
-            let status = line
-                .split('"')
-                .nth(2)
-                .and_then(|rest| rest.split_whitespace().next())
+            };
+            let Some(last) = path
+                .split_whitespace()
+                .next()
+                .and_then(|p| p.rsplit('/').next())
+            else {
+                continue;
+            };
+            let status = rest
+                .split_whitespace()
+                .next()
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(0);
-            *counts.entry(status).or_insert(0) += 1;
+            *counts.entry((last.to_owned(), status)).or_insert(0) += 1;
         }
-        counts
+        Gets(counts)
+    }
+}
+
+/// GET requests by the last segment of their path (a digest) and their status code.
+pub struct Gets(HashMap<(String, u16), usize>);
+
+impl Gets {
+    /// Requests for `digest`, whatever their answer.
+    pub fn requests(&self, digest: &Digest) -> usize {
+        self.0
+            .iter()
+            .filter(|((d, _), _)| d == digest.as_str())
+            .map(|(_, n)| n)
+            .sum()
     }
 
+    /// Requests for `digest` the origin served: pulls.
     pub fn pulls(&self, digest: &Digest) -> usize {
-        self.gets(digest).get(&200).copied().unwrap_or(0)
+        self.0.get(&(digest.to_string(), 200)).copied().unwrap_or(0)
     }
 }
 
@@ -633,6 +655,19 @@ impl Cluster {
         });
     }
 
+    /// Starts nodes 1 to `count` with one members file and no credentials.
+    pub fn start_nodes(&mut self, count: u8, members_file: &str) {
+        for i in 1..=count {
+            self.start(i, members_file, None);
+        }
+    }
+
+    /// Waits until nodes 1 to `count` printed `image`.
+    pub fn wait_first(&mut self, count: u8, within: Duration) {
+        let all: Vec<u8> = (1..=count).collect();
+        self.wait_images(&all, within);
+    }
+
     pub fn agent(&mut self, index: u8) -> &mut Agent {
         self.agents.iter_mut().find(|a| a.index == index).unwrap()
     }
@@ -693,10 +728,11 @@ impl Cluster {
     }
 
     pub fn pulls(&self) -> Vec<(String, usize)> {
+        let gets = self.registry.gets();
         self.image
             .all()
             .into_iter()
-            .map(|d| (d.to_string(), self.registry.pulls(d)))
+            .map(|d| (d.to_string(), gets.pulls(d)))
             .collect()
     }
 }
