@@ -613,13 +613,15 @@ impl Cluster {
             .arg(self.lab.path(members_file))
             .args(["--origin", &origin, "--store"])
             .arg(&store)
+            // Short enough that a takeover comes within the test, long enough that every
+            // layer at once (18 MiB at 40 Mbit/s, about 4 s) is not taken for a stall.
             .args([
                 "--image",
                 &image,
                 "--stall-manifest",
                 "2s",
                 "--stall-layer-floor",
-                "3s",
+                "6s",
             ])
             .env(
                 "RUST_LOG",
