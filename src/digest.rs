@@ -44,6 +44,21 @@ impl Digest {
             .split_once(':')
             .map_or("", |(algorithm, _)| algorithm)
     }
+
+    /// The 32 bytes the hex part encodes.
+    pub fn to_bytes(&self) -> [u8; 32] {
+        // Validated: `sha256:` and 64 lowercase hex characters.
+        let hex = &self.0.as_bytes()["sha256:".len()..];
+        let nibble = |c: u8| match c {
+            b'0'..=b'9' => c - b'0',
+            _ => c - b'a' + 10,
+        };
+        let mut bytes = [0u8; 32];
+        for (byte, pair) in bytes.iter_mut().zip(hex.chunks_exact(2)) {
+            *byte = nibble(pair[0]) << 4 | nibble(pair[1]);
+        }
+        bytes
+    }
 }
 
 /// `digest.Parse`'s checks, in its order, without allocating.

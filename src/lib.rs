@@ -141,11 +141,13 @@ pub use message::{
 pub use node::{
     hrw, stale_after, Action, Cascade, CascadeConfig, Claim, Clock, ColdStart, ColdStartError,
     ContentStore, Expansion, FailureCache, InFlightMap, InFlightPulls, Member, Membership,
-    MemoryStore, NegativeCache, NoProviders, NodeState, NodeStateBuilder, ProviderLookup,
-    PullOrder, PullerPump, PumpDecision, Resolution, Rule, Signals, Source, Stalls,
+    MemoryStore, NegativeCache, NoProviders, NodeState, NodeStateBuilder, ProbeAnswer,
+    ProviderLookup, PullOrder, PullerPump, PumpDecision, Resolution, Rule, Signals, Source, Stalls,
     StaticMembership, StoreLookup, SystemClock,
 };
 #[cfg(feature = "kad")]
-pub use node::{kad_providers, provider_key, KadLookups, KadProviders, Lookup};
+pub use node::{
+    kad_config, kad_providers, provider_key, KadLookups, KadProviders, Lookup, KAD_PROTOCOL,
+};
 pub use node_id::NodeId;
 pub use protocol::{Rpc, PROTOCOL_NAME};

@@ -551,7 +551,11 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         )?
         .with_behaviour(|key| {
             let peer = key.public().to_peer_id();
-            let mut kad = kad::Behaviour::new(peer, kad::store::MemoryStore::new(peer));
+            let mut kad = kad::Behaviour::with_config(
+                peer,
+                kad::store::MemoryStore::new(peer),
+                gantry_coord::kad_config(),
+            );
             kad.set_mode(Some(kad::Mode::Server));
             Agent {
                 kad,

@@ -64,7 +64,11 @@ pub fn build_swarm_on(
 fn behaviour(config: gantry_coord::Config) -> impl FnOnce(&Keypair) -> NodeBehaviour {
     move |key| {
         let peer = key.public().to_peer_id();
-        let mut kad = kad::Behaviour::new(peer, kad::store::MemoryStore::new(peer));
+        let mut kad = kad::Behaviour::with_config(
+            peer,
+            kad::store::MemoryStore::new(peer),
+            gantry_coord::kad_config(),
+        );
         kad.set_mode(Some(kad::Mode::Server));
         NodeBehaviour {
             kad,

@@ -14,6 +14,14 @@
 //! 7. otherwise ask the lowest-ranked reachable node (self locally) to pull, then wait
 //!    for a provider. A node that cannot be reached, declines, or is stalled is never
 //!    asked again in the same resolution: the next rank is.
+//!
+//! Two refinements keep churn from costing origin pulls. A member that refuses a probe
+//! (closes the stream unanswered, as an enforcing node does to a peer its membership does
+//! not list yet) is alive and behind: within the convergence window it is asked again
+//! rather than passed over. And an auth failure is about credentials, not the blob: a
+//! requester that delegates credentials asks the node that failed once more with them
+//! before it gives up, and one that has none honours the failure like a transient one,
+//! since a member with credentials may still pull the blob.
 
 use std::{
     collections::HashSet,
@@ -37,6 +45,8 @@ pub struct CascadeConfig {
     pub(crate) stalls: Stalls,
     pub(crate) zone_scope: bool,
     pub(crate) max_waits: u32,
+    pub(crate) convergence_window: Duration,
+    pub(crate) refusal_retry: Duration,
 }
 
 impl Default for CascadeConfig {
@@ -54,6 +64,8 @@ impl Default for CascadeConfig {
             stalls: Stalls::default(),
             zone_scope: false,
             max_waits: 2,
+            convergence_window: Duration::from_secs(10),
+            refusal_retry: Duration::from_millis(250),
         }
     }
 }
@@ -106,6 +118,15 @@ impl CascadeConfig {
     /// takes over a stalled pull).
     pub fn with_max_waits(mut self, waits: u32) -> Self {
         self.max_waits = waits.max(1);
+        self
+    }
+
+    /// How long members that refuse this node are taken for members whose view lags
+    /// (default 10 s, from the first refusal in a resolution), and how often they are
+    /// asked again meanwhile (default 250 ms). After the window they count as unreachable.
+    pub fn with_convergence(mut self, window: Duration, retry: Duration) -> Self {
+        self.convergence_window = window;
+        self.refusal_retry = retry.max(Duration::from_millis(1));
         self
     }
 
@@ -179,6 +200,34 @@ pub enum Source {
     Providers(Vec<PeerId>),
 }
 
+/// A candidate's answer to a probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeAnswer {
+    /// It answered.
+    Intent(PullIntent),
+    /// It is up and closed the stream unanswered: it refused this node, most likely
+    /// because its membership has not caught up with this node's yet.
+    Refused,
+    /// No answer: unreachable, timed out.
+    Silent,
+}
+
+impl ProbeAnswer {
+    /// The answer, if there is one.
+    pub fn intent(&self) -> Option<PullIntent> {
+        match self {
+            ProbeAnswer::Intent(intent) => Some(*intent),
+            _ => None,
+        }
+    }
+}
+
+impl From<Option<PullIntent>> for ProbeAnswer {
+    fn from(answer: Option<PullIntent>) -> Self {
+        answer.map_or(ProbeAnswer::Silent, ProbeAnswer::Intent)
+    }
+}
+
 /// Why a resolution found no source.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -230,9 +279,14 @@ pub struct Resolution {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// Ask each node `pull_intent_query` (self locally), in parallel under one window,
-    /// and hand the answers to [`Cascade::on_probe`]; `None` for a node that did not
-    /// answer.
+    /// and hand the answers to [`Cascade::on_probe`].
     Probe(Vec<NodeId>),
+    /// Members refused this node: at (or after) this time call [`Cascade::on_retry`],
+    /// which probes them again.
+    Retry {
+        /// Not before this.
+        at: SystemTime,
+    },
     /// Ask this node to pull (self: start it locally), and hand the result to
     /// [`Cascade::on_please_pull`]; `None` when it could not be asked.
     PleasePull(NodeId),
@@ -252,6 +306,7 @@ pub enum Action {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Probing,
+    Retrying,
     Asking,
     Waiting {
         until: SystemTime,
@@ -273,8 +328,14 @@ pub struct Cascade {
     ranked: Vec<NodeId>,
     /// How many of `ranked` have been probed.
     probed: usize,
-    /// The answer of each probed candidate, by rank; `None` for no answer.
-    answers: Vec<Option<PullIntent>>,
+    /// The answer of each probed candidate, by rank.
+    answers: Vec<ProbeAnswer>,
+    /// Whether the requester delegates credentials of its own.
+    delegates: bool,
+    /// Whether a node that reported an auth failure was asked again with them.
+    reasked: bool,
+    /// When a member first refused this node in this resolution.
+    first_refusal: Option<SystemTime>,
     /// Candidates that cannot be asked to pull again in this resolution.
     passed_over: HashSet<NodeId>,
     /// Candidates whose stale pull was taken over, each counted once.
@@ -291,7 +352,8 @@ pub struct Cascade {
 
 impl Cascade {
     /// Starts a cascade for `digest` of `kind` (and expected `size`, if known) on the
-    /// node `local` with the given membership snapshot.
+    /// node `local` with the given membership snapshot; `delegates_credentials` says
+    /// whether the requester's please_pull carries credentials of its own.
     pub fn start(
         config: Arc<CascadeConfig>,
         members: &[Member],
@@ -299,24 +361,9 @@ impl Cascade {
         digest: Digest,
         kind: OriginRefKind,
         size: Option<u64>,
+        delegates_credentials: bool,
     ) -> (Self, Action) {
-        let zone = members
-            .iter()
-            .find(|m| &m.id == local)
-            .and_then(|m| m.zone.as_deref());
-        let in_zone: Vec<&Member> = match (config.zone_scope, zone) {
-            (true, Some(zone)) => hrw::in_zone(members, zone).collect(),
-            _ => Vec::new(),
-        };
-        let candidates: Vec<&Member> = if in_zone.is_empty() {
-            members.iter().collect()
-        } else {
-            in_zone
-        };
-        let ranked: Vec<NodeId> = hrw::top_k(candidates, &digest, usize::MAX)
-            .into_iter()
-            .map(|m| m.id.clone())
-            .collect();
+        let ranked = ranked_candidates(&config, members, local, &digest);
         let mut cascade = Cascade {
             config,
             digest,
@@ -326,6 +373,9 @@ impl Cascade {
             ranked,
             probed: 0,
             answers: Vec::new(),
+            delegates: delegates_credentials,
+            reasked: false,
+            first_refusal: None,
             passed_over: HashSet::new(),
             taken_over: HashSet::new(),
             phase: Phase::Probing,
@@ -364,7 +414,7 @@ impl Cascade {
         let nodes: Vec<NodeId> = self.ranked[self.probed..end].to_vec();
         self.probes_sent += nodes.iter().filter(|n| **n != self.local).count() as u32;
         self.probed = end;
-        self.answers.resize(end, None);
+        self.answers.resize(end, ProbeAnswer::Silent);
         self.phase = Phase::Probing;
         Action::Probe(nodes)
     }
@@ -400,8 +450,21 @@ impl Cascade {
         Action::LookupProviders { at: now, watch }
     }
 
+    /// Whether a failure of this class ends the resolution. An auth failure does not
+    /// for a requester without credentials of its own: a member with some may pull it.
     fn trusted(&self, class: FailureClass) -> bool {
-        self.config.trusted.contains(&class)
+        self.config.trusted.contains(&class) && (class != FailureClass::Auth || self.delegates)
+    }
+
+    /// A trusted failure reported by `node`. Before an auth failure ends the
+    /// resolution, the node is asked once more with this requester's credentials: it
+    /// may have failed with none, or with other ones.
+    fn origin_refused(&mut self, node: NodeId, class: FailureClass) -> Action {
+        if class == FailureClass::Auth && self.delegates && !self.reasked {
+            self.reasked = true;
+            return self.ask(node);
+        }
+        self.done(Rule::TrustedFailure, Err(ColdStartError::Failed(class)))
     }
 
     fn cooldown(&mut self, until: SystemTime, now: SystemTime) -> Action {
@@ -417,39 +480,39 @@ impl Cascade {
     /// works (a Kademlia routing table that is not empty, say).
     pub fn on_probe(
         &mut self,
-        answers: Vec<(NodeId, Option<PullIntent>)>,
+        answers: Vec<(NodeId, ProbeAnswer)>,
         lookup_healthy: bool,
         now: SystemTime,
     ) -> Action {
         if self.phase != Phase::Probing {
             return self.done(Rule::NoCandidates, Err(ColdStartError::NoPuller));
         }
-        for (node, intent) in answers {
+        for (node, answer) in answers {
             let Some(rank) = self.ranked[..self.probed].iter().position(|n| *n == node) else {
                 continue;
             };
-            if let Some(intent) = &intent {
+            if let ProbeAnswer::Intent(intent) = &answer {
                 if intent.hrw_rank != Some(rank as u32) {
                     self.rank_mismatches += 1;
                 }
             }
-            self.answers[rank] = intent;
+            self.answers[rank] = answer;
         }
         let reachable: Vec<(usize, PullIntent)> = self
             .answers
             .iter()
             .enumerate()
-            .filter_map(|(rank, a)| a.map(|a| (rank, a)))
+            .filter_map(|(rank, a)| a.intent().map(|a| (rank, a)))
             .collect();
 
         // 1. A trusted failure anywhere.
-        if let Some(class) = reachable
+        if let Some((rank, class)) = reachable
             .iter()
-            .filter_map(|(_, a)| a.recently_failed)
-            .map(|f| f.class)
-            .find(|c| self.trusted(*c))
+            .filter_map(|(rank, a)| Some((*rank, a.recently_failed?.class)))
+            .find(|(_, c)| self.trusted(*c))
         {
-            return self.done(Rule::TrustedFailure, Err(ColdStartError::Failed(class)));
+            let node = self.ranked[rank].clone();
+            return self.origin_refused(node, class);
         }
         // 2. A cached copy.
         if let Some((rank, _)) = reachable.iter().find(|(_, a)| a.has_cached) {
@@ -487,6 +550,10 @@ impl Cascade {
         {
             return self.cooldown(until, now);
         }
+        // Members that refused and rank before anyone who could be asked: ask again.
+        if let Some(action) = self.retry_refusers(now) {
+            return action;
+        }
         // 5 and 6: widen the probe once.
         let more = self.probed < self.ranked.len();
         if self.expansion.is_none() && more {
@@ -510,12 +577,50 @@ impl Cascade {
         self.ask_next()
     }
 
+    /// While the convergence window lasts, a member that refused this node and ranks
+    /// before every member that could be asked to pull is waited for, not passed over:
+    /// asking past it would start a second pull once its view catches up.
+    fn retry_refusers(&mut self, now: SystemTime) -> Option<Action> {
+        let first_refused = self
+            .answers
+            .iter()
+            .position(|a| *a == ProbeAnswer::Refused)?;
+        let first_askable = self
+            .answers
+            .iter()
+            .enumerate()
+            .find(|(rank, a)| {
+                matches!(a, ProbeAnswer::Intent(_))
+                    && !self.passed_over.contains(&self.ranked[*rank])
+            })
+            .map(|(rank, _)| rank);
+        if first_askable.is_some_and(|askable| askable < first_refused) {
+            return None;
+        }
+        let since = *self.first_refusal.get_or_insert(now);
+        if now.duration_since(since).unwrap_or_default() >= self.config.convergence_window {
+            return None;
+        }
+        self.phase = Phase::Retrying;
+        Some(Action::Retry {
+            at: now + self.config.refusal_retry,
+        })
+    }
+
+    /// The time an [`Action::Retry`] named has come: probes the same members again.
+    pub fn on_retry(&mut self, _now: SystemTime) -> Action {
+        if self.phase != Phase::Retrying {
+            return self.done(Rule::NoCandidates, Err(ColdStartError::NoPuller));
+        }
+        self.probe_again()
+    }
+
     fn ask_next(&mut self) -> Action {
         let next = self
             .answers
             .iter()
             .enumerate()
-            .filter(|(_, a)| a.is_some())
+            .filter(|(_, a)| matches!(a, ProbeAnswer::Intent(_)))
             .map(|(rank, _)| &self.ranked[rank])
             .find(|node| !self.passed_over.contains(*node))
             .cloned();
@@ -527,18 +632,22 @@ impl Cascade {
                         puller = %node,
                         designated = %self.ranked[0],
                         passed_over = self.passed_over.len(),
-                        designated_answered = self.answers.first().is_some_and(Option::is_some),
+                        designated_answer = ?self.answers.first(),
                         "asking past the designated puller"
                     );
                 }
-                if node != self.local {
-                    self.please_pulls_sent += 1;
-                }
-                self.phase = Phase::Asking;
-                Action::PleasePull(node)
+                self.ask(node)
             }
             None => self.done(Rule::ColdStart, Err(ColdStartError::NoPuller)),
         }
+    }
+
+    fn ask(&mut self, node: NodeId) -> Action {
+        if node != self.local {
+            self.please_pulls_sent += 1;
+        }
+        self.phase = Phase::Asking;
+        Action::PleasePull(node)
     }
 
     /// The outcome of the last [`Action::PleasePull`] for this digest; `None` when the
@@ -604,10 +713,7 @@ impl Cascade {
             }
             if let Some(failure) = intent.recently_failed {
                 if self.trusted(failure.class) {
-                    return self.done(
-                        Rule::TrustedFailure,
-                        Err(ColdStartError::Failed(failure.class)),
-                    );
+                    return self.origin_refused(watched_node, failure.class);
                 }
                 return self.cooldown(failure.cooldown_until, now);
             }
@@ -636,6 +742,33 @@ impl Cascade {
     }
 }
 
+/// The members a cascade on `local` chooses among, in HRW order for `digest`: its zone's
+/// with zone scope (all members when its zone has none), else all.
+pub(crate) fn ranked_candidates(
+    config: &CascadeConfig,
+    members: &[Member],
+    local: &NodeId,
+    digest: &Digest,
+) -> Vec<NodeId> {
+    let zone = members
+        .iter()
+        .find(|m| &m.id == local)
+        .and_then(|m| m.zone.as_deref());
+    let in_zone: Vec<&Member> = match (config.zone_scope, zone) {
+        (true, Some(zone)) => hrw::in_zone(members, zone).collect(),
+        _ => Vec::new(),
+    };
+    let candidates: Vec<&Member> = if in_zone.is_empty() {
+        members.iter().collect()
+    } else {
+        in_zone
+    };
+    hrw::top_k(candidates, digest, usize::MAX)
+        .into_iter()
+        .map(|m| m.id.clone())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     //! Each rule and each fault, on simulated time.
@@ -662,8 +795,13 @@ mod tests {
         action: Action,
     }
 
-    /// A cascade on `local` among `n` members, for a layer of unknown size.
+    /// A cascade on `local` among `n` members, for a layer of unknown size, by a
+    /// requester that delegates credentials.
     fn sim(n: usize, local: &str, config: CascadeConfig) -> Sim {
+        sim_with(n, local, config, true)
+    }
+
+    fn sim_with(n: usize, local: &str, config: CascadeConfig, credentials: bool) -> Sim {
         let (cascade, action) = Cascade::start(
             Arc::new(config),
             &members(n),
@@ -671,6 +809,7 @@ mod tests {
             digest(),
             OriginRefKind::Blob,
             None,
+            credentials,
         );
         Sim { cascade, action }
     }
@@ -706,7 +845,20 @@ mod tests {
                         .iter()
                         .position(|n| *n == node)
                         .unwrap();
-                    (node, answer(rank))
+                    (node, answer(rank).into())
+                })
+                .collect();
+            self.action = self.cascade.on_probe(answers, true, now);
+        }
+
+        /// Answers the pending probe with whatever `answer(rank)` says, refusals included.
+        fn reply(&mut self, now: SystemTime, answer: impl Fn(usize) -> ProbeAnswer) {
+            let answers = self
+                .probed()
+                .into_iter()
+                .map(|node| {
+                    let rank = self.cascade.ranking().iter().position(|n| *n == node);
+                    (node, answer(rank.unwrap()))
                 })
                 .collect();
             self.action = self.cascade.on_probe(answers, true, now);
@@ -863,7 +1015,7 @@ mod tests {
         let mut s = sim(8, "node-5", CascadeConfig::default());
         let answers = s.probed().into_iter().map(|n| {
             let rank = s.cascade.ranking().iter().position(|m| *m == n).unwrap();
-            (n, Some(idle(rank)))
+            (n, ProbeAnswer::Intent(idle(rank)))
         });
         s.action = s.cascade.on_probe(answers.collect(), false, t0());
         assert_eq!(s.cascade.expansion, Some(Expansion::LookupUnhealthy));
@@ -1077,6 +1229,7 @@ mod tests {
             digest(),
             OriginRefKind::Blob,
             None,
+            true,
         );
         assert_eq!(cascade.ranking().len(), 3);
         assert!(cascade
@@ -1090,7 +1243,136 @@ mod tests {
             digest(),
             OriginRefKind::Blob,
             None,
+            true,
         );
         assert_eq!(cascade.ranking().len(), 6, "no zone: the whole membership");
+    }
+
+    fn auth_failure() -> RecentFailure {
+        RecentFailure {
+            cooldown_until: t0() + Duration::from_secs(10),
+            class: FailureClass::Auth,
+        }
+    }
+
+    #[test]
+    fn a_refusing_designated_puller_is_asked_again_not_passed_over() {
+        let mut s = sim(8, "outsider", CascadeConfig::default());
+        // Rank 0's membership does not list us yet; ranks 1 and 2 answer.
+        let refuse_first = |rank: usize| match rank {
+            0 => ProbeAnswer::Refused,
+            _ => ProbeAnswer::Intent(idle(rank)),
+        };
+        s.reply(t0(), refuse_first);
+        let Action::Retry { at } = s.action else {
+            panic!("expected a retry, got {:?}", s.action);
+        };
+        assert_eq!(at, t0() + Duration::from_millis(250));
+        s.action = s.cascade.on_retry(at);
+        assert_eq!(s.probed().len(), 3, "the same members, probed again");
+        // Its view caught up: it is the one asked, and nobody else was.
+        s.answer(at, |rank| Some(idle(rank)));
+        assert_eq!(s.asked(), s.rank(0));
+        assert_eq!(s.cascade.please_pulls_sent, 1);
+    }
+
+    #[test]
+    fn members_that_refuse_past_the_convergence_window_count_as_unreachable() {
+        let config = CascadeConfig::default()
+            .with_convergence(Duration::from_secs(2), Duration::from_millis(500));
+        let mut s = sim(8, "outsider", config);
+        let mut now = t0();
+        let mut retries = 0;
+        loop {
+            s.reply(now, |_| ProbeAnswer::Refused);
+            match s.action {
+                Action::Retry { at } => {
+                    retries += 1;
+                    now = at;
+                    s.action = s.cascade.on_retry(now);
+                }
+                _ => break,
+            }
+        }
+        assert_eq!(retries, 4, "every 500 ms for 2 s");
+        // Then as if nobody answered: the probe widens, and ends with nobody reachable.
+        assert_eq!(s.probed().len(), 3, "ranks 3 to 5");
+        s.reply(now, |_| ProbeAnswer::Refused);
+        assert_eq!(s.resolution().result, Err(ColdStartError::NoneReachable));
+    }
+
+    #[test]
+    fn a_refusal_ranked_after_the_one_asked_changes_nothing() {
+        let mut s = sim(8, "outsider", CascadeConfig::default());
+        s.reply(t0(), |rank| match rank {
+            2 => ProbeAnswer::Refused,
+            _ => ProbeAnswer::Intent(idle(rank)),
+        });
+        assert_eq!(s.asked(), s.rank(0));
+    }
+
+    #[test]
+    fn an_auth_failure_is_asked_once_more_with_the_requesters_credentials() {
+        let mut s = sim(8, "outsider", CascadeConfig::default());
+        s.answer(t0(), |rank| {
+            Some(PullIntent {
+                recently_failed: (rank == 0).then(auth_failure),
+                ..idle(rank)
+            })
+        });
+        // Rank 0 failed with its own credentials (or none): ours may do.
+        assert_eq!(s.asked(), s.rank(0));
+        s.pull(Some(Outcome::Started { started_at: t0() }), t0());
+        assert_eq!(s.watched(), s.rank(0));
+        // If ours fail too, the watch sees it and the resolution ends: no second ask.
+        let failed = PullIntent {
+            recently_failed: Some(auth_failure()),
+            ..PullIntent::UNKNOWN
+        };
+        s.action = s
+            .cascade
+            .on_providers(vec![], Some(failed), t0() + Duration::from_secs(1));
+        assert_eq!(
+            s.resolution().result,
+            Err(ColdStartError::Failed(FailureClass::Auth))
+        );
+        assert_eq!(s.cascade.please_pulls_sent, 1);
+    }
+
+    #[test]
+    fn the_same_credentials_failing_again_end_it() {
+        let mut s = sim(8, "outsider", CascadeConfig::default());
+        s.answer(t0(), |rank| {
+            Some(PullIntent {
+                recently_failed: (rank == 1).then(auth_failure),
+                ..idle(rank)
+            })
+        });
+        assert_eq!(s.asked(), s.rank(1), "the node that failed");
+        s.pull(Some(Outcome::RecentlyFailed(auth_failure())), t0());
+        assert_eq!(s.resolution().rule, Rule::TrustedFailure);
+        assert_eq!(
+            s.resolution().result,
+            Err(ColdStartError::Failed(FailureClass::Auth))
+        );
+    }
+
+    #[test]
+    fn without_credentials_an_auth_failure_is_honoured_like_a_transient_one() {
+        let mut s = sim_with(8, "outsider", CascadeConfig::default(), false);
+        s.answer(t0(), |rank| {
+            Some(PullIntent {
+                recently_failed: (rank == 0).then(auth_failure),
+                ..idle(rank)
+            })
+        });
+        assert_eq!(s.resolution().rule, Rule::TransientCooldown);
+        assert_eq!(
+            s.resolution().result,
+            Err(ColdStartError::CoolingDown {
+                until: t0() + Duration::from_secs(10)
+            })
+        );
+        assert_eq!(s.cascade.please_pulls_sent, 0);
     }
 }

@@ -13,10 +13,16 @@ use libp2p_identity::PeerId;
 use parking_lot::Mutex;
 
 use super::{
-    cascade::{Action, Cascade, CascadeConfig, ColdStartError, Resolution, Rule},
-    hrw, Membership, NodeState,
+    cascade::{
+        ranked_candidates, Action, Cascade, CascadeConfig, ColdStartError, ProbeAnswer, Resolution,
+        Rule,
+    },
+    Membership, NodeState,
 };
-use crate::{Coordinator, Digest, NodeId, Outcome, PleasePull, PleasePullOutcome};
+use crate::{
+    Coordinator, CoordinatorError, Digest, NodeId, OutboundFailure, Outcome, PleasePull,
+    PleasePullOutcome,
+};
 
 /// Who provides a digest: the content-discovery side of a node (Kademlia's
 /// `get_providers`, say). Gantry asks it first and runs the cascade on a miss; the
@@ -130,6 +136,7 @@ impl ColdStart {
             digest.clone(),
             request.kind(),
             size,
+            request.authorization().is_some(),
         );
         let single = match PleasePull::new(
             request.registry(),
@@ -153,6 +160,10 @@ impl ColdStart {
                     .await;
                     cascade.on_probe(answers, self.lookup.is_healthy(), SystemTime::now())
                 }
+                Action::Retry { at } => {
+                    sleep_until(at).await;
+                    cascade.on_retry(SystemTime::now())
+                }
                 Action::PleasePull(node) => {
                     let outcome = if node == local {
                         first_outcome(Ok(self.state.start_local_pull(&single)), digest)
@@ -165,14 +176,12 @@ impl ColdStart {
                     cascade.on_please_pull(&node, outcome, SystemTime::now())
                 }
                 Action::LookupProviders { at, watch } => {
-                    if let Ok(wait) = at.duration_since(SystemTime::now()) {
-                        futures_timer::Delay::new(wait).await;
-                    }
+                    sleep_until(at).await;
                     let (providers, watched) = futures::join!(
                         self.lookup.providers(digest),
                         self.intent_of(&watch, &local, digest)
                     );
-                    cascade.on_providers(providers, watched, SystemTime::now())
+                    cascade.on_providers(providers, watched.intent(), SystemTime::now())
                 }
                 Action::Done(resolution) => {
                     if let Err(ColdStartError::CoolingDown { until }) = resolution.result {
@@ -185,24 +194,25 @@ impl ColdStart {
     }
 
     /// A node's answer to a pull_intent query: self answers locally, never over the wire.
-    async fn intent_of(
-        &self,
-        node: &NodeId,
-        local: &NodeId,
-        digest: &Digest,
-    ) -> Option<crate::PullIntent> {
+    /// A stream closed unanswered is a refusal: for a valid query, what an enforcing
+    /// member does to a peer it does not list.
+    async fn intent_of(&self, node: &NodeId, local: &NodeId, digest: &Digest) -> ProbeAnswer {
         if node == local {
-            return Some(self.state.local_pull_intent(digest));
+            return ProbeAnswer::Intent(self.state.local_pull_intent(digest));
         }
         match self
             .coordinator
             .pull_intent_query(node.clone(), digest)
             .await
         {
-            Ok(intent) => Some(intent),
+            Ok(intent) => ProbeAnswer::Intent(intent),
+            Err(CoordinatorError::Request(OutboundFailure::NoResponse)) => {
+                tracing::debug!(%node, %digest, "probe refused");
+                ProbeAnswer::Refused
+            }
             Err(error) => {
                 tracing::debug!(%node, %digest, %error, "probe unanswered");
-                None
+                ProbeAnswer::Silent
             }
         }
     }
@@ -232,11 +242,10 @@ impl ColdStart {
         let local = membership.local_id();
         let mut shares: BTreeMap<NodeId, Vec<Digest>> = BTreeMap::new();
         for digest in request.digests() {
-            if let Some(puller) = hrw::top_k(members.iter(), digest, 1).first() {
-                shares
-                    .entry(puller.id.clone())
-                    .or_default()
-                    .push(digest.clone());
+            // The puller the cascade would ask: zone scope included.
+            let ranked = ranked_candidates(&self.config, &members, &local, digest);
+            if let Some(puller) = ranked.into_iter().next() {
+                shares.entry(puller).or_default().push(digest.clone());
             }
         }
         let asks = shares.into_iter().filter_map(|(puller, digests)| {
@@ -262,6 +271,12 @@ impl ColdStart {
             })
         });
         futures::future::join_all(asks).await.into_iter().collect()
+    }
+}
+
+async fn sleep_until(at: SystemTime) {
+    if let Ok(wait) = at.duration_since(SystemTime::now()) {
+        futures_timer::Delay::new(wait).await;
     }
 }
 

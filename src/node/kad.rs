@@ -18,6 +18,7 @@ use futures::{
 };
 use libp2p_identity::PeerId;
 use libp2p_kad::{store::RecordStore, Event, GetProvidersOk, QueryId, QueryResult, RecordKey};
+use libp2p_swarm::StreamProtocol;
 
 use super::ProviderLookup;
 use crate::Digest;
@@ -124,9 +125,25 @@ impl ProviderLookup for KadProviders {
     }
 }
 
-/// The Kademlia key a digest is provided under: its canonical string.
+/// The Kademlia protocol of a Gantry cluster, as the Go nodes run go-libp2p-kad-dht
+/// (protocol prefix `/gantry`): a node on Kademlia's default protocol would not find
+/// their provider records, nor they its.
+pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/gantry/kad/1.0.0");
+
+/// A Kademlia configuration on [`KAD_PROTOCOL`], Kademlia's defaults otherwise.
+pub fn kad_config() -> libp2p_kad::Config {
+    libp2p_kad::Config::new(KAD_PROTOCOL)
+}
+
+/// The Kademlia key a digest is provided under, the Go nodes' key: they provide a CIDv1
+/// (raw codec) over the sha2-256 multihash of the digest's 32 bytes, and go-libp2p-kad-dht
+/// keys provider records by that multihash, `0x12 0x20` then the 32 bytes.
 pub fn provider_key(digest: &Digest) -> RecordKey {
-    RecordKey::new(&digest.as_str())
+    let mut multihash = [0u8; 34];
+    multihash[0] = 0x12; // sha2-256
+    multihash[1] = 32; // digest length
+    multihash[2..].copy_from_slice(&digest.to_bytes());
+    RecordKey::new(&multihash)
 }
 
 impl KadLookups {
@@ -258,6 +275,43 @@ mod tests {
                 last,
             },
         }
+    }
+
+    /// The empty blob's digest, whose CIDv1 (raw) every IPFS tool prints as
+    /// `bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku`.
+    #[test]
+    fn the_provider_key_is_the_multihash_the_go_nodes_provide() {
+        let empty = Digest::parse(
+            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+        )
+        .unwrap();
+        let key = provider_key(&empty);
+        let hex: String = key.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "1220e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        // CIDv1 = version 1, codec raw (0x55), then the multihash; multibase 'b' is
+        // lowercase RFC 4648 base32 without padding.
+        let cid: Vec<u8> = [0x01, 0x55].iter().chain(key.as_ref()).copied().collect();
+        let alphabet = b"abcdefghijklmnopqrstuvwxyz234567";
+        let (mut bits, mut acc, mut text) = (0u32, 0u32, String::from("b"));
+        for byte in cid {
+            acc = (acc << 8) | u32::from(byte);
+            bits += 8;
+            while bits >= 5 {
+                bits -= 5;
+                text.push(alphabet[((acc >> bits) & 31) as usize] as char);
+            }
+        }
+        if bits > 0 {
+            text.push(alphabet[((acc << (5 - bits)) & 31) as usize] as char);
+        }
+        assert_eq!(
+            text,
+            "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku"
+        );
+        assert_eq!(KAD_PROTOCOL.as_ref(), "/gantry/kad/1.0.0");
     }
 
     #[test]

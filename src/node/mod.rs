@@ -19,12 +19,15 @@ mod negative_cache;
 mod store;
 
 pub use cascade::{
-    Action, Cascade, CascadeConfig, ColdStartError, Expansion, Resolution, Rule, Source,
+    Action, Cascade, CascadeConfig, ColdStartError, Expansion, ProbeAnswer, Resolution, Rule,
+    Source,
 };
 pub use cold_start::{ColdStart, NoProviders, ProviderLookup};
 pub use in_flight::{stale_after, Claim, InFlightMap, InFlightPulls, Stalls};
 #[cfg(feature = "kad")]
-pub use kad::{kad_providers, provider_key, KadLookups, KadProviders, Lookup};
+pub use kad::{
+    kad_config, kad_providers, provider_key, KadLookups, KadProviders, Lookup, KAD_PROTOCOL,
+};
 pub use membership::{Member, Membership, StaticMembership};
 pub use negative_cache::{FailureCache, NegativeCache};
 pub use store::{ContentStore, MemoryStore, StoreLookup};
