@@ -354,3 +354,64 @@ fn a_secondary_store_answers_when_the_primary_misses() {
     assert!(!state.local_pull_intent(&digest("ab")).has_cached);
     assert_eq!(state.signals().storage_unavailable, 2);
 }
+
+#[test]
+fn an_auth_failure_holds_only_for_the_credentials_that_failed() {
+    let clock = ManualClock::new();
+    let pump = RecordingPump::default();
+    let state = NodeState::builder(cluster("node-a"))
+        .pump(pump.clone())
+        .clock(clock.clone())
+        .build();
+    let d = digest("ab");
+    let bare = request(vec![d.clone()]);
+    let with = |secret: &str| bare.clone().with_authorization(Authorization::new(secret));
+    let outcome = |request: &PleasePull| state.start_local_pull(request)[0].outcome;
+
+    // Pulled with no credentials, refused by the origin.
+    assert!(matches!(outcome(&bare), Outcome::Started { .. }));
+    state.finish_pull(&d, Err(FailureClass::Auth));
+    assert!(
+        matches!(outcome(&bare), Outcome::RecentlyFailed(_)),
+        "none again"
+    );
+    // A requester's credentials are other ones: pulled again with them.
+    clock.advance(Duration::from_secs(1));
+    assert!(matches!(
+        outcome(&with("Basic right")),
+        Outcome::Started { .. }
+    ));
+    assert!(
+        matches!(
+            outcome(&with("Basic other")),
+            Outcome::AlreadyPulling { .. }
+        ),
+        "one pull at a time still"
+    );
+    state.finish_pull(&d, Err(FailureClass::Auth));
+    // Those failed too: the same ones, and none, are answered from the cache.
+    assert!(matches!(
+        outcome(&with("Basic right")),
+        Outcome::RecentlyFailed(_)
+    ));
+    assert!(matches!(outcome(&bare), Outcome::RecentlyFailed(_)));
+    let asked: Vec<Option<String>> = pump.0.lock().unwrap().iter().map(|o| o.4.clone()).collect();
+    assert_eq!(asked, vec![None, Some("Basic right".to_owned())]);
+
+    // Another class is about the blob, whatever the credentials.
+    let e = digest("ef");
+    let missing = request(vec![e.clone()]);
+    assert!(matches!(
+        state.start_local_pull(&missing)[0].outcome,
+        Outcome::Started { .. }
+    ));
+    state.finish_pull(&e, Err(FailureClass::NotFound));
+    let retried = missing.with_authorization(Authorization::new("Basic right"));
+    assert!(matches!(
+        state.start_local_pull(&retried)[0].outcome,
+        Outcome::RecentlyFailed(RecentFailure {
+            class: FailureClass::NotFound,
+            ..
+        })
+    ));
+}

@@ -8,6 +8,7 @@
 
 mod cascade;
 mod cold_start;
+mod credentials;
 pub mod hrw;
 mod in_flight;
 #[cfg(feature = "kad")]
@@ -144,6 +145,7 @@ struct Inner {
     failures: Box<dyn FailureCache>,
     pump: Option<Box<dyn PullerPump>>,
     clock: Box<dyn Clock>,
+    credentials: credentials::CredentialLedger,
     signals: SignalCounters,
 }
 
@@ -221,6 +223,7 @@ impl NodeStateBuilder {
                     .unwrap_or_else(|| Box::new(NegativeCache::default())),
                 pump: self.pump,
                 clock: self.clock.unwrap_or_else(|| Box::new(SystemClock)),
+                credentials: credentials::CredentialLedger::new(4096),
                 signals: SignalCounters::default(),
             }),
         }
@@ -308,14 +311,22 @@ impl NodeState {
     /// The Go pump's order: the negative cache, then the content store (a held digest is
     /// reported as being pulled since now, so the requester looks for providers and finds
     /// this node instead of causing a second origin pull), then the in-flight map.
+    ///
+    /// An auth failure holds only for the credentials that failed ("none" counts as
+    /// one): a request that brings others is pulled again with them.
     fn start_one(&self, request: &PleasePull, digest: &Digest) -> Outcome {
         let inner = &*self.inner;
         let Some(pump) = &inner.pump else {
             return Outcome::Unspecified;
         };
         let now = inner.clock.now();
+        let credentials = inner.credentials.fingerprint(request.authorization());
         if let Some(failure) = inner.failures.get(digest, now) {
-            return Outcome::RecentlyFailed(failure);
+            if failure.class != FailureClass::Auth || inner.credentials.refused(digest, credentials)
+            {
+                return Outcome::RecentlyFailed(failure);
+            }
+            tracing::debug!(%digest, "an auth failure, and other credentials: pulling again");
         }
         if inner.store.lookup(digest) == StoreLookup::Cached {
             return Outcome::AlreadyPulling { started_at: now };
@@ -337,6 +348,7 @@ impl NodeState {
         };
         match pump.start(order) {
             PumpDecision::Started => {
+                inner.credentials.started(digest, credentials);
                 bump(&inner.signals.moved_in_flight, 1);
                 tracing::debug!(%digest, "origin pull started");
                 Outcome::Started { started_at: now }
@@ -361,10 +373,12 @@ impl NodeState {
     }
 
     /// Reports the end of an origin pull: success clears the negative cache; failure
-    /// records it there with its class and a growing cooldown.
+    /// records it there with its class and a growing cooldown (an auth failure, with
+    /// which credentials failed).
     pub fn finish_pull(&self, digest: &Digest, result: Result<(), FailureClass>) {
         let inner = &*self.inner;
         inner.in_flight.finish(digest);
+        inner.credentials.finished(digest, result);
         match result {
             Ok(()) => inner.failures.clear(digest),
             Err(class) => {
