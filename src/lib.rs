@@ -140,10 +140,11 @@ pub use message::{
 };
 pub use node::{
     hrw, stale_after, Action, Cascade, CascadeConfig, Claim, Clock, ColdStart, ColdStartError,
-    ContentStore, Expansion, FailureCache, InFlightMap, InFlightPulls, Member, Membership,
-    MemoryStore, NegativeCache, NoProviders, NodeState, NodeStateBuilder, ProbeAnswer,
-    ProviderLookup, PullOrder, PullerPump, PumpDecision, Resolution, Rule, Signals, Source, Stalls,
-    StaticMembership, StoreLookup, SystemClock,
+    ContentStore, Expansion, FailureCache, FallbackConfig, FallbackDeclined, FallbackPermit,
+    InFlightMap, InFlightPulls, Member, Membership, MemoryStore, NegativeCache, NoProviders,
+    NodeState, NodeStateBuilder, OriginFallback, ProbeAnswer, ProviderLookup, PullOrder,
+    PullerPump, PumpDecision, Resolution, Rule, Signals, Source, Stalls, StaticMembership,
+    StoreLookup, SystemClock,
 };
 #[cfg(feature = "kad")]
 pub use node::{

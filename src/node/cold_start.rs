@@ -5,7 +5,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     sync::Arc,
-    time::SystemTime,
+    time::{Instant, SystemTime},
 };
 
 use futures::{future::BoxFuture, FutureExt};
@@ -17,6 +17,7 @@ use super::{
         ranked_candidates, Action, Cascade, CascadeConfig, ColdStartError, ProbeAnswer, Resolution,
         Rule,
     },
+    fallback::{FallbackConfig, FallbackDeclined, OriginFallback},
     Membership, NodeState,
 };
 use crate::{
@@ -49,6 +50,8 @@ pub struct ColdStart {
     config: Arc<CascadeConfig>,
     /// Digests whose transient failure is honoured locally, until when.
     honour: Arc<Mutex<HashMap<Digest, SystemTime>>>,
+    /// The gates of this node's direct origin pulls, the last resort.
+    fallback: OriginFallback,
     #[cfg(feature = "metrics")]
     metrics: Option<Arc<super::metrics::ColdStartMetrics>>,
 }
@@ -85,9 +88,17 @@ impl ColdStart {
             lookup: Arc::new(lookup),
             config: Arc::new(config),
             honour: Arc::default(),
+            fallback: OriginFallback::new(FallbackConfig::default(), Instant::now()),
             #[cfg(feature = "metrics")]
             metrics: None,
         }
+    }
+
+    /// The gates of [`ColdStart::fall_back`] (default: the Go agent's, see
+    /// [`FallbackConfig`]); the bootstrap window counts from this call.
+    pub fn with_fallback(mut self, config: FallbackConfig) -> Self {
+        self.fallback = OriginFallback::new(config, Instant::now());
+        self
     }
 
     /// Records the resolver's metrics in `registry` (names start with
@@ -138,17 +149,8 @@ impl ColdStart {
             size,
             request.authorization().is_some(),
         );
-        let single = match PleasePull::new(
-            request.registry(),
-            request.repository(),
-            request.kind(),
-            vec![digest.clone()],
-        ) {
-            Ok(single) => match request.authorization() {
-                Some(auth) => single.with_authorization(auth.clone()),
-                None => single,
-            },
-            Err(_) => return unprobed(Rule::NoCandidates, ColdStartError::NoPuller),
+        let Some(single) = share(request, vec![digest.clone()]) else {
+            return unprobed(Rule::NoCandidates, ColdStartError::NoPuller);
         };
         loop {
             action = match action {
@@ -249,17 +251,7 @@ impl ColdStart {
             }
         }
         let asks = shares.into_iter().filter_map(|(puller, digests)| {
-            let share = PleasePull::new(
-                request.registry(),
-                request.repository(),
-                request.kind(),
-                digests,
-            )
-            .ok()?;
-            let share = match request.authorization() {
-                Some(auth) => share.with_authorization(auth.clone()),
-                None => share,
-            };
+            let share = share(request, digests)?;
             let local = local.clone();
             Some(async move {
                 let result = if puller == local {
@@ -278,6 +270,92 @@ async fn sleep_until(at: SystemTime) {
     if let Ok(wait) = at.duration_since(SystemTime::now()) {
         futures_timer::Delay::new(wait).await;
     }
+}
+
+impl ColdStart {
+    /// The last resort after a resolution found no source (nobody reachable, nobody
+    /// willing, no members): this node pulls the first digest of `request` from the
+    /// origin itself, if the [`OriginFallback`] gates admit it, after their jitter and
+    /// a recheck (the provider lookup, the top K and this node) that still finds no
+    /// holder and no pull. Declined: wait, and resolve again.
+    pub async fn fall_back(&self, request: &PleasePull) -> Result<Outcome, FallbackDeclined> {
+        let result = self.try_fall_back(request).await;
+        #[cfg(feature = "metrics")]
+        if let Some(metrics) = &self.metrics {
+            metrics.record_fallback(result.as_ref().err().copied());
+        }
+        match &result {
+            Ok(outcome) => tracing::info!(
+                ?outcome,
+                "no member has it or can pull it: pulling from the origin"
+            ),
+            Err(declined) => tracing::debug!(%declined, "direct origin pull not allowed yet"),
+        }
+        result
+    }
+
+    async fn try_fall_back(&self, request: &PleasePull) -> Result<Outcome, FallbackDeclined> {
+        // Never empty: a PleasePull holds at least one digest.
+        let Some(digest) = request.digests().first() else {
+            return Err(FallbackDeclined::RecheckHit);
+        };
+        let members = self.state.membership().members().len();
+        let permit =
+            self.fallback
+                .admit(digest, self.lookup.is_healthy(), members, Instant::now())?;
+        futures_timer::Delay::new(permit.jitter()).await;
+        if self.recheck(digest).await {
+            return Err(FallbackDeclined::RecheckHit);
+        }
+        let single = share(request, vec![digest.clone()]).ok_or(FallbackDeclined::RecheckHit)?;
+        let outcome = first_outcome(Ok(self.state.start_local_pull(&single)), digest)
+            .unwrap_or(Outcome::Unspecified);
+        drop(permit);
+        Ok(outcome)
+    }
+
+    /// Whether a holder or a pull of `digest` is known now: providers, this node, or
+    /// any of the top K.
+    async fn recheck(&self, digest: &Digest) -> bool {
+        let membership = self.state.membership();
+        let local = membership.local_id();
+        let ranked = ranked_candidates(&self.config, &membership.members(), &local, digest);
+        let probes = ranked
+            .iter()
+            .take(self.config.top_k)
+            .filter(|node| **node != local)
+            .map(|node| self.intent_of(node, &local, digest));
+        let (providers, mut answers) = futures::join!(
+            self.lookup.providers(digest),
+            futures::future::join_all(probes)
+        );
+        answers.push(ProbeAnswer::Intent(self.state.local_pull_intent(digest)));
+        finds_source(&providers, &answers)
+    }
+}
+
+/// Whether a recheck found the blob or a pull of it.
+fn finds_source(providers: &[PeerId], answers: &[ProbeAnswer]) -> bool {
+    !providers.is_empty()
+        || answers
+            .iter()
+            .filter_map(ProbeAnswer::intent)
+            .any(|a| a.has_cached || a.in_flight_since.is_some())
+}
+
+/// `request`'s registry, repository, kind and credentials, for these digests.
+fn share(request: &PleasePull, digests: Vec<Digest>) -> Option<PleasePull> {
+    let share = PleasePull::new(
+        request.registry(),
+        request.repository(),
+        request.kind(),
+        digests,
+    )
+    .ok()?;
+    Some(match request.authorization() {
+        Some(auth) => share.with_authorization(auth.clone()),
+        None => share,
+    })
 }
 
 fn first_outcome(
@@ -312,5 +390,29 @@ pub struct NoProviders;
 impl ProviderLookup for NoProviders {
     fn providers(&self, _: &Digest) -> BoxFuture<'static, Vec<PeerId>> {
         async { Vec::new() }.boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::PullIntent;
+
+    #[test]
+    fn a_recheck_finds_providers_a_holder_or_a_pull_and_nothing_else() {
+        let idle = ProbeAnswer::Intent(PullIntent::UNKNOWN);
+        let nothing = [idle, ProbeAnswer::Refused, ProbeAnswer::Silent];
+        assert!(!finds_source(&[], &nothing));
+        assert!(finds_source(&[PeerId::random()], &nothing));
+        let holder = ProbeAnswer::Intent(PullIntent {
+            has_cached: true,
+            ..PullIntent::UNKNOWN
+        });
+        assert!(finds_source(&[], &[idle, holder]));
+        let pulling = ProbeAnswer::Intent(PullIntent {
+            in_flight_since: Some(SystemTime::now()),
+            ..PullIntent::UNKNOWN
+        });
+        assert!(finds_source(&[], &[pulling, ProbeAnswer::Silent]));
     }
 }

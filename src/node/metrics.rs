@@ -26,6 +26,7 @@ pub(crate) struct ColdStartMetrics {
     takeovers: Counter,
     rank_mismatches: Family<Labels, Counter>,
     probe_hits: Counter,
+    fallbacks: Family<Labels, Counter>,
 }
 
 impl ColdStartMetrics {
@@ -39,6 +40,7 @@ impl ColdStartMetrics {
             takeovers: Counter::default(),
             rank_mismatches: Family::default(),
             probe_hits: Counter::default(),
+            fallbacks: Family::default(),
         };
         registry.register(
             "duration_seconds",
@@ -65,7 +67,19 @@ impl ColdStartMetrics {
             "Resolutions a probe answered: a cached copy or a fresh in-flight pull",
             metrics.probe_hits.clone(),
         );
+        registry.register(
+            "fallbacks",
+            "Direct origin pulls, the last resort: started, or declined by reason",
+            metrics.fallbacks.clone(),
+        );
         metrics
+    }
+
+    pub(crate) fn record_fallback(&self, declined: Option<super::FallbackDeclined>) {
+        let result = declined.map_or("pulled", super::FallbackDeclined::as_str);
+        self.fallbacks
+            .get_or_create(&vec![("result", result)])
+            .inc();
     }
 
     pub(crate) fn record(&self, kind: OriginRefKind, resolution: &Resolution, took: Duration) {

@@ -9,6 +9,7 @@
 mod cascade;
 mod cold_start;
 mod credentials;
+mod fallback;
 pub mod hrw;
 mod in_flight;
 #[cfg(feature = "kad")]
@@ -24,6 +25,7 @@ pub use cascade::{
     Source,
 };
 pub use cold_start::{ColdStart, NoProviders, ProviderLookup};
+pub use fallback::{FallbackConfig, FallbackDeclined, FallbackPermit, OriginFallback};
 pub use in_flight::{stale_after, Claim, InFlightMap, InFlightPulls, Stalls};
 #[cfg(feature = "kad")]
 pub use kad::{
