@@ -469,6 +469,15 @@ async fn cold_start(
                 .collect(),
             Ok(Source::Providers(peers)) => peers.iter().filter_map(|p| cluster.get(p)).collect(),
             Err(ColdStartError::Failed(class)) => return Got::Failed { class: *class },
+            Err(
+                ColdStartError::NoneReachable
+                | ColdStartError::NoPuller
+                | ColdStartError::NoMembers,
+            ) => {
+                // The gated last resort: a pull of its own, or a wait and another look.
+                let _ = node.resolver.fall_back(&request).await;
+                Vec::new()
+            }
             Err(_) => Vec::new(),
         };
         // The transfer itself is another protocol's job: here, a look into the holder.

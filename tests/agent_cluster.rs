@@ -226,6 +226,17 @@ fn an_outsider_gets_nothing_from_members() {
     cluster.write_members("members6.json", NODES);
     cluster.start_nodes(NODES, "members6.json");
     cluster.wait_first(NODES, WITHIN);
+    // Its last resort with short gates, so that the test is not minutes long.
+    cluster.agent_args = [
+        "--fallback-bootstrap",
+        "3s",
+        "--fallback-per-minute",
+        "30",
+        "--convergence-window",
+        "2s",
+    ]
+    .map(String::from)
+    .to_vec();
     cluster.start(NODES + 1, "members.json", None);
     cluster.wait_images(&[NODES + 1], WITHIN);
     cluster.assert_store_complete(NODES + 1, &[]);
@@ -242,10 +253,14 @@ fn an_outsider_gets_nothing_from_members() {
             "node-{i} took a blob from the outsider"
         );
     }
+    // The members pulled each blob once, and the outsider, alone, once more.
+    for (digest, pulls) in cluster.pulls() {
+        assert_eq!(pulls, 2, "{digest} pulled from the origin {pulls} times");
+    }
 }
 
 #[test]
-fn a_member_added_to_the_members_file_is_served_without_a_restart() {
+fn a_member_announced_as_it_starts_is_served_by_peers_only() {
     let Some(_turn) = lab_turn() else {
         return;
     };
@@ -255,9 +270,9 @@ fn a_member_added_to_the_members_file_is_served_without_a_restart() {
     cluster.wait_first(NODES, WITHIN);
     let before = cluster.pulls();
 
-    // The running members learn of node-7 from their file alone.
+    // The running members learn of node-7 from their file alone, as it starts: for a
+    // moment they refuse it, and it waits for them rather than going to the origin.
     cluster.write_members("members6.json", NODES + 1);
-    std::thread::sleep(Duration::from_millis(1500));
     cluster.start(NODES + 1, "members6.json", None);
     cluster.wait_images(&[NODES + 1], WITHIN);
     cluster.assert_store_complete(NODES + 1, &[]);
@@ -269,4 +284,50 @@ fn a_member_added_to_the_members_file_is_served_without_a_restart() {
         before,
         "the new member pulled from the origin"
     );
+}
+
+#[test]
+fn members_files_that_lag_by_a_second_still_pull_each_blob_once() {
+    let Some(_turn) = lab_turn() else {
+        return;
+    };
+    let mut cluster = Cluster::new("lag", NODES, false, &LAYERS);
+    // Node-6 joins as the cluster starts, and the manifest's designated puller reads of
+    // it a second late, refusing it meanwhile. Node-6 designates no blob, so the lagging
+    // view names the same pullers as the others: only the refusals differ.
+    let fits = |c: &Cluster| {
+        let lagging = c.designated(&c.image.manifest, NODES);
+        lagging != NODES
+            && c.image
+                .all()
+                .into_iter()
+                .all(|d| c.designated(d, NODES) != NODES)
+    };
+    assert!(
+        cluster.rename_until(fits),
+        "no fitting node ids in fifty tries"
+    );
+    let lagging = cluster.designated(&cluster.image.manifest, NODES);
+    let without_the_newest: Vec<u8> = (1..NODES).collect();
+    cluster.write_members_of("lagging.json", &without_the_newest);
+    for i in 1..=NODES {
+        let file = if i == lagging {
+            "lagging.json"
+        } else {
+            "members.json"
+        };
+        cluster.start(i, file, None);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    cluster.write_members("lagging.json", NODES);
+    cluster.wait_first(NODES, WITHIN);
+    for i in 1..=NODES {
+        cluster.assert_store_complete(i, &[]);
+    }
+    for (digest, pulls) in cluster.pulls() {
+        assert_eq!(
+            pulls, 1,
+            "{digest} pulled from the origin {pulls} times (node-{lagging} lagging)"
+        );
+    }
 }

@@ -8,14 +8,21 @@
 //! agent keygen --out FILE
 //! agent run --key FILE --node-id NAME --listen MULTIADDR --members FILE --origin URL --store DIR
 //!           [--image REPO@sha256:HEX] [--stall-manifest DURATION] [--stall-layer-floor DURATION]
+//!           [--fallback-bootstrap DURATION] [--fallback-per-minute N]
+//!           [--fallback-jitter-base DURATION] [--convergence-window DURATION]
 //!           [--metrics ADDR]
 //! ```
+//!
+//! A node pulls from the origin on its own, with no member asked, only as the gated last
+//! resort ([`OriginFallback`](gantry_coord::OriginFallback)): never in its first 30 s, at
+//! most 2 a minute, after a jitter and a recheck.
 //!
 //! Standard output is JSON lines (`listening`, one `blob` per blob stored, `error` for a
 //! blob that ends failed, `image` once every blob is stored); logs go to standard error.
 //! Registry credentials come from `AGENT_ORIGIN_AUTH` (`user:password`) and are
 //! delegated in please_pull to the peer asked to pull.
 
+mod members;
 #[path = "../common/metrics.rs"]
 mod metrics;
 mod origin;
@@ -34,8 +41,8 @@ use clap::Parser;
 use futures::StreamExt;
 use gantry_coord::{
     Authorization, AuthorizationMode, CascadeConfig, ColdStart, ColdStartError, Config, Digest,
-    FailureClass, Member, Membership, NodeId, NodeState, OriginRefKind, PleasePull, PullOrder,
-    PullerPump, PumpDecision, Source, Stalls, StaticMembership,
+    FailureClass, FallbackConfig, Membership, NodeId, NodeState, OriginRefKind, PleasePull,
+    PullOrder, PullerPump, PumpDecision, Source, Stalls, StaticMembership,
 };
 use libp2p::{
     identify, identity::Keypair, kad, noise, swarm::NetworkBehaviour, swarm::SwarmEvent, tcp,
@@ -87,9 +94,36 @@ struct RunArgs {
     /// The least a blob pull is given before it counts as stalled (default 10s).
     #[arg(long, value_parser = parse_duration)]
     stall_layer_floor: Option<Duration>,
+    /// No direct origin pull this long after the start (default 30s).
+    #[arg(long, value_parser = parse_duration)]
+    fallback_bootstrap: Option<Duration>,
+    /// Direct origin pulls allowed per minute, and in a burst (default 2).
+    #[arg(long)]
+    fallback_per_minute: Option<u32>,
+    /// A direct pull waits up to this × ln(members) before its recheck (default 3s).
+    #[arg(long, value_parser = parse_duration)]
+    fallback_jitter_base: Option<Duration>,
+    /// How long members that refuse this node count as members whose view lags,
+    /// asked again rather than passed over (default 10s).
+    #[arg(long, value_parser = parse_duration)]
+    convergence_window: Option<Duration>,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long)]
     metrics: Option<std::net::SocketAddr>,
+}
+
+fn fallback_config(args: &RunArgs) -> FallbackConfig {
+    let mut config = FallbackConfig::default();
+    if let Some(window) = args.fallback_bootstrap {
+        config = config.with_bootstrap_window(window);
+    }
+    if let Some(pulls) = args.fallback_per_minute {
+        config = config.with_per_minute(pulls);
+    }
+    if let Some(base) = args.fallback_jitter_base {
+        config = config.with_jitter_base(base);
+    }
+    config
 }
 
 /// `500ms`, `2s`, `1m`.
@@ -117,32 +151,7 @@ struct Agent {
     blobs: libp2p_stream::Behaviour,
 }
 
-#[derive(Debug, serde::Deserialize)]
-struct MemberEntry {
-    node_id: String,
-    peer_id: String,
-    #[serde(default)]
-    addrs: Vec<Multiaddr>,
-}
-
-type Addresses = Vec<(PeerId, Multiaddr)>;
-
-fn read_members(path: &PathBuf) -> Result<(Vec<Member>, Addresses), String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let entries: Vec<MemberEntry> =
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut members = Vec::new();
-    let mut addresses = Vec::new();
-    for entry in entries {
-        let peer: PeerId = entry
-            .peer_id
-            .parse()
-            .map_err(|e| format!("peer id of {}: {e}", entry.node_id))?;
-        addresses.extend(entry.addrs.into_iter().map(|a| (peer, a)));
-        members.push(Member::new(entry.node_id.as_str(), Some(peer)));
-    }
-    Ok((members, addresses))
-}
+use members::{read_members, Addresses};
 
 fn emit(line: serde_json::Value) {
     use std::io::Write;
@@ -386,10 +395,11 @@ impl Node {
                     | ColdStartError::NoPuller
                     | ColdStartError::NoMembers,
                 ) => {
-                    // Nobody to ask or nobody willing: pull from the origin itself, as
-                    // containerd falls back to the upstream when its mirror fails.
-                    tracing::info!(%digest, "no member can pull it: pulling from the origin");
-                    self.state.start_local_pull(&request);
+                    // Nobody to ask or nobody willing: the gated last resort, or a wait
+                    // and another look (members that refuse us are catching up).
+                    if self.resolver.fall_back(&request).await.is_ok() {
+                        continue;
+                    }
                 }
                 Err(_) => {}
             }
@@ -527,6 +537,7 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let key = Keypair::from_protobuf_encoding(&std::fs::read(&args.key)?)?;
     let local = NodeId::new(args.node_id.as_str());
     let (members, addresses) = read_members(&args.members)?;
+    let started_with = (members.clone(), addresses.clone());
     let membership = StaticMembership::new(local.clone(), members);
     let store = BlobDir::open(&args.store)?;
     let origin = Origin::new(&args.origin)?;
@@ -585,6 +596,9 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     };
 
     let mut cascade = CascadeConfig::default();
+    if let Some(window) = args.convergence_window {
+        cascade = cascade.with_convergence(window, Duration::from_millis(250));
+    }
     if args.stall_manifest.is_some() || args.stall_layer_floor.is_some() {
         let defaults = Stalls::default();
         cascade = cascade.with_stalls(Stalls {
@@ -599,7 +613,8 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         state.clone(),
         providers,
         cascade,
-    );
+    )
+    .with_fallback(fallback_config(&args));
     let metrics = match args.metrics {
         Some(addr) => {
             let mut registry = prometheus_client::registry::Registry::default();
@@ -679,30 +694,13 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         });
     }
 
-    // The members file: re-read when it changes.
-    {
-        let (path, membership, control) =
-            (args.members.clone(), membership.clone(), control.clone());
-        tokio::spawn(async move {
-            let modified = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-            let mut seen = modified(&path);
-            loop {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                let now = modified(&path);
-                if now == seen {
-                    continue;
-                }
-                seen = now;
-                match read_members(&path) {
-                    Ok((members, addresses)) => {
-                        membership.set_members(members);
-                        let _ = control.send(Control::Members(addresses));
-                    }
-                    Err(error) => tracing::warn!(%error, "members file not re-read"),
-                }
-            }
-        });
-    }
+    // The members file: re-read as soon as it changes.
+    tokio::spawn(members::follow(
+        args.members.clone(),
+        started_with,
+        membership.clone(),
+        control.clone(),
+    ));
     let _ = control.send(Control::Members(addresses));
 
     if let Some(image) = args.image.clone() {

@@ -276,8 +276,8 @@ impl ColdStart {
     /// The last resort after a resolution found no source (nobody reachable, nobody
     /// willing, no members): this node pulls the first digest of `request` from the
     /// origin itself, if the [`OriginFallback`] gates admit it, after their jitter and
-    /// a recheck (the provider lookup, the top K and this node) that still finds no
-    /// holder and no pull. Declined: wait, and resolve again.
+    /// a recheck that still finds no holder and no pull. Declined: wait, and resolve
+    /// again.
     pub async fn fall_back(&self, request: &PleasePull) -> Result<Outcome, FallbackDeclined> {
         let result = self.try_fall_back(request).await;
         #[cfg(feature = "metrics")]
@@ -314,33 +314,42 @@ impl ColdStart {
         Ok(outcome)
     }
 
-    /// Whether a holder or a pull of `digest` is known now: providers, this node, or
-    /// any of the top K.
+    /// Whether a member that answers this node holds `digest` or pulls it now: this
+    /// node, the top K, and the members the provider lookup names (up to K of them). A
+    /// provider that refuses this node is no holder for it.
     async fn recheck(&self, digest: &Digest) -> bool {
         let membership = self.state.membership();
         let local = membership.local_id();
-        let ranked = ranked_candidates(&self.config, &membership.members(), &local, digest);
-        let probes = ranked
+        let members = membership.members();
+        let providers = self.lookup.providers(digest).await;
+        let mut nodes = ranked_candidates(&self.config, &members, &local, digest);
+        nodes.truncate(self.config.top_k);
+        let named = members
             .iter()
-            .take(self.config.top_k)
-            .filter(|node| **node != local)
+            .filter(|m| m.peer_id.is_some_and(|p| providers.contains(&p)))
+            .map(|m| m.id.clone())
+            .take(self.config.top_k);
+        for node in named {
+            if !nodes.contains(&node) {
+                nodes.push(node);
+            }
+        }
+        nodes.retain(|node| *node != local);
+        let probes = nodes
+            .iter()
             .map(|node| self.intent_of(node, &local, digest));
-        let (providers, mut answers) = futures::join!(
-            self.lookup.providers(digest),
-            futures::future::join_all(probes)
-        );
+        let mut answers = futures::future::join_all(probes).await;
         answers.push(ProbeAnswer::Intent(self.state.local_pull_intent(digest)));
-        finds_source(&providers, &answers)
+        finds_source(&answers)
     }
 }
 
 /// Whether a recheck found the blob or a pull of it.
-fn finds_source(providers: &[PeerId], answers: &[ProbeAnswer]) -> bool {
-    !providers.is_empty()
-        || answers
-            .iter()
-            .filter_map(ProbeAnswer::intent)
-            .any(|a| a.has_cached || a.in_flight_since.is_some())
+fn finds_source(answers: &[ProbeAnswer]) -> bool {
+    answers
+        .iter()
+        .filter_map(ProbeAnswer::intent)
+        .any(|a| a.has_cached || a.in_flight_since.is_some())
 }
 
 /// `request`'s registry, repository, kind and credentials, for these digests.
@@ -399,20 +408,22 @@ mod tests {
     use crate::PullIntent;
 
     #[test]
-    fn a_recheck_finds_providers_a_holder_or_a_pull_and_nothing_else() {
+    fn a_recheck_finds_a_holder_or_a_pull_among_those_that_answer() {
         let idle = ProbeAnswer::Intent(PullIntent::UNKNOWN);
-        let nothing = [idle, ProbeAnswer::Refused, ProbeAnswer::Silent];
-        assert!(!finds_source(&[], &nothing));
-        assert!(finds_source(&[PeerId::random()], &nothing));
+        assert!(!finds_source(&[
+            idle,
+            ProbeAnswer::Refused,
+            ProbeAnswer::Silent
+        ]));
         let holder = ProbeAnswer::Intent(PullIntent {
             has_cached: true,
             ..PullIntent::UNKNOWN
         });
-        assert!(finds_source(&[], &[idle, holder]));
+        assert!(finds_source(&[idle, holder]));
         let pulling = ProbeAnswer::Intent(PullIntent {
             in_flight_since: Some(SystemTime::now()),
             ..PullIntent::UNKNOWN
         });
-        assert!(finds_source(&[], &[pulling, ProbeAnswer::Silent]));
+        assert!(finds_source(&[pulling, ProbeAnswer::Silent]));
     }
 }

@@ -510,6 +510,8 @@ pub struct Cluster {
     pub image: Image,
     pub keys: Vec<(String, String, PathBuf)>,
     pub agents: Vec<Agent>,
+    /// Arguments added to every agent started from now on.
+    pub agent_args: Vec<String>,
 }
 
 impl Cluster {
@@ -524,6 +526,7 @@ impl Cluster {
             image,
             keys: Vec::new(),
             agents: Vec::new(),
+            agent_args: Vec::new(),
         };
         for i in 1..=members {
             cluster.keygen(i);
@@ -563,12 +566,17 @@ impl Cluster {
 
     /// A members file naming the first `count` keys.
     pub fn write_members(&self, name: &str, count: u8) -> PathBuf {
-        let entries: Vec<Value> = self.keys[..usize::from(count)]
+        self.write_members_of(name, &(1..=count).collect::<Vec<u8>>())
+    }
+
+    /// A members file naming the nodes `indices`.
+    pub fn write_members_of(&self, name: &str, indices: &[u8]) -> PathBuf {
+        let entries: Vec<Value> = indices
             .iter()
-            .enumerate()
-            .map(|(i, (node, peer, _))| {
+            .map(|&i| {
+                let (node, peer, _) = &self.keys[usize::from(i) - 1];
                 serde_json::json!({"node_id": node, "peer_id": peer,
-                    "addrs": [format!("/ip4/{}/tcp/4001", ip_of(i as u8 + 1))]})
+                    "addrs": [format!("/ip4/{}/tcp/4001", ip_of(i))]})
             })
             .collect();
         let path = self.lab.path(name);
@@ -623,6 +631,7 @@ impl Cluster {
                 "--stall-layer-floor",
                 "6s",
             ])
+            .args(&self.agent_args)
             .env(
                 "RUST_LOG",
                 std::env::var("GANTRY_AGENT_LOG").unwrap_or_else(|_| "info".into()),
