@@ -32,7 +32,7 @@ use std::{
 use libp2p_identity::PeerId;
 
 use super::{hrw, Member, Stalls};
-use crate::{Digest, FailureClass, NodeId, OriginRefKind, Outcome, PullIntent};
+use crate::{Digest, FailureClass, NodeId, OriginRefKind, Outcome, PullIntent, RecentFailure};
 
 /// Settings of the cascade, with the Go resolver's defaults.
 #[derive(Debug, Clone)]
@@ -508,7 +508,7 @@ impl Cascade {
         // 1. A trusted failure anywhere.
         if let Some((rank, class)) = reachable
             .iter()
-            .filter_map(|(rank, a)| Some((*rank, a.recently_failed?.class)))
+            .filter_map(|(rank, a)| Some((*rank, standing_failure(a)?.class)))
             .find(|(_, c)| self.trusted(*c))
         {
             let node = self.ranked[rank].clone();
@@ -543,7 +543,7 @@ impl Cascade {
         // 4. A transient failure.
         if let Some(until) = reachable
             .iter()
-            .filter_map(|(_, a)| a.recently_failed)
+            .filter_map(|(_, a)| standing_failure(a))
             .filter(|f| !self.trusted(f.class))
             .map(|f| f.cooldown_until)
             .max()
@@ -711,7 +711,7 @@ impl Cascade {
             if intent.has_cached {
                 return self.done(rule, Ok(Source::Holder(watched_node)));
             }
-            if let Some(failure) = intent.recently_failed {
+            if let Some(failure) = standing_failure(&intent) {
                 if self.trusted(failure.class) {
                     return self.origin_refused(watched_node, failure.class);
                 }
@@ -740,6 +740,14 @@ impl Cascade {
         }
         self.done(rule, Err(error))
     }
+}
+
+/// The failure a node reports, unless it is pulling the digest again (with other
+/// credentials, after an auth failure): then the pull is what counts.
+fn standing_failure(intent: &PullIntent) -> Option<RecentFailure> {
+    intent
+        .recently_failed
+        .filter(|_| intent.in_flight_since.is_none())
 }
 
 /// The members a cascade on `local` chooses among, in HRW order for `digest`: its zone's
@@ -1337,6 +1345,23 @@ mod tests {
             Err(ColdStartError::Failed(FailureClass::Auth))
         );
         assert_eq!(s.cascade.please_pulls_sent, 1);
+    }
+
+    #[test]
+    fn a_pull_started_again_after_an_auth_failure_is_waited_on() {
+        let mut s = sim(8, "outsider", CascadeConfig::default());
+        // Another requester's credentials started it again; the failure is still cached.
+        let retrying = |rank: usize| PullIntent {
+            recently_failed: (rank == 0).then(auth_failure),
+            in_flight_since: (rank == 0).then(t0),
+            ..idle(rank)
+        };
+        s.answer(t0(), |rank| Some(retrying(rank)));
+        assert_eq!(s.watched(), s.rank(0));
+        let later = t0() + Duration::from_secs(1);
+        s.action = s.cascade.on_providers(vec![], Some(retrying(0)), later);
+        assert_eq!(s.watched(), s.rank(0), "still waited on");
+        assert_eq!(s.cascade.please_pulls_sent, 0);
     }
 
     #[test]
