@@ -405,7 +405,46 @@ impl ProviderLookup for NoProviders {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::PullIntent;
+    use crate::{Member, OriginRefKind, PullIntent, StaticMembership};
+
+    #[test]
+    fn prefetch_asks_the_pullers_the_cascade_would_ask_zone_scope_included() {
+        let zone = |z: &'static str, n: usize| {
+            (1..=n).map(move |i| Member::new(format!("{z}-{i}"), None).with_zone(z))
+        };
+        let members: Vec<Member> = zone("a", 3).chain(zone("b", 6)).collect();
+        let state = NodeState::builder(StaticMembership::new("a-1", members)).build();
+        let behaviour = crate::Behaviour::new(crate::Config::default());
+        let digests: Vec<Digest> = (0..32u32)
+            .map(|i| Digest::parse(&format!("sha256:{i:064x}")).unwrap())
+            .collect();
+        let request = PleasePull::new(
+            "registry.example.com",
+            "library/app",
+            OriginRefKind::Blob,
+            digests,
+        )
+        .unwrap();
+        // Peers without peer ids cannot be reached: each share fails at once, keyed by
+        // the puller it was meant for.
+        let pullers = |zone_scope| {
+            let config = CascadeConfig::default().with_zone_scope(zone_scope);
+            let resolver =
+                ColdStart::new(behaviour.coordinator(), state.clone(), NoProviders, config);
+            let asked = futures::executor::block_on(resolver.prefetch(&request));
+            asked.into_keys().collect::<Vec<NodeId>>()
+        };
+        let scoped = pullers(true);
+        assert!(
+            scoped.iter().all(|n| n.as_str().starts_with("a-")),
+            "{scoped:?}"
+        );
+        let everyone = pullers(false);
+        assert!(
+            everyone.iter().any(|n| n.as_str().starts_with("b-")),
+            "{everyone:?}"
+        );
+    }
 
     #[test]
     fn a_recheck_finds_a_holder_or_a_pull_among_those_that_answer() {
