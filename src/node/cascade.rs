@@ -363,7 +363,7 @@ impl Cascade {
         size: Option<u64>,
         delegates_credentials: bool,
     ) -> (Self, Action) {
-        let ranked = ranked_candidates(&config, members, local, &digest);
+        let ranked = ranked_candidates(config.zone_scope, members, local, &digest);
         let mut cascade = Cascade {
             config,
             digest,
@@ -753,7 +753,7 @@ fn standing_failure(intent: &PullIntent) -> Option<RecentFailure> {
 /// The members a cascade on `local` chooses among, in HRW order for `digest`: its zone's
 /// with zone scope (all members when its zone has none), else all.
 pub(crate) fn ranked_candidates(
-    config: &CascadeConfig,
+    zone_scope: bool,
     members: &[Member],
     local: &NodeId,
     digest: &Digest,
@@ -762,7 +762,7 @@ pub(crate) fn ranked_candidates(
         .iter()
         .find(|m| &m.id == local)
         .and_then(|m| m.zone.as_deref());
-    let in_zone: Vec<&Member> = match (config.zone_scope, zone) {
+    let in_zone: Vec<&Member> = match (zone_scope, zone) {
         (true, Some(zone)) => hrw::in_zone(members, zone).collect(),
         _ => Vec::new(),
     };

@@ -245,7 +245,7 @@ impl ColdStart {
         let mut shares: BTreeMap<NodeId, Vec<Digest>> = BTreeMap::new();
         for digest in request.digests() {
             // The puller the cascade would ask: zone scope included.
-            let ranked = ranked_candidates(&self.config, &members, &local, digest);
+            let ranked = ranked_candidates(self.config.zone_scope, &members, &local, digest);
             if let Some(puller) = ranked.into_iter().next() {
                 shares.entry(puller).or_default().push(digest.clone());
             }
@@ -322,7 +322,7 @@ impl ColdStart {
         let local = membership.local_id();
         let members = membership.members();
         let providers = self.lookup.providers(digest).await;
-        let mut nodes = ranked_candidates(&self.config, &members, &local, digest);
+        let mut nodes = ranked_candidates(self.config.zone_scope, &members, &local, digest);
         nodes.truncate(self.config.top_k);
         let named = members
             .iter()

@@ -277,6 +277,16 @@ impl NodeState {
         }
     }
 
+    /// The members a cold start on this node chooses among for `digest`, best first, at
+    /// most `k` of them: with `zone_scope` its own zone's (all members when it has none).
+    pub fn ranking(&self, digest: &Digest, k: usize, zone_scope: bool) -> Vec<crate::NodeId> {
+        let members = self.inner.membership.members();
+        let local = self.inner.membership.local_id();
+        let mut ranked = cascade::ranked_candidates(zone_scope, &members, &local, digest);
+        ranked.truncate(k);
+        ranked
+    }
+
     /// The primary store, then the secondary on a miss. Only a store that could not be
     /// asked, with no other store holding the digest, reads as "storage unavailable".
     fn has_cached(&self, digest: &Digest) -> bool {
