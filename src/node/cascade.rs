@@ -363,7 +363,31 @@ impl Cascade {
         size: Option<u64>,
         delegates_credentials: bool,
     ) -> (Self, Action) {
-        let ranked = ranked_candidates(config.zone_scope, members, local, &digest);
+        let widest = 2 * config.top_k;
+        let ranked = ranked_candidates(config.zone_scope, members, local, &digest, widest);
+        Self::from_ranking(
+            config,
+            ranked,
+            local,
+            digest,
+            kind,
+            size,
+            delegates_credentials,
+        )
+    }
+
+    /// As [`Cascade::start`], from the requester's ranking of the candidates, best first
+    /// (its first 2K are all the cascade asks): for a node that keeps rankings per
+    /// digest rather than hashing the membership for each resolution.
+    pub fn from_ranking(
+        config: Arc<CascadeConfig>,
+        ranked: Vec<NodeId>,
+        local: &NodeId,
+        digest: Digest,
+        kind: OriginRefKind,
+        size: Option<u64>,
+        delegates_credentials: bool,
+    ) -> (Self, Action) {
         let mut cascade = Cascade {
             config,
             digest,
@@ -400,7 +424,8 @@ impl Cascade {
         &self.digest
     }
 
-    /// The requester's ranking of the candidates, designated puller first.
+    /// The requester's ranking of the candidates it may ask (the top 2K), designated
+    /// puller first.
     pub fn ranking(&self) -> &[NodeId] {
         &self.ranked
     }
@@ -750,13 +775,14 @@ fn standing_failure(intent: &PullIntent) -> Option<RecentFailure> {
         .filter(|_| intent.in_flight_since.is_none())
 }
 
-/// The members a cascade on `local` chooses among, in HRW order for `digest`: its zone's
-/// with zone scope (all members when its zone has none), else all.
+/// The best `k` of the members a cascade on `local` chooses among, in HRW order for
+/// `digest`: its zone's with zone scope (all members when its zone has none), else all.
 pub(crate) fn ranked_candidates(
     zone_scope: bool,
     members: &[Member],
     local: &NodeId,
     digest: &Digest,
+    k: usize,
 ) -> Vec<NodeId> {
     let zone = members
         .iter()
@@ -771,7 +797,7 @@ pub(crate) fn ranked_candidates(
     } else {
         in_zone
     };
-    hrw::top_k(candidates, digest, usize::MAX)
+    hrw::top_k(candidates, digest, k)
         .into_iter()
         .map(|m| m.id.clone())
         .collect()

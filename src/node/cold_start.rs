@@ -13,10 +13,7 @@ use libp2p_identity::PeerId;
 use parking_lot::Mutex;
 
 use super::{
-    cascade::{
-        ranked_candidates, Action, Cascade, CascadeConfig, ColdStartError, ProbeAnswer, Resolution,
-        Rule,
-    },
+    cascade::{Action, Cascade, CascadeConfig, ColdStartError, ProbeAnswer, Resolution, Rule},
     fallback::{FallbackConfig, FallbackDeclined, OriginFallback},
     Membership, NodeState,
 };
@@ -138,11 +135,13 @@ impl ColdStart {
         if let Some(until) = self.honoured_until(digest, now) {
             return unprobed(Rule::HonourWindow, ColdStartError::CoolingDown { until });
         }
-        let membership = self.state.membership();
-        let local = membership.local_id();
-        let (mut cascade, mut action) = Cascade::start(
+        let local = self.state.membership().local_id();
+        let ranked = self
+            .state
+            .ranking(digest, 2 * self.config.top_k, self.config.zone_scope);
+        let (mut cascade, mut action) = Cascade::from_ranking(
             self.config.clone(),
-            &membership.members(),
+            ranked,
             &local,
             digest.clone(),
             request.kind(),
@@ -239,13 +238,11 @@ impl ColdStart {
         &self,
         request: &PleasePull,
     ) -> BTreeMap<NodeId, Result<Vec<PleasePullOutcome>, crate::CoordinatorError>> {
-        let membership = self.state.membership();
-        let members = membership.members();
-        let local = membership.local_id();
+        let local = self.state.membership().local_id();
         let mut shares: BTreeMap<NodeId, Vec<Digest>> = BTreeMap::new();
         for digest in request.digests() {
             // The puller the cascade would ask: zone scope included.
-            let ranked = ranked_candidates(self.config.zone_scope, &members, &local, digest);
+            let ranked = self.state.ranking(digest, 1, self.config.zone_scope);
             if let Some(puller) = ranked.into_iter().next() {
                 shares.entry(puller).or_default().push(digest.clone());
             }
@@ -322,8 +319,9 @@ impl ColdStart {
         let local = membership.local_id();
         let members = membership.members();
         let providers = self.lookup.providers(digest).await;
-        let mut nodes = ranked_candidates(self.config.zone_scope, &members, &local, digest);
-        nodes.truncate(self.config.top_k);
+        let mut nodes = self
+            .state
+            .ranking(digest, self.config.top_k, self.config.zone_scope);
         let named = members
             .iter()
             .filter(|m| m.peer_id.is_some_and(|p| providers.contains(&p)))

@@ -18,6 +18,7 @@ mod membership;
 #[cfg(feature = "metrics")]
 mod metrics;
 mod negative_cache;
+mod rank_cache;
 mod store;
 
 pub use cascade::{
@@ -148,6 +149,7 @@ struct Inner {
     pump: Option<Box<dyn PullerPump>>,
     clock: Box<dyn Clock>,
     credentials: credentials::CredentialLedger,
+    ranks: rank_cache::RankCache,
     signals: SignalCounters,
 }
 
@@ -226,6 +228,7 @@ impl NodeStateBuilder {
                 pump: self.pump,
                 clock: self.clock.unwrap_or_else(|| Box::new(SystemClock)),
                 credentials: credentials::CredentialLedger::new(4096),
+                ranks: rank_cache::RankCache::new(4096),
                 signals: SignalCounters::default(),
             }),
         }
@@ -272,19 +275,20 @@ impl NodeState {
         PullIntent {
             has_cached: self.has_cached(digest),
             in_flight_since: inner.in_flight.started_at(digest),
-            hrw_rank: hrw::rank_of(members.iter(), local.as_str(), digest),
+            hrw_rank: inner.ranks.own_rank(&members, &local, digest),
             recently_failed: inner.failures.get(digest, now),
         }
     }
 
     /// The members a cold start on this node chooses among for `digest`, best first, at
     /// most `k` of them: with `zone_scope` its own zone's (all members when it has none).
+    /// Kept per digest for the current membership snapshot, as the node's own rank is.
     pub fn ranking(&self, digest: &Digest, k: usize, zone_scope: bool) -> Vec<crate::NodeId> {
         let members = self.inner.membership.members();
         let local = self.inner.membership.local_id();
-        let mut ranked = cascade::ranked_candidates(zone_scope, &members, &local, digest);
-        ranked.truncate(k);
-        ranked
+        self.inner
+            .ranks
+            .ranking(&members, &local, digest, k, zone_scope)
     }
 
     /// The primary store, then the secondary on a miss. Only a store that could not be
