@@ -95,12 +95,7 @@ struct Origin {
 
 impl Origin {
     async fn pull(&self, digest: &Digest) -> Result<Vec<u8>, FailureClass> {
-        *self
-            .attempts
-            .lock()
-            .unwrap()
-            .entry(digest.clone())
-            .or_default() += 1;
+        *self.attempts.lock().unwrap().entry(*digest).or_default() += 1;
         tokio::time::sleep(Duration::from_millis(150)).await;
         if self.missing.contains(digest) {
             return Err(FailureClass::NotFound);
@@ -110,23 +105,13 @@ impl Origin {
             .get(digest)
             .cloned()
             .ok_or(FailureClass::NotFound)?;
-        *self
-            .served
-            .lock()
-            .unwrap()
-            .entry(digest.clone())
-            .or_default() += 1;
+        *self.served.lock().unwrap().entry(*digest).or_default() += 1;
         Ok(bytes)
     }
 
     /// A pull the origin never finishes: the connection hangs.
     async fn hang(&self, digest: &Digest) {
-        *self
-            .attempts
-            .lock()
-            .unwrap()
-            .entry(digest.clone())
-            .or_default() += 1;
+        *self.attempts.lock().unwrap().entry(*digest).or_default() += 1;
         futures::future::pending::<()>().await;
     }
 
@@ -151,7 +136,7 @@ fn image() -> Vec<(Blob, Vec<u8>)> {
     for (i, size) in layer_sizes.iter().enumerate() {
         let bytes: Vec<u8> = (0..*size).map(|n| (n * 31 + i * 7) as u8).collect();
         let digest = sha256_digest(&bytes);
-        layers.push(digest.clone());
+        layers.push(digest);
         blobs.push((
             Blob {
                 digest,
@@ -205,7 +190,7 @@ struct OriginPump(mpsc::UnboundedSender<Digest>);
 
 impl PullerPump for OriginPump {
     fn start(&self, order: PullOrder<'_>) -> PumpDecision {
-        match self.0.send(order.digest.clone()) {
+        match self.0.send(*order.digest) {
             Ok(()) => PumpDecision::Started,
             Err(_) => PumpDecision::RecentlyFailed(RecentFailure {
                 cooldown_until: std::time::SystemTime::now() + Duration::from_secs(10),
@@ -336,8 +321,8 @@ async fn start_node(
                     // A dead node stores nothing and reports nothing.
                     _ if dead.load(Ordering::SeqCst) => return,
                     Ok(bytes) if sha256_digest(&bytes) == digest => {
-                        store.insert(digest.clone());
-                        let _ = announcer.send(Control::Provide(digest.clone()));
+                        store.insert(digest);
+                        let _ = announcer.send(Control::Provide(digest));
                         Ok(())
                     }
                     Ok(_) => Err(FailureClass::Transient),
@@ -441,7 +426,7 @@ async fn cold_start(
     started: Instant,
     messages: &AtomicU64,
 ) -> Got {
-    let request = PleasePull::new(REGISTRY, REPOSITORY, blob.kind, vec![blob.digest.clone()])
+    let request = PleasePull::new(REGISTRY, REPOSITORY, blob.kind, vec![blob.digest])
         .expect("a valid request");
     let mut backoff = Duration::from_millis(50);
     loop {
@@ -485,8 +470,8 @@ async fn cold_start(
             .iter()
             .any(|h| !h.dead.load(Ordering::SeqCst) && cached(&h.store, &blob.digest))
         {
-            node.store.insert(blob.digest.clone());
-            let _ = node.control.send(Control::Provide(blob.digest.clone()));
+            node.store.insert(blob.digest);
+            let _ = node.control.send(Control::Provide(blob.digest));
             continue;
         }
         tokio::time::sleep(backoff).await;
@@ -499,7 +484,7 @@ fn cached(store: &MemoryStore, digest: &Digest) -> bool {
 }
 
 fn short(digest: &Digest) -> String {
-    digest.as_str().chars().take(19).collect()
+    digest.encode().as_str().chars().take(19).collect()
 }
 
 async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
@@ -508,12 +493,12 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
     let failing = blobs
         .iter()
         .find(|(b, _)| b.name == "layer-2")
-        .map(|(b, _)| b.digest.clone())
+        .map(|(b, _)| b.digest)
         .expect("layer-2 exists");
     let origin = Arc::new(Origin {
         blobs: blobs
             .iter()
-            .map(|(b, bytes)| (b.digest.clone(), bytes.clone()))
+            .map(|(b, bytes)| (b.digest, bytes.clone()))
             .collect(),
         missing: HashSet::from([failing]),
         served: Mutex::default(),
@@ -536,7 +521,7 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
     ] {
         if let Some(index) = index {
             let blob = blobs.get(index).ok_or("no blob with that index")?;
-            faults.insert(designated(blob), (blob.digest.clone(), fault));
+            faults.insert(designated(blob), (blob.digest, fault));
         }
     }
 
@@ -605,12 +590,12 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         blobs.iter().map(move |blob| async move {
             tokio::time::sleep(delay).await;
             let got = cold_start(node, blob, cluster, by_id, started, messages).await;
-            (node.id.clone(), blob.digest.clone(), got)
+            (node.id.clone(), blob.digest, got)
         })
     });
     let progress = tokio::spawn({
         let stores: Vec<MemoryStore> = order.iter().map(|p| cluster[p].store.clone()).collect();
-        let digests: Vec<Digest> = blobs.iter().map(|b| b.digest.clone()).collect();
+        let digests: Vec<Digest> = blobs.iter().map(|b| b.digest).collect();
         async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(500)).await;

@@ -27,7 +27,7 @@ fn blob() -> Digest {
 }
 
 fn key(digest: &Digest) -> kad::RecordKey {
-    kad::RecordKey::new(&digest.as_str())
+    kad::RecordKey::new(&digest.encode().as_str())
 }
 
 /// Runs a swarm's loop forever, answering coord requests from `state`.

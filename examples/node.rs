@@ -173,7 +173,7 @@ fn outcome_json(outcome: &PleasePullOutcome) -> Value {
         Outcome::Unspecified => ("unspecified", None, None),
     };
     json!({
-        "digest": outcome.digest.as_str(),
+        "digest": outcome.digest.encode().as_str(),
         "outcome": name,
         "started_at_unix_ms": unix_ms(started),
         "cooldown_until_unix_ms": unix_ms(failure.map(|f| f.cooldown_until)),
@@ -187,7 +187,7 @@ struct DelayedOrigin(mpsc::UnboundedSender<Digest>);
 
 impl PullerPump for DelayedOrigin {
     fn start(&self, order: PullOrder<'_>) -> PumpDecision {
-        match self.0.send(order.digest.clone()) {
+        match self.0.send(*order.digest) {
             Ok(()) => PumpDecision::Started,
             Err(_) => PumpDecision::RecentlyFailed(RecentFailure {
                 cooldown_until: SystemTime::now() + Duration::from_secs(10),
@@ -221,7 +221,7 @@ async fn serve(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 
     let now = SystemTime::now();
     let store = MemoryStore::new();
-    args.cached.iter().for_each(|d| store.insert(d.clone()));
+    args.cached.iter().for_each(|d| store.insert(*d));
     let in_flight = InFlightMap::default();
     for digest in &args.pulling {
         let _ = in_flight.begin(digest, now);
@@ -232,7 +232,7 @@ async fn serve(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             cooldown_until: now + Duration::from_secs(*secs),
             class: *class,
         };
-        failures.insert(digest.clone(), failure);
+        failures.insert(*digest, failure);
     }
     let mut builder = NodeState::builder(membership)
         .store(store.clone())
@@ -250,7 +250,7 @@ async fn serve(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             let (state, store) = (completer.clone(), store.clone());
             tokio::spawn(async move {
                 tokio::time::sleep(pull_time).await;
-                store.insert(digest.clone());
+                store.insert(digest);
                 state.finish_pull(&digest, Ok(()));
                 tracing::info!(%digest, "origin pull complete");
             });

@@ -156,7 +156,7 @@ impl Coordinator {
         let peer = self.peer_of(target.into())?;
         let deadline = Instant::now() + self.deadline;
         match self
-            .call(peer, Request::PullIntent(digest.clone()), deadline)
+            .call(peer, Request::PullIntent(*digest), deadline)
             .await?
         {
             Response::PullIntent(intent) => Ok(intent),

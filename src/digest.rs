@@ -2,14 +2,15 @@
 
 use std::{fmt, str::FromStr};
 
-/// A validated OCI content digest such as `sha256:` followed by 64 hex characters.
+/// A validated OCI content digest: `sha256:` and 64 lowercase hex characters.
 ///
-/// Only `sha256` with exactly 64 lowercase hex characters is accepted, as the Go nodes'
-/// `digest.Parse` accepts nothing else: a digest one side takes and the other refuses
-/// would split the cluster on who may pull it. The string form is canonical: it is what
-/// goes on the wire and into HRW scores.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Digest(String);
+/// Only that form is accepted, as the Go nodes' `digest.Parse` accepts nothing else: a
+/// digest one side takes and the other refuses would split the cluster on who may pull
+/// it. It is parsed once and kept as its 32 bytes, so it is `Copy` and costs nothing to
+/// pass around; [`Display`](fmt::Display) and [`Digest::encode`] give the canonical text,
+/// which is what goes on the wire and into HRW scores.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest([u8; 32]);
 
 /// Why a string is not a usable [`Digest`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -26,38 +27,89 @@ pub enum DigestError {
     InvalidLength,
 }
 
+/// The length of the canonical text: `sha256:` and 64 hex characters.
+const CANONICAL_LEN: usize = 71;
+const PREFIX: &str = "sha256:";
+
 impl Digest {
     /// Parses and validates a digest.
     pub fn parse(s: &str) -> Result<Self, DigestError> {
         validate(s)?;
-        Ok(Digest(s.to_owned()))
-    }
-
-    /// The canonical string form.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// The algorithm part, such as `sha256`.
-    pub fn algorithm(&self) -> &str {
-        self.0
-            .split_once(':')
-            .map_or("", |(algorithm, _)| algorithm)
-    }
-
-    /// The 32 bytes the hex part encodes.
-    pub fn to_bytes(&self) -> [u8; 32] {
-        // Validated: `sha256:` and 64 lowercase hex characters.
-        let hex = &self.0.as_bytes()["sha256:".len()..];
+        let hex = &s.as_bytes()[PREFIX.len()..];
         let nibble = |c: u8| match c {
             b'0'..=b'9' => c - b'0',
             _ => c - b'a' + 10,
         };
         let mut bytes = [0u8; 32];
         for (byte, pair) in bytes.iter_mut().zip(hex.chunks_exact(2)) {
-            *byte = nibble(pair[0]) << 4 | nibble(pair[1]);
+            *byte = (nibble(pair[0]) << 4) | nibble(pair[1]);
         }
-        bytes
+        Ok(Digest(bytes))
+    }
+
+    /// The digest of content whose SHA-256 is `hash`.
+    pub const fn from_sha256(hash: [u8; 32]) -> Self {
+        Digest(hash)
+    }
+
+    /// The algorithm part: always `sha256`.
+    pub fn algorithm(&self) -> &'static str {
+        "sha256"
+    }
+
+    /// The 32 bytes the hex part encodes.
+    pub fn to_bytes(&self) -> [u8; 32] {
+        self.0
+    }
+
+    /// The canonical text, `sha256:<hex>`, on the stack.
+    pub fn encode(&self) -> EncodedDigest {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut text = [0u8; CANONICAL_LEN];
+        text[..PREFIX.len()].copy_from_slice(PREFIX.as_bytes());
+        for (pair, byte) in text[PREFIX.len()..].chunks_exact_mut(2).zip(self.0) {
+            pair[0] = HEX[usize::from(byte >> 4)];
+            pair[1] = HEX[usize::from(byte & 0x0f)];
+        }
+        EncodedDigest(text)
+    }
+}
+
+/// A digest's canonical text, `sha256:` and 64 lowercase hex characters, without an
+/// allocation: what the wire carries and HRW hashes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct EncodedDigest([u8; CANONICAL_LEN]);
+
+impl EncodedDigest {
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        // Only ASCII is ever written into it.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+
+    /// The 64 hex characters alone, as content stores name their files.
+    pub fn hex(&self) -> &str {
+        &self.as_str()[PREFIX.len()..]
+    }
+}
+
+impl std::ops::Deref for EncodedDigest {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl fmt::Display for EncodedDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for EncodedDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
     }
 }
 
@@ -97,36 +149,29 @@ impl FromStr for Digest {
     }
 }
 
-impl TryFrom<String> for Digest {
+impl TryFrom<&str> for Digest {
     type Error = DigestError;
 
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        validate(&s)?;
-        Ok(Digest(s))
-    }
-}
-
-impl AsRef<str> for Digest {
-    fn as_ref(&self) -> &str {
-        &self.0
+    fn try_from(s: &str) -> Result<Self, Self::Error> {
+        Digest::parse(s)
     }
 }
 
 impl fmt::Display for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.encode())
     }
 }
 
 impl fmt::Debug for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Digest({})", self.0)
+        write!(f, "Digest({})", self.encode())
     }
 }
 
 impl From<Digest> for String {
     fn from(digest: Digest) -> Self {
-        digest.0
+        digest.encode().as_str().to_owned()
     }
 }
 
@@ -146,7 +191,11 @@ mod tests {
     fn accepts_sha256_only() {
         let d = Digest::parse(&format!("sha256:{HEX64}")).unwrap();
         assert_eq!(d.algorithm(), "sha256");
-        assert_eq!(d.as_str(), format!("sha256:{HEX64}"));
+        assert_eq!(d.to_string(), format!("sha256:{HEX64}"));
+        assert_eq!(d.encode().as_str(), format!("sha256:{HEX64}"));
+        assert_eq!(Digest::from_sha256(d.to_bytes()), d);
+        assert_eq!(d.encode().hex(), HEX64);
+        assert_eq!(std::mem::size_of::<Digest>(), 32);
         assert_eq!(
             Digest::parse(&format!("sha512:{HEX64}{HEX64}")),
             Err(DigestError::Unsupported),

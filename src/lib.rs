@@ -131,7 +131,7 @@ pub use budget::StreamCap;
 pub use client::{Coordinator, CoordinatorError, Resolver, Target};
 pub use codec::FrameError;
 pub use config::{AuthorizationMode, Config};
-pub use digest::{Digest, DigestError};
+pub use digest::{Digest, DigestError, EncodedDigest};
 pub use failure::{InboundFailure, OutboundFailure, ResponseError, UnauthorizedReason};
 pub use handler::Handler;
 pub use message::{

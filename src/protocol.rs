@@ -175,7 +175,7 @@ impl PleasePullOutcome {
         clock: ClockBounds,
     ) -> Result<Self, crate::DigestError> {
         use wire::please_pull_response::result::Outcome as W;
-        let digest = Digest::try_from(msg.digest)?;
+        let digest = Digest::parse(&msg.digest)?;
         let outcome = match W::try_from(msg.outcome) {
             Ok(W::AlreadyPulling) => Outcome::AlreadyPulling {
                 started_at: clock.started_at(msg.started_at),
@@ -217,7 +217,7 @@ impl InboundRequest {
             Some(Msg::PullIntentResponse(_) | Msg::PleasePullResponse(_)) => {
                 Err(InboundFailure::UnexpectedBody)
             }
-            Some(Msg::PullIntentRequest(msg)) => Digest::try_from(msg.digest)
+            Some(Msg::PullIntentRequest(msg)) => Digest::parse(&msg.digest)
                 .map(InboundRequest::PullIntent)
                 .map_err(InboundFailure::InvalidDigest),
             Some(Msg::PleasePullRequest(msg)) => {
@@ -228,7 +228,7 @@ impl InboundRequest {
                 let digests: Vec<Digest> = msg
                     .digests
                     .into_iter()
-                    .filter_map(|d| Digest::try_from(d).ok())
+                    .filter_map(|d| Digest::parse(&d).ok())
                     .collect();
                 let skipped_digests = total - digests.len();
                 // As the Go responder: only registry and repository must be non-empty.
@@ -252,7 +252,7 @@ pub(crate) fn pull_intent_request(digest: &Digest) -> wire::Envelope {
     wire::Envelope {
         msg: Some(wire::envelope::Msg::PullIntentRequest(
             wire::PullIntentRequest {
-                digest: digest.as_str().to_owned(),
+                digest: digest.to_string(),
             },
         )),
     }
@@ -262,11 +262,7 @@ pub(crate) fn please_pull_request(request: &PleasePull) -> wire::Envelope {
     wire::Envelope {
         msg: Some(wire::envelope::Msg::PleasePullRequest(
             wire::PleasePullRequest {
-                digests: request
-                    .digests()
-                    .iter()
-                    .map(|d| d.as_str().to_owned())
-                    .collect(),
+                digests: request.digests().iter().map(|d| d.to_string()).collect(),
                 upstream_registry: request.registry().to_owned(),
                 repository: request.repository().to_owned(),
                 kind: request.kind().to_wire(),

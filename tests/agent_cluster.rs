@@ -56,15 +56,15 @@ fn healthy_cluster_pulls_each_blob_once_and_a_late_joiner_only_from_peers() {
 /// node still ends with every blob; blobs it was to pull reach the origin at most twice.
 fn puller_fault(name: &str, fault: impl FnOnce(&mut Cluster, u8)) {
     let mut cluster = Cluster::new(name, NODES, false, &LAYERS);
-    let largest = cluster.image.largest_layer().clone();
+    let largest = *cluster.image.largest_layer();
     let victim = cluster.designated(&largest, NODES);
     cluster.start_nodes(NODES, "members.json");
     // Mid-pull: its manifest is in, so the batched please_pull for the layers has come.
     let deadline = Instant::now() + WITHIN;
-    let manifest = cluster.image.manifest.clone();
+    let manifest = cluster.image.manifest;
     assert!(cluster.agent(victim).wait_for(deadline, |seen| seen
         .iter()
-        .any(|e| e["digest"] == manifest.as_str())));
+        .any(|e| e["digest"] == manifest.encode().as_str())));
     std::thread::sleep(Duration::from_millis(700));
     fault(&mut cluster, victim);
 
@@ -116,7 +116,7 @@ fn a_missing_layer_fails_everywhere_without_a_retry_storm() {
         return;
     };
     let mut cluster = Cluster::new("gone", NODES, false, &LAYERS);
-    let missing = cluster.image.layers[0].clone();
+    let missing = cluster.image.layers[0];
     cluster.registry.delete_blob(&missing);
     cluster.start_nodes(NODES, "members.json");
     let deadline = Instant::now() + WITHIN;
@@ -131,10 +131,10 @@ fn a_missing_layer_fails_everywhere_without_a_retry_storm() {
         let done = |seen: &[Value]| {
             let stored = |d: &Digest| {
                 seen.iter()
-                    .any(|e| e["event"] == "blob" && e["digest"] == d.as_str())
+                    .any(|e| e["event"] == "blob" && e["digest"] == d.encode().as_str())
             };
             seen.iter()
-                .any(|e| e["event"] == "error" && e["digest"] == missing.as_str())
+                .any(|e| e["event"] == "error" && e["digest"] == missing.encode().as_str())
                 && wanted.iter().all(stored)
         };
         assert!(
@@ -197,7 +197,7 @@ fn credentials_are_delegated_and_wrong_ones_stop_every_node() {
     for i in 1..=NODES {
         cluster.start(i, "members.json", Some("gantry:wrong"));
     }
-    let manifest = cluster.image.manifest.clone();
+    let manifest = cluster.image.manifest;
     let deadline = Instant::now() + Duration::from_secs(20);
     for i in 1..=NODES {
         let agent = cluster.agent(i);

@@ -101,7 +101,7 @@ async fn rejected(bytes: &[u8], want: InboundFailure) {
     assert!(reply.is_empty(), "no reply to a rejected request");
     assert_eq!(next(&mut seen).await, Seen::Failure(me, want));
 
-    let reply = raw_exchange(&mut control, target, &query(digest(7).as_str()))
+    let reply = raw_exchange(&mut control, target, &query(digest(7).encode().as_str()))
         .await
         .unwrap();
     assert!(matches!(unframe(&reply).msg, Some(Msg::PullIntentResponse(r)) if r.hrw_rank == -1));
@@ -275,7 +275,7 @@ async fn node_cap_and_peer_share_hold_across_two_peers() {
     let mut buf = [0u8; 1];
     assert!(matches!(over_share.read(&mut buf).await, Ok(0) | Err(_)));
     assert!(over_share
-        .write_all(&query(digest(1).as_str()))
+        .write_all(&query(digest(1).encode().as_str()))
         .await
         .is_err());
 
@@ -289,13 +289,16 @@ async fn node_cap_and_peer_share_hold_across_two_peers() {
 
     // A slot freed by A is usable by B again.
     let mut first = held.remove(0);
-    first.write_all(&query(digest(1).as_str())).await.unwrap();
+    first
+        .write_all(&query(digest(1).encode().as_str()))
+        .await
+        .unwrap();
     first.close().await.unwrap();
     let mut reply = Vec::new();
     first.read_to_end(&mut reply).await.unwrap();
     assert_eq!(next(&mut seen).await, Seen::Query);
     assert!(matches!(next(&mut seen).await, Seen::Served { .. }));
-    let reply = raw_exchange(&mut control_b, target, &query(digest(2).as_str()))
+    let reply = raw_exchange(&mut control_b, target, &query(digest(2).encode().as_str()))
         .await
         .unwrap();
     assert!(!reply.is_empty());
@@ -407,7 +410,7 @@ async fn huge_batch_near_the_cap_is_answered_in_full() {
 
 /// Asks for `digest(1)` on a fresh stream; the raw reply.
 async fn ask(control: &mut libp2p_stream::Control, target: PeerId) -> Vec<u8> {
-    raw_exchange(control, target, &query(digest(1).as_str()))
+    raw_exchange(control, target, &query(digest(1).encode().as_str()))
         .await
         .unwrap()
 }

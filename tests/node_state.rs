@@ -130,7 +130,7 @@ fn pulls_dedupe_fail_cool_down_and_restart() {
         .build();
     let t0 = clock.now();
     let d = digest("01");
-    let authorized = request(vec![d.clone()]).with_authorization(Authorization::new("Basic x"));
+    let authorized = request(vec![d]).with_authorization(Authorization::new("Basic x"));
 
     assert_eq!(
         state.start_local_pull(&authorized)[0].outcome,
@@ -139,7 +139,7 @@ fn pulls_dedupe_fail_cool_down_and_restart() {
     assert_eq!(state.local_pull_intent(&d).in_flight_since, Some(t0));
     clock.advance(Duration::from_secs(1));
     assert_eq!(
-        state.start_local_pull(&request(vec![d.clone()]))[0].outcome,
+        state.start_local_pull(&request(vec![d]))[0].outcome,
         Outcome::AlreadyPulling { started_at: t0 }
     );
     assert_eq!(pump.0.lock().unwrap().len(), 1, "the pump is asked once");
@@ -160,10 +160,7 @@ fn pulls_dedupe_fail_cool_down_and_restart() {
         cooldown_until: t1 + Duration::from_secs(10),
         class: FailureClass::RateLimited,
     });
-    assert_eq!(
-        state.start_local_pull(&request(vec![d.clone()]))[0].outcome,
-        failed
-    );
+    assert_eq!(state.start_local_pull(&request(vec![d]))[0].outcome, failed);
     let intent = state.local_pull_intent(&d);
     assert_eq!(intent.in_flight_since, None);
     assert_eq!(
@@ -176,16 +173,13 @@ fn pulls_dedupe_fail_cool_down_and_restart() {
 
     // Live through its last instant, as Go's `After` test: no pull at the end itself.
     clock.advance(Duration::from_secs(10));
-    assert_eq!(
-        state.start_local_pull(&request(vec![d.clone()]))[0].outcome,
-        failed
-    );
+    assert_eq!(state.start_local_pull(&request(vec![d]))[0].outcome, failed);
     // Past it the entry heals: the digest may be pulled again, and a failure after
     // expiry starts the ladder again at 10 s rather than escalating to 30 s.
     clock.advance(Duration::from_secs(1));
     let t2 = clock.now();
     assert_eq!(
-        state.start_local_pull(&request(vec![d.clone()]))[0].outcome,
+        state.start_local_pull(&request(vec![d]))[0].outcome,
         Outcome::Started { started_at: t2 }
     );
     state.finish_pull(&d, Err(FailureClass::Transient));
@@ -203,7 +197,7 @@ fn pulls_dedupe_fail_cool_down_and_restart() {
 
     // Success clears the failure.
     clock.advance(Duration::from_secs(30));
-    state.start_local_pull(&request(vec![d.clone()]));
+    state.start_local_pull(&request(vec![d]));
     state.finish_pull(&d, Ok(()));
     assert_eq!(state.local_pull_intent(&d).recently_failed, None);
 }
@@ -276,7 +270,7 @@ fn a_pumps_already_pulling_keeps_its_real_start() {
         .build();
     let d = digest("01");
     assert_eq!(
-        state.start_local_pull(&request(vec![d.clone()]))[0].outcome,
+        state.start_local_pull(&request(vec![d]))[0].outcome,
         Outcome::AlreadyPulling {
             started_at: started
         },
@@ -285,7 +279,7 @@ fn a_pumps_already_pulling_keeps_its_real_start() {
     assert_eq!(state.local_pull_intent(&d).in_flight_since, Some(started));
     clock.advance(Duration::from_secs(1));
     assert_eq!(
-        state.start_local_pull(&request(vec![d.clone()]))[0].outcome,
+        state.start_local_pull(&request(vec![d]))[0].outcome,
         Outcome::AlreadyPulling {
             started_at: started
         }
@@ -305,13 +299,13 @@ fn a_held_digest_starts_no_second_origin_pull() {
         .pump(pump.clone())
         .build();
     let d = digest("01");
-    state.start_local_pull(&request(vec![d.clone()]));
+    state.start_local_pull(&request(vec![d]));
     // The pull lands, and a please_pull arrives just after.
-    store.insert(d.clone());
+    store.insert(d);
     state.finish_pull(&d, Ok(()));
     clock.advance(Duration::from_millis(5));
     assert_eq!(
-        state.start_local_pull(&request(vec![d.clone()]))[0].outcome,
+        state.start_local_pull(&request(vec![d]))[0].outcome,
         Outcome::AlreadyPulling {
             started_at: clock.now()
         }
@@ -364,7 +358,7 @@ fn an_auth_failure_holds_only_for_the_credentials_that_failed() {
         .clock(clock.clone())
         .build();
     let d = digest("ab");
-    let bare = request(vec![d.clone()]);
+    let bare = request(vec![d]);
     let with = |secret: &str| bare.clone().with_authorization(Authorization::new(secret));
     let outcome = |request: &PleasePull| state.start_local_pull(request)[0].outcome;
 
@@ -400,7 +394,7 @@ fn an_auth_failure_holds_only_for_the_credentials_that_failed() {
 
     // Another class is about the blob, whatever the credentials.
     let e = digest("ef");
-    let missing = request(vec![e.clone()]);
+    let missing = request(vec![e]);
     assert!(matches!(
         state.start_local_pull(&missing)[0].outcome,
         Outcome::Started { .. }

@@ -54,7 +54,7 @@ fn outcomes_for(request: &PleasePull, now: SystemTime) -> Vec<PleasePullOutcome>
         .iter()
         .zip(kinds.iter().cycle())
         .map(|(digest, outcome)| PleasePullOutcome {
-            digest: digest.clone(),
+            digest: *digest,
             outcome: *outcome,
         })
         .collect()

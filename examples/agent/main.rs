@@ -206,7 +206,7 @@ impl PullerPump for OriginPump {
         };
         let job = PullJob {
             repository: order.repository.to_owned(),
-            digest: order.digest.clone(),
+            digest: *order.digest,
             kind: order.kind,
             auth,
         };
@@ -305,14 +305,14 @@ impl Node {
             match transfer::fetch(&mut control, *peer, digest, &self.store, max_len).await {
                 Ok(bytes) => {
                     self.stored.lock().insert(
-                        digest.clone(),
+                        *digest,
                         Stored {
                             source: "peer",
                             peer: Some(member.id.to_string()),
                             bytes,
                         },
                     );
-                    let _ = self.control.send(Control::Provide(digest.clone()));
+                    let _ = self.control.send(Control::Provide(*digest));
                     return true;
                 }
                 Err(error) => tracing::debug!(%peer, %digest, %error, "fetch from a peer failed"),
@@ -331,8 +331,7 @@ impl Node {
         size: Option<u64>,
     ) -> Result<u64, FailureClass> {
         let started = Instant::now();
-        let Some(request) = self.request(repository, vec![digest.clone()], kind.origin_kind())
-        else {
+        let Some(request) = self.request(repository, vec![*digest], kind.origin_kind()) else {
             return Err(FailureClass::NotFound);
         };
         // A peer sends no more than the manifest said, and a manifest no more than 4 MiB
@@ -451,7 +450,7 @@ impl Node {
         let layers: Vec<Digest> = blobs
             .iter()
             .filter(|(_, kind, _)| *kind == BlobKind::Layer)
-            .map(|(d, _, _)| d.clone())
+            .map(|(d, _, _)| *d)
             .filter(|d| !self.store.has(d))
             .collect();
         // A manifest that came from the origin is new to the cluster: ask each layer's
@@ -674,14 +673,14 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
                     match result {
                         Ok(bytes) => {
                             node.stored.lock().insert(
-                                job.digest.clone(),
+                                job.digest,
                                 Stored {
                                     source: "origin",
                                     peer: None,
                                     bytes,
                                 },
                             );
-                            let _ = control.send(Control::Provide(job.digest.clone()));
+                            let _ = control.send(Control::Provide(job.digest));
                             node.state.finish_pull(&job.digest, Ok(()));
                         }
                         Err(error) => {

@@ -137,7 +137,7 @@ impl Origin {
             .await
             .map_err(classify)?;
         let mut stream = client
-            .pull_blob_stream(&reference, digest.as_str())
+            .pull_blob_stream(&reference, digest.encode().as_str())
             .await
             .map_err(classify)?;
         let len = stream.content_length.unwrap_or(MAX_BLOB).min(MAX_BLOB);

@@ -40,11 +40,7 @@ impl BlobDir {
     }
 
     pub fn path(&self, digest: &Digest) -> PathBuf {
-        let (_, hex) = digest
-            .as_str()
-            .split_once(':')
-            .unwrap_or(("", digest.as_str()));
-        self.root.join("sha256").join(hex)
+        self.root.join("sha256").join(digest.encode().hex())
     }
 
     pub fn has(&self, digest: &Digest) -> bool {
@@ -69,7 +65,7 @@ impl BlobDir {
             hasher: Sha256::new(),
             tmp,
             target: self.path(digest),
-            expected: digest.clone(),
+            expected: *digest,
             written: 0,
             max_len,
         })
@@ -117,7 +113,7 @@ impl BlobWriter {
     /// Checks the digest and moves the blob into place; returns its length.
     pub async fn finish(mut self) -> Result<u64, StoreError> {
         let actual = format!("sha256:{:x}", self.hasher.clone().finalize());
-        if actual != self.expected.as_str() {
+        if actual != self.expected.encode().as_str() {
             return Err(StoreError::Mismatch { actual });
         }
         let mut file = self

@@ -121,7 +121,8 @@ pub async fn fetch(
         .await
         .map_err(|_| FetchError::Timeout)?
         .map_err(|e| FetchError::Open(e.to_string()))?;
-    let name = digest.as_str().as_bytes();
+    let text = digest.encode();
+    let name = text.as_bytes();
     let mut request = Vec::with_capacity(name.len() + 1);
     request.push(name.len() as u8);
     request.extend_from_slice(name);

@@ -108,7 +108,6 @@ pub async fn scale(peers: usize, per_peer: usize, duration: Duration) -> Cell {
     let runs: Vec<_> = clients
         .into_iter()
         .map(|mut client| {
-            let query = query.clone();
             tokio::spawn(async move {
                 closed_loop(
                     &mut client,

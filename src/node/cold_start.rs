@@ -143,12 +143,12 @@ impl ColdStart {
             self.config.clone(),
             ranked,
             &local,
-            digest.clone(),
+            *digest,
             request.kind(),
             size,
             request.authorization().is_some(),
         );
-        let Some(single) = share(request, vec![digest.clone()]) else {
+        let Some(single) = share(request, vec![*digest]) else {
             return unprobed(Rule::NoCandidates, ColdStartError::NoPuller);
         };
         loop {
@@ -186,7 +186,7 @@ impl ColdStart {
                 }
                 Action::Done(resolution) => {
                     if let Err(ColdStartError::CoolingDown { until }) = resolution.result {
-                        self.honour.lock().insert(digest.clone(), until);
+                        self.honour.lock().insert(*digest, until);
                     }
                     return resolution;
                 }
@@ -244,7 +244,7 @@ impl ColdStart {
             // The puller the cascade would ask: zone scope included.
             let ranked = self.state.ranking(digest, 1, self.config.zone_scope);
             if let Some(puller) = ranked.into_iter().next() {
-                shares.entry(puller).or_default().push(digest.clone());
+                shares.entry(puller).or_default().push(*digest);
             }
         }
         let asks = shares.into_iter().filter_map(|(puller, digests)| {
@@ -304,7 +304,7 @@ impl ColdStart {
         if self.recheck(digest).await {
             return Err(FallbackDeclined::RecheckHit);
         }
-        let single = share(request, vec![digest.clone()]).ok_or(FallbackDeclined::RecheckHit)?;
+        let single = share(request, vec![*digest]).ok_or(FallbackDeclined::RecheckHit)?;
         let outcome = first_outcome(Ok(self.state.start_local_pull(&single)), digest)
             .unwrap_or(Outcome::Unspecified);
         drop(permit);

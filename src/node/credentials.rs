@@ -64,10 +64,7 @@ impl CredentialLedger {
 
     /// An origin pull of `digest` started with these credentials.
     pub(crate) fn started(&self, digest: &Digest, credentials: Fingerprint) {
-        self.entries
-            .lock()
-            .pulling
-            .insert(digest.clone(), credentials);
+        self.entries.lock().pulling.insert(*digest, credentials);
     }
 
     /// The origin pull of `digest` ended: an auth failure marks its credentials refused,
@@ -88,7 +85,7 @@ impl CredentialLedger {
                         }
                     }
                     None => {
-                        entries.refused.insert(digest.clone(), vec![used]);
+                        entries.refused.insert(*digest, vec![used]);
                     }
                 }
             }

@@ -185,11 +185,11 @@ impl OriginFallback {
             return Err(FallbackDeclined::RateLimited);
         }
         state.tokens -= 1.0;
-        state.admitted.insert(digest.clone());
+        state.admitted.insert(*digest);
         let jitter = self.jitter(&mut state.rng, members);
         Ok(FallbackPermit {
             state: self.state.clone(),
-            digest: digest.clone(),
+            digest: *digest,
             jitter,
         })
     }

@@ -12,7 +12,7 @@ use crate::{Digest, Member};
 pub fn score(node_id: &str, digest: &Digest) -> [u8; 32] {
     let mut hasher = Sha256::new();
     hasher.update(node_id.as_bytes());
-    hasher.update(digest.as_str().as_bytes());
+    hasher.update(digest.encode().as_bytes());
     hasher.finalize().into()
 }
 

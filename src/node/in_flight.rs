@@ -80,7 +80,7 @@ impl InFlightPulls for InFlightMap {
         if entries.len() >= self.max_entries {
             return Claim::Full;
         }
-        entries.insert(digest.clone(), now);
+        entries.insert(*digest, now);
         Claim::Claimed
     }
 

@@ -104,7 +104,7 @@ impl ProviderLookup for KadProviders {
     fn providers(&self, digest: &Digest) -> BoxFuture<'static, Vec<PeerId>> {
         let (reply, answer) = oneshot::channel();
         let lookup = Lookup {
-            digest: digest.clone(),
+            digest: *digest,
             reply,
         };
         // Queued at once; a full queue (the loop is far behind) counts as "none known".

@@ -318,7 +318,7 @@ impl NodeState {
             .digests()
             .iter()
             .map(|digest| PleasePullOutcome {
-                digest: digest.clone(),
+                digest: *digest,
                 outcome: self.start_one(request, digest),
             })
             .collect()

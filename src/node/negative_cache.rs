@@ -109,7 +109,7 @@ impl FailureCache for NegativeCache {
             cooldown_until: now + self.cooldown(failures),
             class,
         };
-        entries.insert(digest.clone(), Entry { failures, failure });
+        entries.insert(*digest, Entry { failures, failure });
         failure
     }
 

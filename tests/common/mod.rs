@@ -295,7 +295,7 @@ pub fn unspecified_outcomes(
         .digests()
         .iter()
         .map(|digest| gantry_coord::PleasePullOutcome {
-            digest: digest.clone(),
+            digest: *digest,
             outcome: gantry_coord::Outcome::Unspecified,
         })
         .collect()

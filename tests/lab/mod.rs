@@ -350,12 +350,12 @@ impl Registry {
             br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#
                 .to_vec();
         let config = self.push_blob(lab, &config_bytes);
-        bytes.insert(config.clone(), config_bytes);
+        bytes.insert(config, config_bytes);
         let mut layers = Vec::new();
         for (i, size) in layer_sizes.iter().enumerate() {
             let layer_bytes = random_bytes(*size, i as u64 + 1 + std::process::id() as u64);
             let layer = self.push_blob(lab, &layer_bytes);
-            bytes.insert(layer.clone(), layer_bytes);
+            bytes.insert(layer, layer_bytes);
             layers.push(layer);
         }
         let descriptor = |media: &str, d: &Digest, size: usize| serde_json::json!({"mediaType": media, "digest": d.to_string(), "size": size});
@@ -372,7 +372,7 @@ impl Registry {
         let body = Some(("application/vnd.oci.image.manifest.v1+json", file.as_path()));
         let code = self.status("PUT", body, &format!("/v2/demo/manifests/{manifest}"));
         assert_eq!(code, "201", "manifest upload");
-        bytes.insert(manifest.clone(), manifest_bytes);
+        bytes.insert(manifest, manifest_bytes);
         // From now on the origin is slow, as a real upstream is.
         run(
             "ip",
@@ -448,7 +448,7 @@ impl Gets {
     pub fn requests(&self, digest: &Digest) -> usize {
         self.0
             .iter()
-            .filter(|((d, _), _)| d == digest.as_str())
+            .filter(|((d, _), _)| d == digest.encode().as_str())
             .map(|(_, n)| n)
             .sum()
     }
@@ -496,7 +496,7 @@ impl Agent {
     pub fn error_for(&self, digest: &Digest) -> Option<&Value> {
         self.seen
             .iter()
-            .find(|e| e["event"] == "error" && e["digest"] == digest.as_str())
+            .find(|e| e["event"] == "error" && e["digest"] == digest.encode().as_str())
     }
 }
 
@@ -707,8 +707,7 @@ impl Cluster {
             if except.contains(&digest) {
                 continue;
             }
-            let hex = digest.as_str().trim_start_matches("sha256:");
-            let bytes = std::fs::read(agent.store.join("sha256").join(hex))
+            let bytes = std::fs::read(agent.store.join("sha256").join(digest.encode().hex()))
                 .unwrap_or_else(|_| panic!("node-{index} lacks {digest}"));
             assert_eq!(
                 &digest_of(&bytes),
