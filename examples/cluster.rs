@@ -32,10 +32,13 @@ use std::{
 
 use clap::Parser;
 use common::{build_swarm_on, NodeBehaviourEvent};
-use futures::{future::join_all, StreamExt};
+use futures::{
+    future::{join_all, BoxFuture},
+    FutureExt, StreamExt,
+};
 use gantry_coord::{
-    hrw, CascadeConfig, ColdStart, ColdStartError, Config, ContentStore, Digest, FailureClass,
-    Member, MemoryStore, NodeId, NodeState, OriginRefKind, PleasePull, PullOrder, PullerPump,
+    hrw, BlobRef, CascadeConfig, ColdStart, Config, ContentStore, Digest, FailureClass, Fetch,
+    Member, MemoryStore, NodeId, NodeState, OriginRefKind, OriginRefused, PullOrder, PullerPump,
     PumpDecision, RecentFailure, Source, Stalls, StaticMembership, StoreLookup,
 };
 use libp2p::{
@@ -258,7 +261,9 @@ async fn start_node(
         .pump(OriginPump(pulls))
         .build();
     let (control, mut controls) = mpsc::unbounded_channel();
-    let mut cascade = CascadeConfig::default();
+    // Nodes in one process reach each other in microseconds: look again sooner.
+    let mut cascade = CascadeConfig::default()
+        .with_retry_backoff(Duration::from_millis(50), Duration::from_millis(800));
     if let Some(ms) = args.stall_ms {
         let stall = Duration::from_millis(ms);
         cascade = cascade.with_stalls(Stalls {
@@ -416,8 +421,8 @@ enum Got {
     Dead,
 }
 
-/// Resolves one digest on one node until it is stored, a trusted failure says stop, or
-/// the node is dead; fetches from the source the resolver names.
+/// Resolves one digest on one node with the resolver's own resolve-fetch-retry loop,
+/// until it is stored, a trusted failure says stop, or the node is dead.
 async fn cold_start(
     node: &Node,
     blob: &Blob,
@@ -426,56 +431,56 @@ async fn cold_start(
     started: Instant,
     messages: &AtomicU64,
 ) -> Got {
-    let request = PleasePull::new(REGISTRY, REPOSITORY, blob.kind, vec![blob.digest])
-        .expect("a valid request");
-    let mut backoff = Duration::from_millis(50);
-    loop {
-        if node.dead.load(Ordering::SeqCst) {
-            return Got::Dead;
+    let origin = gantry_coord::Origin::new(REGISTRY, REPOSITORY).expect("a valid origin");
+    let wanted = BlobRef::new(blob.digest, blob.kind).with_size(blob.size as u64);
+    let fetch = LookInto {
+        node,
+        cluster,
+        by_id,
+    };
+    let dead = async {
+        while !node.dead.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        if cached(&node.store, &blob.digest) {
-            return Got::Cached {
-                at: started.elapsed(),
-            };
-        }
-        let resolution = node
-            .resolver
-            .resolve(&request, Some(blob.size as u64))
-            .await;
-        messages.fetch_add(
-            u64::from(resolution.probes_sent + resolution.please_pulls_sent),
-            Ordering::Relaxed,
-        );
-        let holders: Vec<&Node> = match &resolution.result {
-            Ok(Source::Holder(id)) => by_id
+    };
+    tokio::select! {
+        obtained = node.resolver.obtain(&origin, wanted, &fetch) => match obtained {
+            Ok(obtained) => {
+                messages.fetch_add(u64::from(obtained.messages), Ordering::Relaxed);
+                Got::Cached { at: started.elapsed() }
+            }
+            Err(OriginRefused(class)) => Got::Failed { class },
+        },
+        () = dead => Got::Dead,
+    }
+}
+
+/// The transfer itself is another protocol's job: here, a look into the holder's store.
+struct LookInto<'a> {
+    node: &'a Node,
+    cluster: &'a HashMap<PeerId, Node>,
+    by_id: &'a HashMap<NodeId, PeerId>,
+}
+
+impl Fetch for LookInto<'_> {
+    fn fetch<'a>(&'a self, blob: BlobRef, source: &'a Source) -> BoxFuture<'a, bool> {
+        let holders: Vec<&Node> = match source {
+            Source::Holder(id) => self
+                .by_id
                 .get(id)
-                .and_then(|p| cluster.get(p))
+                .and_then(|p| self.cluster.get(p))
                 .into_iter()
                 .collect(),
-            Ok(Source::Providers(peers)) => peers.iter().filter_map(|p| cluster.get(p)).collect(),
-            Err(ColdStartError::Failed(class)) => return Got::Failed { class: *class },
-            Err(
-                ColdStartError::NoneReachable
-                | ColdStartError::NoPuller
-                | ColdStartError::NoMembers,
-            ) => {
-                // The gated last resort: a pull of its own, or a wait and another look.
-                let _ = node.resolver.fall_back(&request).await;
-                Vec::new()
-            }
-            Err(_) => Vec::new(),
+            Source::Providers(peers) => peers.iter().filter_map(|p| self.cluster.get(p)).collect(),
         };
-        // The transfer itself is another protocol's job: here, a look into the holder.
-        if holders
+        let found = holders
             .iter()
-            .any(|h| !h.dead.load(Ordering::SeqCst) && cached(&h.store, &blob.digest))
-        {
-            node.store.insert(blob.digest);
-            let _ = node.control.send(Control::Provide(blob.digest));
-            continue;
+            .any(|h| !h.dead.load(Ordering::SeqCst) && cached(&h.store, &blob.digest));
+        if found {
+            self.node.store.insert(blob.digest);
+            let _ = self.node.control.send(Control::Provide(blob.digest));
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_millis(800));
+        futures::future::ready(found).boxed()
     }
 }
 

@@ -78,12 +78,12 @@
 //! ```no_run
 //! # async fn cold(coordinator: gantry_coord::Coordinator, state: gantry_coord::NodeState,
 //! #               digest: gantry_coord::Digest) {
-//! use gantry_coord::{CascadeConfig, ColdStart, NoProviders, OriginRefKind, PleasePull};
+//! use gantry_coord::{BlobRef, CascadeConfig, ColdStart, NoProviders, Origin, OriginRefKind};
 //!
 //! let resolver = ColdStart::new(coordinator, state, NoProviders, CascadeConfig::default());
-//! let request = PleasePull::new("docker.io", "library/nginx", OriginRefKind::Blob, vec![digest])
-//!     .unwrap();
-//! let resolution = resolver.resolve(&request, None).await;
+//! let origin = Origin::new("docker.io", "library/nginx").unwrap();
+//! let layer = BlobRef::new(digest, OriginRefKind::Blob);
+//! let resolution = resolver.resolve(&origin, layer).await;
 //! println!("{:?} decided: {:?}", resolution.rule, resolution.result);
 //! # }
 //! ```
@@ -135,16 +135,16 @@ pub use digest::{Digest, DigestError, EncodedDigest};
 pub use failure::{InboundFailure, OutboundFailure, ResponseError, UnauthorizedReason};
 pub use handler::Handler;
 pub use message::{
-    Authorization, FailureClass, OriginRefKind, Outcome, PleasePull, PleasePullError,
+    Authorization, FailureClass, Origin, OriginRefKind, Outcome, PleasePull, PleasePullError,
     PleasePullOutcome, PullIntent, RecentFailure, MAX_DIGESTS_PER_PLEASE_PULL,
 };
 pub use node::{
-    hrw, stale_after, Action, Cascade, CascadeConfig, Claim, Clock, ColdStart, ColdStartError,
-    ContentStore, Expansion, FailureCache, FallbackConfig, FallbackDeclined, FallbackPermit,
-    InFlightMap, InFlightPulls, Member, Membership, MemoryStore, NegativeCache, NoProviders,
-    NodeState, NodeStateBuilder, OriginFallback, ProbeAnswer, ProviderLookup, PullOrder,
-    PullerPump, PumpDecision, Resolution, Rule, Signals, Source, Stalls, StaticMembership,
-    StoreLookup, SystemClock,
+    hrw, stale_after, Action, BlobRef, Cascade, CascadeConfig, Claim, Clock, ColdStart,
+    ColdStartError, ContentStore, Expansion, FailureCache, FallbackConfig, FallbackDeclined,
+    FallbackPermit, Fetch, InFlightMap, InFlightPulls, Member, Membership, MemoryStore,
+    NegativeCache, NoProviders, NodeState, NodeStateBuilder, Now, Obtained, OriginFallback,
+    OriginRefused, OutOfTurn, ProbeAnswer, ProviderLookup, PullOrder, PullerPump, PumpDecision,
+    Resolution, Rule, Signals, Source, Stalls, StaticMembership, StoreLookup, SystemClock,
 };
 #[cfg(feature = "kad")]
 pub use node::{

@@ -30,16 +30,6 @@ pub enum FailureClass {
     Transient,
 }
 
-impl FailureClass {
-    /// Failures a requester should trust and not retry elsewhere: the origin itself said no.
-    pub fn is_trusted(self) -> bool {
-        matches!(
-            self,
-            FailureClass::Auth | FailureClass::NotFound | FailureClass::RateLimited
-        )
-    }
-}
-
 /// Which OCI URL family the origin pull fetches from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum OriginRefKind {
@@ -176,27 +166,22 @@ pub enum PleasePullError {
     },
 }
 
-/// A request that a node pull digests of one repository from the origin registry.
-///
-/// A batch may hold any number of digests; one request on the wire carries at most
-/// [`MAX_DIGESTS_PER_PLEASE_PULL`], so [`Coordinator::please_pull`](crate::Coordinator::please_pull)
-/// splits a larger one (see [`PleasePull::batches`]).
+/// A repository at the origin registry, and the credentials to pull from it with:
+/// everything a please_pull says beside the digests and their URL family. Validated
+/// once; [`Origin::please_pull`] is the one place a request is built from it.
 #[derive(Clone, PartialEq, Eq)]
-pub struct PleasePull {
+pub struct Origin {
     registry: String,
     repository: String,
-    kind: OriginRefKind,
-    digests: Vec<Digest>,
     authorization: Option<Authorization>,
 }
 
-impl PleasePull {
-    /// Builds a request, validated as a requester must before sending.
+impl Origin {
+    /// A repository, validated as a requester must before sending: the registry a host
+    /// name or IP literal with an optional `:port`, the repository an OCI name.
     pub fn new(
         registry: impl Into<String>,
         repository: impl Into<String>,
-        kind: OriginRefKind,
-        digests: Vec<Digest>,
     ) -> Result<Self, PleasePullError> {
         let registry = registry.into();
         let repository = repository.into();
@@ -206,16 +191,83 @@ impl PleasePull {
         if !is_repository(&repository) {
             return Err(PleasePullError::InvalidRepository(repository));
         }
+        Ok(Origin {
+            registry,
+            repository,
+            authorization: None,
+        })
+    }
+
+    /// Attaches delegated origin credentials.
+    pub fn with_authorization(mut self, authorization: Authorization) -> Self {
+        self.authorization = Some(authorization);
+        self
+    }
+
+    /// The origin registry host, such as `docker.io`.
+    pub fn registry(&self) -> &str {
+        &self.registry
+    }
+
+    /// The repository, such as `library/nginx`.
+    pub fn repository(&self) -> &str {
+        &self.repository
+    }
+
+    /// The delegated credentials, if any.
+    pub fn authorization(&self) -> Option<&Authorization> {
+        self.authorization.as_ref()
+    }
+
+    /// A request that a node pull `digests` of `kind` from this origin.
+    pub fn please_pull(
+        &self,
+        kind: OriginRefKind,
+        digests: Vec<Digest>,
+    ) -> Result<PleasePull, PleasePullError> {
         if digests.is_empty() {
             return Err(PleasePullError::NoDigests);
         }
         Ok(PleasePull {
-            registry,
-            repository,
+            origin: self.clone(),
             kind,
             digests,
-            authorization: None,
         })
+    }
+}
+
+impl fmt::Debug for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Origin")
+            .field("registry", &self.registry)
+            .field("repository", &self.repository)
+            .field("authorization", &self.authorization)
+            .finish()
+    }
+}
+
+/// A request that a node pull digests of one repository from the origin registry.
+///
+/// A batch may hold any number of digests; one request on the wire carries at most
+/// [`MAX_DIGESTS_PER_PLEASE_PULL`], so [`Coordinator::please_pull`](crate::Coordinator::please_pull)
+/// splits a larger one (see [`PleasePull::batches`]).
+#[derive(Clone, PartialEq, Eq)]
+pub struct PleasePull {
+    origin: Origin,
+    kind: OriginRefKind,
+    digests: Vec<Digest>,
+}
+
+impl PleasePull {
+    /// Builds a request, validated as a requester must before sending; the same as
+    /// [`Origin::new`] then [`Origin::please_pull`].
+    pub fn new(
+        registry: impl Into<String>,
+        repository: impl Into<String>,
+        kind: OriginRefKind,
+        digests: Vec<Digest>,
+    ) -> Result<Self, PleasePullError> {
+        Origin::new(registry, repository)?.please_pull(kind, digests)
     }
 
     /// Like [`PleasePull::new`], parsing the digests from strings.
@@ -247,28 +299,35 @@ impl PleasePull {
         authorization: Option<Authorization>,
     ) -> Self {
         PleasePull {
-            registry,
-            repository,
+            origin: Origin {
+                registry,
+                repository,
+                authorization,
+            },
             kind,
             digests,
-            authorization,
         }
     }
 
     /// Attaches delegated origin credentials.
     pub fn with_authorization(mut self, authorization: Authorization) -> Self {
-        self.authorization = Some(authorization);
+        self.origin.authorization = Some(authorization);
         self
+    }
+
+    /// The repository and credentials the request names.
+    pub fn origin(&self) -> &Origin {
+        &self.origin
     }
 
     /// The origin registry host, such as `docker.io`.
     pub fn registry(&self) -> &str {
-        &self.registry
+        self.origin.registry()
     }
 
     /// The repository, such as `library/nginx`.
     pub fn repository(&self) -> &str {
-        &self.repository
+        self.origin.repository()
     }
 
     /// Which OCI URL family to fetch from.
@@ -283,7 +342,7 @@ impl PleasePull {
 
     /// The delegated credentials, if the requester sent any.
     pub fn authorization(&self) -> Option<&Authorization> {
-        self.authorization.as_ref()
+        self.origin.authorization()
     }
 
     /// The batch as requests of at most [`MAX_DIGESTS_PER_PLEASE_PULL`] digests each, in
@@ -293,11 +352,9 @@ impl PleasePull {
         self.digests
             .chunks(MAX_DIGESTS_PER_PLEASE_PULL)
             .map(|digests| PleasePull {
-                registry: self.registry.clone(),
-                repository: self.repository.clone(),
+                origin: self.origin.clone(),
                 kind: self.kind,
                 digests: digests.to_vec(),
-                authorization: self.authorization.clone(),
             })
     }
 }
@@ -305,11 +362,11 @@ impl PleasePull {
 impl fmt::Debug for PleasePull {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PleasePull")
-            .field("registry", &self.registry)
-            .field("repository", &self.repository)
+            .field("registry", &self.origin.registry)
+            .field("repository", &self.origin.repository)
             .field("kind", &self.kind)
             .field("digests", &self.digests)
-            .field("authorization", &self.authorization)
+            .field("authorization", &self.origin.authorization)
             .finish()
     }
 }

@@ -34,15 +34,15 @@ use std::{
     path::PathBuf,
     process::ExitCode,
     sync::Arc,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use clap::Parser;
-use futures::StreamExt;
+use futures::{future::BoxFuture, FutureExt, StreamExt};
 use gantry_coord::{
-    Authorization, AuthorizationMode, CascadeConfig, ColdStart, ColdStartError, Config, Digest,
-    FailureClass, FallbackConfig, Membership, NodeId, NodeState, OriginRefKind, PleasePull,
-    PullOrder, PullerPump, PumpDecision, Source, Stalls, StaticMembership,
+    Authorization, AuthorizationMode, BlobRef, CascadeConfig, ColdStart, Config, Digest,
+    FailureClass, FallbackConfig, Fetch, Membership, NodeId, NodeState, OriginRefKind,
+    OriginRefused, PullOrder, PullerPump, PumpDecision, Rule, Source, Stalls, StaticMembership,
 };
 use libp2p::{
     identify, identity::Keypair, kad, noise, swarm::NetworkBehaviour, swarm::SwarmEvent, tcp,
@@ -225,6 +225,28 @@ struct Stored {
     bytes: u64,
 }
 
+/// The agent's transfer between members, for the resolver's sources.
+struct FromMembers<'a> {
+    node: &'a Node,
+    /// The most bytes a member may send for the blob.
+    max_len: u64,
+}
+
+impl Fetch for FromMembers<'_> {
+    fn fetch<'a>(&'a self, blob: BlobRef, source: &'a Source) -> BoxFuture<'a, bool> {
+        async move {
+            let peers = match source {
+                Source::Holder(node) => self.node.peer_of(node).into_iter().collect(),
+                Source::Providers(peers) => peers.clone(),
+            };
+            self.node
+                .fetch_from(&peers, &blob.digest, self.max_len)
+                .await
+        }
+        .boxed()
+    }
+}
+
 /// What every blob task shares.
 struct Node {
     local: NodeId,
@@ -267,18 +289,14 @@ impl BlobKind {
 }
 
 impl Node {
-    fn request(
-        &self,
-        repository: &str,
-        digests: Vec<Digest>,
-        kind: OriginRefKind,
-    ) -> Option<PleasePull> {
-        let request = PleasePull::new(&self.origin.registry, repository, kind, digests).ok()?;
+    /// The repository at this node's origin, with the credentials it delegates.
+    fn upstream(&self, repository: &str) -> Option<gantry_coord::Origin> {
+        let upstream = gantry_coord::Origin::new(&self.origin.registry, repository).ok()?;
         Some(match &self.credentials {
             Some(credentials) => {
-                request.with_authorization(Authorization::new(credentials.clone()))
+                upstream.with_authorization(Authorization::new(credentials.clone()))
             }
-            None => request,
+            None => upstream,
         })
     }
 
@@ -331,7 +349,7 @@ impl Node {
         size: Option<u64>,
     ) -> Result<u64, FailureClass> {
         let started = Instant::now();
-        let Some(request) = self.request(repository, vec![*digest], kind.origin_kind()) else {
+        let Some(upstream) = self.upstream(repository) else {
             return Err(FailureClass::NotFound);
         };
         // A peer sends no more than the manifest said, and a manifest no more than 4 MiB
@@ -340,71 +358,39 @@ impl Node {
             BlobKind::Manifest => MAX_MANIFEST,
             _ => MAX_BLOB,
         });
-        let mut backoff = Duration::from_millis(100);
-        let mut rule = "stored";
-        loop {
-            if self.store.has(digest) {
-                let stored = self.stored.lock().get(digest).cloned().unwrap_or(Stored {
-                    source: "origin",
-                    peer: None,
-                    bytes: std::fs::metadata(self.store.path(digest)).map_or(0, |m| m.len()),
-                });
-                let mut line = json!({
-                    "event": "blob", "digest": digest.to_string(), "kind": kind.name(),
-                    "source": stored.source, "bytes": stored.bytes,
-                    "ms": started.elapsed().as_millis() as u64, "rule": rule,
-                });
-                if let Some(peer) = stored.peer {
-                    line["peer"] = json!(peer);
-                }
-                emit(line);
-                return Ok(stored.bytes);
+        let mut blob = BlobRef::new(*digest, kind.origin_kind());
+        blob.size = size;
+        let fetch = FromMembers {
+            node: self,
+            max_len,
+        };
+        let obtained = match self.resolver.obtain(&upstream, blob, &fetch).await {
+            Ok(obtained) => obtained,
+            Err(OriginRefused(class)) => {
+                emit(json!({
+                    "event": "error", "digest": digest.to_string(),
+                    "class": class_name(class),
+                    "error": format!("the origin refused it ({})", class_name(class)),
+                }));
+                return Err(class);
             }
-            let resolution = self.resolver.resolve(&request, size).await;
-            rule = resolution.rule.as_str();
-            tracing::debug!(%digest, rule, result = ?resolution.result, "resolved");
-            match resolution.result {
-                Ok(Source::Holder(node)) => {
-                    if let Some(peer) = self.peer_of(&node) {
-                        if self.fetch_from(&[peer], digest, max_len).await {
-                            continue;
-                        }
-                    }
-                }
-                Ok(Source::Providers(peers)) => {
-                    if self.fetch_from(&peers, digest, max_len).await {
-                        continue;
-                    }
-                }
-                Err(ColdStartError::Failed(class)) => {
-                    emit(json!({
-                        "event": "error", "digest": digest.to_string(),
-                        "class": class_name(class),
-                        "error": format!("the origin refused it ({})", class_name(class)),
-                    }));
-                    return Err(class);
-                }
-                Err(ColdStartError::CoolingDown { until }) => {
-                    let wait = until.duration_since(SystemTime::now()).unwrap_or_default();
-                    tokio::time::sleep(wait.min(Duration::from_secs(30))).await;
-                    continue;
-                }
-                Err(
-                    ColdStartError::NoneReachable
-                    | ColdStartError::NoPuller
-                    | ColdStartError::NoMembers,
-                ) => {
-                    // Nobody to ask or nobody willing: the gated last resort, or a wait
-                    // and another look (members that refuse us are catching up).
-                    if self.resolver.fall_back(&request).await.is_ok() {
-                        continue;
-                    }
-                }
-                Err(_) => {}
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(2));
+        };
+        let stored = self.stored.lock().get(digest).cloned().unwrap_or(Stored {
+            source: "origin",
+            peer: None,
+            bytes: std::fs::metadata(self.store.path(digest)).map_or(0, |m| m.len()),
+        });
+        let mut line = json!({
+            "event": "blob", "digest": digest.to_string(), "kind": kind.name(),
+            "source": stored.source, "bytes": stored.bytes,
+            "ms": started.elapsed().as_millis() as u64,
+            "rule": obtained.rule.map_or("stored", Rule::as_str),
+        });
+        if let Some(peer) = stored.peer {
+            line["peer"] = json!(peer);
         }
+        emit(line);
+        Ok(stored.bytes)
     }
 
     /// The manifest, then its config and layers in parallel, with one batched
@@ -462,9 +448,11 @@ impl Node {
             .lock()
             .get(&digest)
             .is_some_and(|s| s.source == "origin");
-        if let Some(request) = self.request(&repository, layers, OriginRefKind::Blob) {
-            if new_to_cluster && request.digests().len() <= 256 {
-                self.resolver.prefetch(&request).await;
+        if let Some(upstream) = self.upstream(&repository) {
+            if new_to_cluster && !layers.is_empty() && layers.len() <= 256 {
+                self.resolver
+                    .prefetch(&upstream, OriginRefKind::Blob, &layers)
+                    .await;
             }
         }
         let results = futures::future::join_all(

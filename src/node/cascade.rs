@@ -26,12 +26,12 @@
 use std::{
     collections::HashSet,
     sync::Arc,
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use libp2p_identity::PeerId;
 
-use super::{hrw, Member, Stalls};
+use super::{hrw, Member, Now, Stalls};
 use crate::{Digest, FailureClass, NodeId, OriginRefKind, Outcome, PullIntent, RecentFailure};
 
 /// Settings of the cascade, with the Go resolver's defaults.
@@ -47,6 +47,7 @@ pub struct CascadeConfig {
     pub(crate) max_waits: u32,
     pub(crate) convergence_window: Duration,
     pub(crate) refusal_retry: Duration,
+    pub(crate) retry_backoff: (Duration, Duration),
 }
 
 impl Default for CascadeConfig {
@@ -66,6 +67,7 @@ impl Default for CascadeConfig {
             max_waits: 2,
             convergence_window: Duration::from_secs(10),
             refusal_retry: Duration::from_millis(250),
+            retry_backoff: (Duration::from_millis(100), Duration::from_secs(2)),
         }
     }
 }
@@ -78,10 +80,20 @@ impl CascadeConfig {
     }
 
     /// Failure classes that end a resolution at once (default auth, not found, rate
-    /// limited: the origin itself said no, and every node would hear the same).
-    pub fn with_trusted_failures(mut self, classes: Vec<FailureClass>) -> Self {
-        self.trusted = classes;
+    /// limited: the origin itself said no, and every node would hear the same). An auth
+    /// failure ends it only for a requester that brings credentials of its own.
+    pub fn with_trusted_failures(
+        mut self,
+        classes: impl IntoIterator<Item = FailureClass>,
+    ) -> Self {
+        self.trusted = classes.into_iter().collect();
         self
+    }
+
+    /// Whether a failure of this class, reported by any candidate, is the origin's word
+    /// for every node: the one place that decides it.
+    pub fn trusts(&self, class: FailureClass) -> bool {
+        self.trusted.contains(&class)
     }
 
     /// Longest a transient failure seen on a peer is honoured locally (default 30 s).
@@ -130,6 +142,15 @@ impl CascadeConfig {
         self
     }
 
+    /// How long [`ColdStart::obtain`](crate::ColdStart::obtain) waits before it resolves
+    /// again after a resolution that made no progress: `first`, doubling up to `longest`
+    /// (default 100 ms to 2 s).
+    pub fn with_retry_backoff(mut self, first: Duration, longest: Duration) -> Self {
+        let first = first.max(Duration::from_millis(1));
+        self.retry_backoff = (first, longest.max(first));
+        self
+    }
+
     fn poll_interval(&self, kind: OriginRefKind) -> Duration {
         match kind {
             OriginRefKind::Blob => self.poll_layer,
@@ -151,9 +172,12 @@ pub enum Rule {
     InFlight,
     /// Rule 4: a transient failure, honoured locally.
     TransientCooldown,
-    /// Rule 7: a pull was asked for (or started locally) and waited on.
+    /// Rule 5, exhausted: nobody answered, even after widening the probe.
+    Unreachable,
+    /// Rule 7: a pull was asked for (or started locally) and waited on, or nobody
+    /// reachable would pull.
     ColdStart,
-    /// No candidate could be asked.
+    /// The membership offers no candidate at all.
     NoCandidates,
 }
 
@@ -166,6 +190,7 @@ impl Rule {
             Rule::CachedCopy => "cached_copy",
             Rule::InFlight => "in_flight",
             Rule::TransientCooldown => "transient_cooldown",
+            Rule::Unreachable => "unreachable",
             Rule::ColdStart => "cold_start",
             Rule::NoCandidates => "no_candidates",
         }
@@ -188,6 +213,35 @@ impl Expansion {
             Expansion::AllUnreachable => "all_unreachable",
             Expansion::LookupUnhealthy => "lookup_unhealthy",
         }
+    }
+}
+
+/// What a resolution is for: a digest, the URL family it is pulled from, and its size
+/// when the manifest that names it says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BlobRef {
+    /// The digest.
+    pub digest: Digest,
+    /// Manifest, config or layer: how long a wait for its pull lasts.
+    pub kind: OriginRefKind,
+    /// Its expected size in bytes, if known.
+    pub size: Option<u64>,
+}
+
+impl BlobRef {
+    /// A digest of `kind`, size unknown.
+    pub fn new(digest: Digest, kind: OriginRefKind) -> Self {
+        BlobRef {
+            digest,
+            kind,
+            size: None,
+        }
+    }
+
+    /// With its expected size.
+    pub fn with_size(mut self, size: u64) -> Self {
+        self.size = Some(size);
+        self
     }
 }
 
@@ -238,8 +292,8 @@ pub enum ColdStartError {
     /// A transient failure is being honoured until then: try again after it.
     #[error("cooling down after a transient failure")]
     CoolingDown {
-        /// When the digest may be tried again.
-        until: SystemTime,
+        /// When the digest may be tried again, on the node's monotonic clock.
+        until: Instant,
     },
     /// No candidate answered, even after widening the probe.
     #[error("no candidate reachable")]
@@ -285,7 +339,7 @@ pub enum Action {
     /// which probes them again.
     Retry {
         /// Not before this.
-        at: SystemTime,
+        at: Instant,
     },
     /// Ask this node to pull (self: start it locally), and hand the result to
     /// [`Cascade::on_please_pull`]; `None` when it could not be asked.
@@ -295,7 +349,7 @@ pub enum Action {
     /// the stall threshold); hand both to [`Cascade::on_providers`].
     LookupProviders {
         /// Not before this.
-        at: SystemTime,
+        at: Instant,
         /// The node whose pull is waited on.
         watch: NodeId,
     },
@@ -309,11 +363,36 @@ enum Phase {
     Retrying,
     Asking,
     Waiting {
-        until: SystemTime,
+        until: Instant,
         rule: Rule,
         watch: usize,
     },
     Done,
+}
+
+impl Phase {
+    /// The call this phase awaits.
+    fn awaits(self) -> &'static str {
+        match self {
+            Phase::Probing => "on_probe",
+            Phase::Retrying => "on_retry",
+            Phase::Asking => "on_please_pull",
+            Phase::Waiting { .. } => "on_providers",
+            Phase::Done => "nothing (the resolution is over)",
+        }
+    }
+}
+
+/// A [`Cascade`] was handed an input it did not ask for: each [`Action`] has one call
+/// that answers it, and only that call is accepted until then. A driver bug, never a
+/// peer's doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("Cascade::{called} called while the cascade awaits {awaits}")]
+pub struct OutOfTurn {
+    /// The call that was made.
+    pub called: &'static str,
+    /// The call the cascade awaits.
+    pub awaits: &'static str,
 }
 
 /// One digest's cascade.
@@ -335,7 +414,7 @@ pub struct Cascade {
     /// Whether a node that reported an auth failure was asked again with them.
     reasked: bool,
     /// When a member first refused this node in this resolution.
-    first_refusal: Option<SystemTime>,
+    first_refusal: Option<Instant>,
     /// Candidates that cannot be asked to pull again in this resolution.
     passed_over: HashSet<NodeId>,
     /// Candidates whose stale pull was taken over, each counted once.
@@ -350,6 +429,9 @@ pub struct Cascade {
     please_pulls_sent: u32,
 }
 
+/// The probed candidates that answered, by the requester's rank of them.
+type Reachable = Vec<(usize, PullIntent)>;
+
 impl Cascade {
     /// Starts a cascade for `digest` of `kind` (and expected `size`, if known) on the
     /// node `local` with the given membership snapshot; `delegates_credentials` says
@@ -358,22 +440,12 @@ impl Cascade {
         config: Arc<CascadeConfig>,
         members: &[Member],
         local: &NodeId,
-        digest: Digest,
-        kind: OriginRefKind,
-        size: Option<u64>,
+        blob: BlobRef,
         delegates_credentials: bool,
     ) -> (Self, Action) {
         let widest = 2 * config.top_k;
-        let ranked = ranked_candidates(config.zone_scope, members, local, &digest, widest);
-        Self::from_ranking(
-            config,
-            ranked,
-            local,
-            digest,
-            kind,
-            size,
-            delegates_credentials,
-        )
+        let ranked = ranked_candidates(config.zone_scope, members, local, &blob.digest, widest);
+        Self::from_ranking(config, ranked, local, blob, delegates_credentials)
     }
 
     /// As [`Cascade::start`], from the requester's ranking of the candidates, best first
@@ -383,16 +455,14 @@ impl Cascade {
         config: Arc<CascadeConfig>,
         ranked: Vec<NodeId>,
         local: &NodeId,
-        digest: Digest,
-        kind: OriginRefKind,
-        size: Option<u64>,
+        blob: BlobRef,
         delegates_credentials: bool,
     ) -> (Self, Action) {
         let mut cascade = Cascade {
             config,
-            digest,
-            kind,
-            size,
+            digest: blob.digest,
+            kind: blob.kind,
+            size: blob.size,
             local: local.clone(),
             ranked,
             probed: 0,
@@ -430,8 +500,274 @@ impl Cascade {
         &self.ranked
     }
 
+    /// The answers to the last [`Action::Probe`], in any order; a node missing from
+    /// `answers` did not answer. `lookup_healthy` says whether the provider lookup
+    /// works (a Kademlia routing table that is not empty, say). The rules apply in the
+    /// Go resolver's order; the first that decides, decides.
+    pub fn on_probe(
+        &mut self,
+        answers: Vec<(NodeId, ProbeAnswer)>,
+        lookup_healthy: bool,
+        now: Now,
+    ) -> Result<Action, OutOfTurn> {
+        self.expect(Phase::Probing, "on_probe")?;
+        self.record(answers);
+        let reachable = self.reachable();
+        let action = self
+            .rule_1_trusted_failure(&reachable)
+            .or_else(|| self.rule_2_cached_copy(&reachable))
+            .or_else(|| self.rule_3_in_flight(&reachable, now))
+            .or_else(|| self.rule_4_transient_failure(&reachable, now))
+            .or_else(|| self.refusers_converging(now))
+            .or_else(|| self.rules_5_and_6_widen(&reachable, lookup_healthy))
+            .unwrap_or_else(|| self.rule_7_ask_to_pull(&reachable));
+        Ok(action)
+    }
+
+    /// The time an [`Action::Retry`] named has come: probes the same members again.
+    pub fn on_retry(&mut self, _now: Now) -> Result<Action, OutOfTurn> {
+        self.expect(Phase::Retrying, "on_retry")?;
+        Ok(self.probe_again())
+    }
+
+    /// The outcome of the last [`Action::PleasePull`] for this digest; `None` when the
+    /// node could not be asked (unreachable, no response).
+    pub fn on_please_pull(
+        &mut self,
+        node: &NodeId,
+        outcome: Option<Outcome>,
+        now: Now,
+    ) -> Result<Action, OutOfTurn> {
+        self.expect(Phase::Asking, "on_please_pull")?;
+        self.passed_over.insert(node.clone());
+        let action = match outcome {
+            Some(Outcome::Started { .. }) => self.wait(Rule::ColdStart, node.clone(), now),
+            Some(Outcome::AlreadyPulling { started_at })
+                if now.age_of(started_at) > self.stall() =>
+            {
+                self.take_over(node);
+                self.ask_next()
+            }
+            Some(Outcome::AlreadyPulling { .. }) => self.wait(Rule::ColdStart, node.clone(), now),
+            Some(Outcome::RecentlyFailed(failure)) if self.trusts(failure.class) => self.done(
+                Rule::TrustedFailure,
+                Err(ColdStartError::Failed(failure.class)),
+            ),
+            Some(Outcome::RecentlyFailed(failure)) => self.cooldown(failure.cooldown_until, now),
+            // Declined: the next rank is asked, never this node again.
+            Some(Outcome::Unspecified) => self.ask_next(),
+            // No response: it may have started all the same (a slow response is not a
+            // refusal), so look again before anyone else pulls, as the Go resolver
+            // ends its pass; the node is not asked again in this resolution.
+            None => self.new_pass_or(Rule::ColdStart, ColdStartError::NoPuller),
+        };
+        Ok(action)
+    }
+
+    /// What the provider lookup found and what the watched node answered (`None`: no
+    /// answer), asked as the last [`Action::LookupProviders`] said.
+    pub fn on_providers(
+        &mut self,
+        providers: Vec<PeerId>,
+        watched: Option<PullIntent>,
+        now: Now,
+    ) -> Result<Action, OutOfTurn> {
+        let Phase::Waiting { until, rule, watch } = self.phase else {
+            return Err(self.out_of_turn("on_providers"));
+        };
+        if !providers.is_empty() {
+            return Ok(self.done(rule, Ok(Source::Providers(providers))));
+        }
+        let watched_node = self.ranked[watch].clone();
+        if let Some(intent) = watched {
+            if watched_node != self.local {
+                self.probes_sent += 1;
+            }
+            if intent.has_cached {
+                return Ok(self.done(rule, Ok(Source::Holder(watched_node))));
+            }
+            if let Some(failure) = standing_failure(&intent) {
+                if self.trusts(failure.class) {
+                    return Ok(self.origin_refused(watched_node, failure.class));
+                }
+                return Ok(self.cooldown(failure.cooldown_until, now));
+            }
+            if intent.in_flight_since.is_none() {
+                // The pull ended and left no trace here: look again.
+                return Ok(self.new_pass_or(rule, ColdStartError::Stalled));
+            }
+        }
+        if now.instant < until {
+            let at = (now.instant + self.config.poll_interval(self.kind)).min(until);
+            return Ok(Action::LookupProviders {
+                at,
+                watch: watched_node,
+            });
+        }
+        // The pull waited on stalled: a new pass takes it over.
+        Ok(self.new_pass_or(rule, ColdStartError::Stalled))
+    }
+
+    /// Rule 1: a trusted failure class anywhere ends it (after one more ask with this
+    /// requester's credentials, for an auth failure).
+    fn rule_1_trusted_failure(&mut self, reachable: &Reachable) -> Option<Action> {
+        let (rank, class) = reachable
+            .iter()
+            .filter_map(|(rank, a)| Some((*rank, standing_failure(a)?.class)))
+            .find(|(_, class)| self.trusts(*class))?;
+        let node = self.ranked[rank].clone();
+        Some(self.origin_refused(node, class))
+    }
+
+    /// Rule 2: a cached copy names its holder.
+    fn rule_2_cached_copy(&mut self, reachable: &Reachable) -> Option<Action> {
+        let (rank, _) = reachable.iter().find(|(_, a)| a.has_cached)?;
+        let holder = self.ranked[*rank].clone();
+        Some(self.done(Rule::CachedCopy, Ok(Source::Holder(holder))))
+    }
+
+    /// Rule 3: a fresh in-flight pull is waited on; a stale one is taken over (its node
+    /// is not asked again).
+    fn rule_3_in_flight(&mut self, reachable: &Reachable, now: Now) -> Option<Action> {
+        let stall = self.stall();
+        let mut fresh = None;
+        for (rank, answer) in reachable {
+            let Some(started) = answer.in_flight_since else {
+                continue;
+            };
+            let node = self.ranked[*rank].clone();
+            if now.age_of(started) > stall {
+                self.take_over(&node);
+            } else if fresh.is_none() {
+                fresh = Some(node);
+            }
+        }
+        let puller = fresh?;
+        Some(self.wait(Rule::InFlight, puller, now))
+    }
+
+    /// Rule 4: a transient failure is honoured locally, until the latest cooldown any
+    /// candidate reports (at most the transient cap).
+    fn rule_4_transient_failure(&mut self, reachable: &Reachable, now: Now) -> Option<Action> {
+        let until = reachable
+            .iter()
+            .filter_map(|(_, a)| standing_failure(a))
+            .filter(|f| !self.trusts(f.class))
+            .map(|f| f.cooldown_until)
+            .max()?;
+        Some(self.cooldown(until, now))
+    }
+
+    /// Not a Go rule, and before rules 5 to 7: while the convergence window lasts, a
+    /// member that refused this node and ranks before every member that could be asked
+    /// to pull is asked again, not passed over: asking past it would start a second pull
+    /// once its view catches up.
+    fn refusers_converging(&mut self, now: Now) -> Option<Action> {
+        let first_refused = self
+            .answers
+            .iter()
+            .position(|a| *a == ProbeAnswer::Refused)?;
+        let first_askable = self
+            .answers
+            .iter()
+            .enumerate()
+            .find(|(rank, a)| {
+                matches!(a, ProbeAnswer::Intent(_))
+                    && !self.passed_over.contains(&self.ranked[*rank])
+            })
+            .map(|(rank, _)| rank);
+        if first_askable.is_some_and(|askable| askable < first_refused) {
+            return None;
+        }
+        let since = *self.first_refusal.get_or_insert(now.instant);
+        if now.instant.duration_since(since) >= self.config.convergence_window {
+            return None;
+        }
+        self.phase = Phase::Retrying;
+        Some(Action::Retry {
+            at: now.instant + self.config.refusal_retry,
+        })
+    }
+
+    /// Rules 5 and 6: widen the probe to the top 2K, once, when nobody in the top K
+    /// answered (5), or when the provider lookup is unhealthy and nobody has it (6).
+    fn rules_5_and_6_widen(
+        &mut self,
+        reachable: &Reachable,
+        lookup_healthy: bool,
+    ) -> Option<Action> {
+        if self.expansion.is_some() || self.probed >= self.ranked.len() {
+            return None;
+        }
+        let reason = if reachable.is_empty() {
+            Expansion::AllUnreachable
+        } else if !lookup_healthy {
+            Expansion::LookupUnhealthy
+        } else {
+            return None;
+        };
+        self.expansion = Some(reason);
+        Some(self.probe_up_to(2 * self.config.top_k))
+    }
+
+    /// Rule 7: the best-ranked reachable node that has not been passed over is asked to
+    /// pull (self locally), and waited on.
+    fn rule_7_ask_to_pull(&mut self, reachable: &Reachable) -> Action {
+        if reachable.is_empty() {
+            return self.done(Rule::Unreachable, Err(ColdStartError::NoneReachable));
+        }
+        self.ask_next()
+    }
+
+    fn expect(&self, phase: Phase, called: &'static str) -> Result<(), OutOfTurn> {
+        if self.phase == phase {
+            Ok(())
+        } else {
+            Err(self.out_of_turn(called))
+        }
+    }
+
+    fn out_of_turn(&self, called: &'static str) -> OutOfTurn {
+        OutOfTurn {
+            called,
+            awaits: self.phase.awaits(),
+        }
+    }
+
+    /// Keeps the answers of probed candidates, counting the responders whose own rank
+    /// disagrees with the requester's ranking of them.
+    fn record(&mut self, answers: Vec<(NodeId, ProbeAnswer)>) {
+        for (node, answer) in answers {
+            let Some(rank) = self.ranked[..self.probed].iter().position(|n| *n == node) else {
+                continue;
+            };
+            if let ProbeAnswer::Intent(intent) = &answer {
+                if intent.hrw_rank != Some(rank as u32) {
+                    self.rank_mismatches += 1;
+                }
+            }
+            self.answers[rank] = answer;
+        }
+    }
+
+    fn reachable(&self) -> Reachable {
+        self.answers
+            .iter()
+            .enumerate()
+            .filter_map(|(rank, a)| a.intent().map(|a| (rank, a)))
+            .collect()
+    }
+
     fn stall(&self) -> Duration {
         self.config.stalls.stale_after(self.kind, self.size)
+    }
+
+    /// A stale pull of `node`'s is taken over: it is not asked again.
+    fn take_over(&mut self, node: &NodeId) {
+        self.passed_over.insert(node.clone());
+        if self.taken_over.insert(node.clone()) {
+            self.takeovers += 1;
+        }
     }
 
     fn probe_up_to(&mut self, k: usize) -> Action {
@@ -465,20 +801,23 @@ impl Cascade {
         })
     }
 
-    fn wait(&mut self, rule: Rule, watch: NodeId, now: SystemTime) -> Action {
+    fn wait(&mut self, rule: Rule, watch: NodeId, now: Now) -> Action {
         let watch_rank = self.ranked.iter().position(|n| *n == watch).unwrap_or(0);
         self.phase = Phase::Waiting {
-            until: now + self.stall(),
+            until: now.instant + self.stall(),
             rule,
             watch: watch_rank,
         };
-        Action::LookupProviders { at: now, watch }
+        Action::LookupProviders {
+            at: now.instant,
+            watch,
+        }
     }
 
     /// Whether a failure of this class ends the resolution. An auth failure does not
     /// for a requester without credentials of its own: a member with some may pull it.
-    fn trusted(&self, class: FailureClass) -> bool {
-        self.config.trusted.contains(&class) && (class != FailureClass::Auth || self.delegates)
+    fn trusts(&self, class: FailureClass) -> bool {
+        self.config.trusts(class) && (class != FailureClass::Auth || self.delegates)
     }
 
     /// A trusted failure reported by `node`. Before an auth failure ends the
@@ -492,152 +831,16 @@ impl Cascade {
         self.done(Rule::TrustedFailure, Err(ColdStartError::Failed(class)))
     }
 
-    fn cooldown(&mut self, until: SystemTime, now: SystemTime) -> Action {
-        let until = until.min(now + self.config.transient_cap).max(now);
+    /// A transient failure a peer reported, honoured until its (wall-clock) end, at most
+    /// the transient cap from now.
+    fn cooldown(&mut self, until: SystemTime, now: Now) -> Action {
+        let until = now
+            .instant_of(until)
+            .min(now.instant + self.config.transient_cap);
         self.done(
             Rule::TransientCooldown,
             Err(ColdStartError::CoolingDown { until }),
         )
-    }
-
-    /// The answers to the last [`Action::Probe`], in any order; a node missing from
-    /// `answers` did not answer. `lookup_healthy` says whether the provider lookup
-    /// works (a Kademlia routing table that is not empty, say).
-    pub fn on_probe(
-        &mut self,
-        answers: Vec<(NodeId, ProbeAnswer)>,
-        lookup_healthy: bool,
-        now: SystemTime,
-    ) -> Action {
-        if self.phase != Phase::Probing {
-            return self.done(Rule::NoCandidates, Err(ColdStartError::NoPuller));
-        }
-        for (node, answer) in answers {
-            let Some(rank) = self.ranked[..self.probed].iter().position(|n| *n == node) else {
-                continue;
-            };
-            if let ProbeAnswer::Intent(intent) = &answer {
-                if intent.hrw_rank != Some(rank as u32) {
-                    self.rank_mismatches += 1;
-                }
-            }
-            self.answers[rank] = answer;
-        }
-        let reachable: Vec<(usize, PullIntent)> = self
-            .answers
-            .iter()
-            .enumerate()
-            .filter_map(|(rank, a)| a.intent().map(|a| (rank, a)))
-            .collect();
-
-        // 1. A trusted failure anywhere.
-        if let Some((rank, class)) = reachable
-            .iter()
-            .filter_map(|(rank, a)| Some((*rank, standing_failure(a)?.class)))
-            .find(|(_, c)| self.trusted(*c))
-        {
-            let node = self.ranked[rank].clone();
-            return self.origin_refused(node, class);
-        }
-        // 2. A cached copy.
-        if let Some((rank, _)) = reachable.iter().find(|(_, a)| a.has_cached) {
-            let holder = self.ranked[*rank].clone();
-            return self.done(Rule::CachedCopy, Ok(Source::Holder(holder)));
-        }
-        // 3. A fresh in-flight pull is waited on; a stale one is taken over.
-        let stall = self.stall();
-        let mut fresh = None;
-        for (rank, answer) in &reachable {
-            let Some(started) = answer.in_flight_since else {
-                continue;
-            };
-            let age = now.duration_since(started).unwrap_or_default();
-            if age > stall {
-                let node = &self.ranked[*rank];
-                self.passed_over.insert(node.clone());
-                if self.taken_over.insert(node.clone()) {
-                    self.takeovers += 1;
-                }
-            } else if fresh.is_none() {
-                fresh = Some(self.ranked[*rank].clone());
-            }
-        }
-        if let Some(puller) = fresh {
-            return self.wait(Rule::InFlight, puller, now);
-        }
-        // 4. A transient failure.
-        if let Some(until) = reachable
-            .iter()
-            .filter_map(|(_, a)| standing_failure(a))
-            .filter(|f| !self.trusted(f.class))
-            .map(|f| f.cooldown_until)
-            .max()
-        {
-            return self.cooldown(until, now);
-        }
-        // Members that refused and rank before anyone who could be asked: ask again.
-        if let Some(action) = self.retry_refusers(now) {
-            return action;
-        }
-        // 5 and 6: widen the probe once.
-        let more = self.probed < self.ranked.len();
-        if self.expansion.is_none() && more {
-            let reason = if reachable.is_empty() {
-                Some(Expansion::AllUnreachable)
-            } else if !lookup_healthy {
-                Some(Expansion::LookupUnhealthy)
-            } else {
-                None
-            };
-            if let Some(reason) = reason {
-                self.expansion = Some(reason);
-                let k = 2 * self.config.top_k;
-                return self.probe_up_to(k);
-            }
-        }
-        if reachable.is_empty() {
-            return self.done(Rule::ColdStart, Err(ColdStartError::NoneReachable));
-        }
-        // 7. The lowest-ranked reachable node that has not been passed over.
-        self.ask_next()
-    }
-
-    /// While the convergence window lasts, a member that refused this node and ranks
-    /// before every member that could be asked to pull is waited for, not passed over:
-    /// asking past it would start a second pull once its view catches up.
-    fn retry_refusers(&mut self, now: SystemTime) -> Option<Action> {
-        let first_refused = self
-            .answers
-            .iter()
-            .position(|a| *a == ProbeAnswer::Refused)?;
-        let first_askable = self
-            .answers
-            .iter()
-            .enumerate()
-            .find(|(rank, a)| {
-                matches!(a, ProbeAnswer::Intent(_))
-                    && !self.passed_over.contains(&self.ranked[*rank])
-            })
-            .map(|(rank, _)| rank);
-        if first_askable.is_some_and(|askable| askable < first_refused) {
-            return None;
-        }
-        let since = *self.first_refusal.get_or_insert(now);
-        if now.duration_since(since).unwrap_or_default() >= self.config.convergence_window {
-            return None;
-        }
-        self.phase = Phase::Retrying;
-        Some(Action::Retry {
-            at: now + self.config.refusal_retry,
-        })
-    }
-
-    /// The time an [`Action::Retry`] named has come: probes the same members again.
-    pub fn on_retry(&mut self, _now: SystemTime) -> Action {
-        if self.phase != Phase::Retrying {
-            return self.done(Rule::NoCandidates, Err(ColdStartError::NoPuller));
-        }
-        self.probe_again()
     }
 
     fn ask_next(&mut self) -> Action {
@@ -673,89 +876,6 @@ impl Cascade {
         }
         self.phase = Phase::Asking;
         Action::PleasePull(node)
-    }
-
-    /// The outcome of the last [`Action::PleasePull`] for this digest; `None` when the
-    /// node could not be asked (unreachable, no response).
-    pub fn on_please_pull(
-        &mut self,
-        node: &NodeId,
-        outcome: Option<Outcome>,
-        now: SystemTime,
-    ) -> Action {
-        if self.phase != Phase::Asking {
-            return self.done(Rule::ColdStart, Err(ColdStartError::NoPuller));
-        }
-        self.passed_over.insert(node.clone());
-        match outcome {
-            Some(Outcome::Started { .. }) => self.wait(Rule::ColdStart, node.clone(), now),
-            Some(Outcome::AlreadyPulling { started_at }) => {
-                let age = now.duration_since(started_at).unwrap_or_default();
-                if age > self.stall() {
-                    if self.taken_over.insert(node.clone()) {
-                        self.takeovers += 1;
-                    }
-                    self.ask_next()
-                } else {
-                    self.wait(Rule::ColdStart, node.clone(), now)
-                }
-            }
-            Some(Outcome::RecentlyFailed(failure)) if self.trusted(failure.class) => self.done(
-                Rule::TrustedFailure,
-                Err(ColdStartError::Failed(failure.class)),
-            ),
-            Some(Outcome::RecentlyFailed(failure)) => self.cooldown(failure.cooldown_until, now),
-            // Declined: the next rank is asked, never this node again.
-            Some(Outcome::Unspecified) => self.ask_next(),
-            // No response: it may have started all the same (a slow response is not a
-            // refusal), so look again before anyone else pulls, as the Go resolver
-            // ends its pass; the node is not asked again in this resolution.
-            None => self.new_pass_or(Rule::ColdStart, ColdStartError::NoPuller),
-        }
-    }
-
-    /// What the provider lookup found and what the watched node answered (`None`: no
-    /// answer), asked as the last [`Action::LookupProviders`] said.
-    pub fn on_providers(
-        &mut self,
-        providers: Vec<PeerId>,
-        watched: Option<PullIntent>,
-        now: SystemTime,
-    ) -> Action {
-        let Phase::Waiting { until, rule, watch } = self.phase else {
-            return self.done(Rule::ColdStart, Err(ColdStartError::NoPuller));
-        };
-        if !providers.is_empty() {
-            return self.done(rule, Ok(Source::Providers(providers)));
-        }
-        let watched_node = self.ranked[watch].clone();
-        if let Some(intent) = watched {
-            if watched_node != self.local {
-                self.probes_sent += 1;
-            }
-            if intent.has_cached {
-                return self.done(rule, Ok(Source::Holder(watched_node)));
-            }
-            if let Some(failure) = standing_failure(&intent) {
-                if self.trusted(failure.class) {
-                    return self.origin_refused(watched_node, failure.class);
-                }
-                return self.cooldown(failure.cooldown_until, now);
-            }
-            if intent.in_flight_since.is_none() {
-                // The pull ended and left no trace here: look again.
-                return self.new_pass_or(rule, ColdStartError::Stalled);
-            }
-        }
-        if now < until {
-            let at = (now + self.config.poll_interval(self.kind)).min(until);
-            return Action::LookupProviders {
-                at,
-                watch: watched_node,
-            };
-        }
-        // The pull waited on stalled: a new pass takes it over.
-        self.new_pass_or(rule, ColdStartError::Stalled)
     }
 
     fn new_pass_or(&mut self, rule: Rule, error: ColdStartError) -> Action {
@@ -820,8 +940,18 @@ mod tests {
             .collect()
     }
 
-    fn t0() -> SystemTime {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+    /// The same simulated start for every call in a test run.
+    fn t0() -> Now {
+        static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        Now {
+            instant: *START.get_or_init(Instant::now),
+            wall: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+        }
+    }
+
+    /// The simulated time of a local instant the cascade named.
+    fn when(instant: Instant) -> Now {
+        t0() + instant.duration_since(t0().instant)
     }
 
     struct Sim {
@@ -840,9 +970,7 @@ mod tests {
             Arc::new(config),
             &members(n),
             &NodeId::new(local),
-            digest(),
-            OriginRefKind::Blob,
-            None,
+            BlobRef::new(digest(), OriginRefKind::Blob),
             credentials,
         );
         Sim { cascade, action }
@@ -868,7 +996,7 @@ mod tests {
         }
 
         /// Answers the pending probe: `answer(rank)` for each probed node.
-        fn answer(&mut self, now: SystemTime, answer: impl Fn(usize) -> Option<PullIntent>) {
+        fn answer(&mut self, now: Now, answer: impl Fn(usize) -> Option<PullIntent>) {
             let answers = self
                 .probed()
                 .into_iter()
@@ -882,11 +1010,11 @@ mod tests {
                     (node, answer(rank).into())
                 })
                 .collect();
-            self.action = self.cascade.on_probe(answers, true, now);
+            self.action = self.cascade.on_probe(answers, true, now).expect("in turn");
         }
 
         /// Answers the pending probe with whatever `answer(rank)` says, refusals included.
-        fn reply(&mut self, now: SystemTime, answer: impl Fn(usize) -> ProbeAnswer) {
+        fn reply(&mut self, now: Now, answer: impl Fn(usize) -> ProbeAnswer) {
             let answers = self
                 .probed()
                 .into_iter()
@@ -895,7 +1023,7 @@ mod tests {
                     (node, answer(rank.unwrap()))
                 })
                 .collect();
-            self.action = self.cascade.on_probe(answers, true, now);
+            self.action = self.cascade.on_probe(answers, true, now).expect("in turn");
         }
 
         fn asked(&self) -> NodeId {
@@ -905,18 +1033,24 @@ mod tests {
             }
         }
 
-        fn pull(&mut self, outcome: Option<Outcome>, now: SystemTime) {
+        fn pull(&mut self, outcome: Option<Outcome>, now: Now) {
             let node = self.asked();
-            self.action = self.cascade.on_please_pull(&node, outcome, now);
+            self.action = self
+                .cascade
+                .on_please_pull(&node, outcome, now)
+                .expect("in turn");
         }
 
         /// The provider lookup finds `found`; the watched node still pulls.
-        fn providers(&mut self, found: Vec<PeerId>, now: SystemTime) {
+        fn providers(&mut self, found: Vec<PeerId>, now: Now) {
             let pulling = PullIntent {
-                in_flight_since: Some(now),
+                in_flight_since: Some(now.wall),
                 ..PullIntent::UNKNOWN
             };
-            self.action = self.cascade.on_providers(found, Some(pulling), now);
+            self.action = self
+                .cascade
+                .on_providers(found, Some(pulling), now)
+                .expect("in turn");
         }
 
         fn watched(&self) -> NodeId {
@@ -951,7 +1085,7 @@ mod tests {
             Some(PullIntent {
                 has_cached: rank == 0,
                 recently_failed: (rank == 2).then_some(RecentFailure {
-                    cooldown_until: t0() + Duration::from_secs(10),
+                    cooldown_until: (t0() + Duration::from_secs(10)).wall,
                     class: FailureClass::NotFound,
                 }),
                 ..idle(rank)
@@ -984,14 +1118,14 @@ mod tests {
         let mut s = sim(8, "node-5", CascadeConfig::default());
         s.answer(t0(), |rank| {
             Some(PullIntent {
-                in_flight_since: (rank == 0).then_some(t0() - Duration::from_secs(5)),
+                in_flight_since: (rank == 0).then_some(t0().wall - Duration::from_secs(5)),
                 ..idle(rank)
             })
         });
         assert_eq!(
             s.action,
             Action::LookupProviders {
-                at: t0(),
+                at: t0().instant,
                 watch: s.rank(0)
             }
         );
@@ -1000,7 +1134,7 @@ mod tests {
         assert_eq!(
             s.action,
             Action::LookupProviders {
-                at: t0() + Duration::from_secs(1),
+                at: (t0() + Duration::from_secs(1)).instant,
                 watch: s.rank(0)
             }
         );
@@ -1017,7 +1151,7 @@ mod tests {
         s.answer(t0(), |rank| {
             Some(PullIntent {
                 recently_failed: (rank == 0).then_some(RecentFailure {
-                    cooldown_until: t0() + Duration::from_secs(90),
+                    cooldown_until: (t0() + Duration::from_secs(90)).wall,
                     class: FailureClass::Transient,
                 }),
                 ..idle(rank)
@@ -1027,7 +1161,7 @@ mod tests {
         assert_eq!(
             s.resolution().result,
             Err(ColdStartError::CoolingDown {
-                until: t0() + Duration::from_secs(30)
+                until: (t0() + Duration::from_secs(30)).instant
             })
         );
     }
@@ -1041,7 +1175,37 @@ mod tests {
         assert_eq!(s.cascade.expansion, Some(Expansion::AllUnreachable));
         s.answer(t0(), |_| None);
         assert_eq!(s.resolution().result, Err(ColdStartError::NoneReachable));
+        assert_eq!(s.resolution().rule, Rule::Unreachable);
         assert_eq!(s.resolution().expansion, Some(Expansion::AllUnreachable));
+    }
+
+    #[test]
+    fn an_input_out_of_turn_is_a_typed_error_that_changes_nothing() {
+        let mut s = sim(8, "node-5", CascadeConfig::default());
+        let probe = s.action.clone();
+        let early = s.cascade.on_retry(t0());
+        assert_eq!(
+            early,
+            Err(OutOfTurn {
+                called: "on_retry",
+                awaits: "on_probe"
+            })
+        );
+        let unasked = s.cascade.on_please_pull(&s.rank(0), None, t0());
+        assert_eq!(unasked.map(|_| ()).unwrap_err().awaits, "on_probe");
+        assert_eq!(s.action, probe);
+        s.answer(t0(), |rank| Some(idle(rank)));
+        assert_eq!(s.asked(), s.rank(0), "the probe still counts");
+        s.pull(
+            Some(Outcome::RecentlyFailed(RecentFailure {
+                cooldown_until: t0().wall,
+                class: FailureClass::NotFound,
+            })),
+            t0(),
+        );
+        let _ = s.resolution();
+        let late = s.cascade.on_providers(vec![], None, t0());
+        assert_eq!(late.unwrap_err().called, "on_providers");
     }
 
     #[test]
@@ -1051,7 +1215,10 @@ mod tests {
             let rank = s.cascade.ranking().iter().position(|m| *m == n).unwrap();
             (n, ProbeAnswer::Intent(idle(rank)))
         });
-        s.action = s.cascade.on_probe(answers.collect(), false, t0());
+        s.action = s
+            .cascade
+            .on_probe(answers.collect(), false, t0())
+            .expect("in turn");
         assert_eq!(s.cascade.expansion, Some(Expansion::LookupUnhealthy));
         assert_eq!(s.probed(), vec![s.rank(3), s.rank(4), s.rank(5)]);
         s.answer(t0(), |rank| Some(idle(rank)));
@@ -1063,7 +1230,12 @@ mod tests {
         let mut s = sim(8, "node-5", CascadeConfig::default());
         s.answer(t0(), |rank| Some(idle(rank)));
         assert_eq!(s.asked(), s.rank(0));
-        s.pull(Some(Outcome::Started { started_at: t0() }), t0());
+        s.pull(
+            Some(Outcome::Started {
+                started_at: t0().wall,
+            }),
+            t0(),
+        );
         assert_eq!(s.watched(), s.rank(0));
         let provider = PeerId::random();
         s.providers(vec![provider], t0() + Duration::from_secs(3));
@@ -1114,7 +1286,7 @@ mod tests {
         // The designated puller did start: the next pass waits on it.
         s.answer(t0() + Duration::from_secs(2), |rank| {
             Some(PullIntent {
-                in_flight_since: (rank == 0).then_some(t0()),
+                in_flight_since: (rank == 0).then_some(t0().wall),
                 ..idle(rank)
             })
         });
@@ -1133,11 +1305,16 @@ mod tests {
         s.answer(t0(), |rank| Some(idle(rank)));
         let stalled = s.asked();
         assert_eq!(stalled, s.rank(0));
-        s.pull(Some(Outcome::Started { started_at: t0() }), t0());
+        s.pull(
+            Some(Outcome::Started {
+                started_at: t0().wall,
+            }),
+            t0(),
+        );
         // Nothing appears until the threshold passes...
         let mut now = t0();
         while let Action::LookupProviders { at, .. } = s.action {
-            now = at;
+            now = when(at);
             s.providers(vec![], now);
         }
         assert_eq!(now, t0() + Duration::from_secs(2));
@@ -1145,7 +1322,7 @@ mod tests {
         let later = now + Duration::from_secs(1);
         s.answer(later, |rank| {
             Some(PullIntent {
-                in_flight_since: (rank == 0).then_some(t0()),
+                in_flight_since: (rank == 0).then_some(t0().wall),
                 ..idle(rank)
             })
         });
@@ -1157,18 +1334,24 @@ mod tests {
     fn a_pull_that_fails_while_waited_on_is_seen_at_the_next_poll() {
         let mut s = sim(8, "outsider", CascadeConfig::default());
         s.answer(t0(), |rank| Some(idle(rank)));
-        s.pull(Some(Outcome::Started { started_at: t0() }), t0());
+        s.pull(
+            Some(Outcome::Started {
+                started_at: t0().wall,
+            }),
+            t0(),
+        );
         let watched = s.watched();
         let failed = PullIntent {
             recently_failed: Some(RecentFailure {
-                cooldown_until: t0() + Duration::from_secs(10),
+                cooldown_until: (t0() + Duration::from_secs(10)).wall,
                 class: FailureClass::NotFound,
             }),
             ..PullIntent::UNKNOWN
         };
         s.action = s
             .cascade
-            .on_providers(vec![], Some(failed), t0() + Duration::from_secs(1));
+            .on_providers(vec![], Some(failed), t0() + Duration::from_secs(1))
+            .expect("in turn");
         assert_eq!(s.resolution().rule, Rule::TrustedFailure);
         assert_eq!(
             s.resolution().result,
@@ -1181,14 +1364,20 @@ mod tests {
     fn a_pull_that_landed_is_fetched_from_its_puller_even_before_the_lookup_knows() {
         let mut s = sim(8, "outsider", CascadeConfig::default());
         s.answer(t0(), |rank| Some(idle(rank)));
-        s.pull(Some(Outcome::Started { started_at: t0() }), t0());
+        s.pull(
+            Some(Outcome::Started {
+                started_at: t0().wall,
+            }),
+            t0(),
+        );
         let landed = PullIntent {
             has_cached: true,
             ..PullIntent::UNKNOWN
         };
         s.action = s
             .cascade
-            .on_providers(vec![], Some(landed), t0() + Duration::from_secs(1));
+            .on_providers(vec![], Some(landed), t0() + Duration::from_secs(1))
+            .expect("in turn");
         assert_eq!(s.resolution().result, Ok(Source::Holder(s.rank(0))));
     }
 
@@ -1199,7 +1388,7 @@ mod tests {
         s.answer(t0(), |rank| Some(idle(rank)));
         s.pull(
             Some(Outcome::RecentlyFailed(RecentFailure {
-                cooldown_until: t0() + Duration::from_secs(10),
+                cooldown_until: (t0() + Duration::from_secs(10)).wall,
                 class: FailureClass::Transient,
             })),
             t0(),
@@ -1207,7 +1396,7 @@ mod tests {
         assert_eq!(
             s.resolution().result,
             Err(ColdStartError::CoolingDown {
-                until: t0() + Duration::from_secs(10)
+                until: (t0() + Duration::from_secs(10)).instant
             })
         );
     }
@@ -1260,9 +1449,7 @@ mod tests {
             config.clone(),
             &members,
             &NodeId::new("node-1"),
-            digest(),
-            OriginRefKind::Blob,
-            None,
+            BlobRef::new(digest(), OriginRefKind::Blob),
             true,
         );
         assert_eq!(cascade.ranking().len(), 3);
@@ -1274,9 +1461,7 @@ mod tests {
             config,
             &members,
             &NodeId::new("outsider"),
-            digest(),
-            OriginRefKind::Blob,
-            None,
+            BlobRef::new(digest(), OriginRefKind::Blob),
             true,
         );
         assert_eq!(cascade.ranking().len(), 6, "no zone: the whole membership");
@@ -1284,7 +1469,7 @@ mod tests {
 
     fn auth_failure() -> RecentFailure {
         RecentFailure {
-            cooldown_until: t0() + Duration::from_secs(10),
+            cooldown_until: (t0() + Duration::from_secs(10)).wall,
             class: FailureClass::Auth,
         }
     }
@@ -1301,11 +1486,11 @@ mod tests {
         let Action::Retry { at } = s.action else {
             panic!("expected a retry, got {:?}", s.action);
         };
-        assert_eq!(at, t0() + Duration::from_millis(250));
-        s.action = s.cascade.on_retry(at);
+        assert_eq!(at, (t0() + Duration::from_millis(250)).instant);
+        s.action = s.cascade.on_retry(when(at)).expect("in turn");
         assert_eq!(s.probed().len(), 3, "the same members, probed again");
         // Its view caught up: it is the one asked, and nobody else was.
-        s.answer(at, |rank| Some(idle(rank)));
+        s.answer(when(at), |rank| Some(idle(rank)));
         assert_eq!(s.asked(), s.rank(0));
         assert_eq!(s.cascade.please_pulls_sent, 1);
     }
@@ -1322,8 +1507,8 @@ mod tests {
             match s.action {
                 Action::Retry { at } => {
                     retries += 1;
-                    now = at;
-                    s.action = s.cascade.on_retry(now);
+                    now = when(at);
+                    s.action = s.cascade.on_retry(now).expect("in turn");
                 }
                 _ => break,
             }
@@ -1356,7 +1541,12 @@ mod tests {
         });
         // Rank 0 failed with its own credentials (or none): ours may do.
         assert_eq!(s.asked(), s.rank(0));
-        s.pull(Some(Outcome::Started { started_at: t0() }), t0());
+        s.pull(
+            Some(Outcome::Started {
+                started_at: t0().wall,
+            }),
+            t0(),
+        );
         assert_eq!(s.watched(), s.rank(0));
         // If ours fail too, the watch sees it and the resolution ends: no second ask.
         let failed = PullIntent {
@@ -1365,7 +1555,8 @@ mod tests {
         };
         s.action = s
             .cascade
-            .on_providers(vec![], Some(failed), t0() + Duration::from_secs(1));
+            .on_providers(vec![], Some(failed), t0() + Duration::from_secs(1))
+            .expect("in turn");
         assert_eq!(
             s.resolution().result,
             Err(ColdStartError::Failed(FailureClass::Auth))
@@ -1379,13 +1570,16 @@ mod tests {
         // Another requester's credentials started it again; the failure is still cached.
         let retrying = |rank: usize| PullIntent {
             recently_failed: (rank == 0).then(auth_failure),
-            in_flight_since: (rank == 0).then(t0),
+            in_flight_since: (rank == 0).then(|| t0().wall),
             ..idle(rank)
         };
         s.answer(t0(), |rank| Some(retrying(rank)));
         assert_eq!(s.watched(), s.rank(0));
         let later = t0() + Duration::from_secs(1);
-        s.action = s.cascade.on_providers(vec![], Some(retrying(0)), later);
+        s.action = s
+            .cascade
+            .on_providers(vec![], Some(retrying(0)), later)
+            .expect("in turn");
         assert_eq!(s.watched(), s.rank(0), "still waited on");
         assert_eq!(s.cascade.please_pulls_sent, 0);
     }
@@ -1421,7 +1615,7 @@ mod tests {
         assert_eq!(
             s.resolution().result,
             Err(ColdStartError::CoolingDown {
-                until: t0() + Duration::from_secs(10)
+                until: (t0() + Duration::from_secs(10)).instant
             })
         );
         assert_eq!(s.cascade.please_pulls_sent, 0);

@@ -150,18 +150,33 @@ impl KadLookups {
     /// The next lookup to start, once fewer than four run; `None` once every
     /// [`KadProviders`] is gone. A lookup whose asker stopped waiting is dropped unstarted.
     pub async fn next_lookup(&mut self) -> Option<Lookup> {
-        // A query whose asker gave up (it waits at most two seconds) frees its slot.
-        let abandoned = &mut self.abandoned;
-        self.running.retain(|id, (_, reply)| {
-            let waiting = !reply.is_canceled();
-            if !waiting {
-                abandoned.insert(*id);
+        loop {
+            // A query whose asker gave up (it waits at most two seconds) frees its slot.
+            let abandoned = &mut self.abandoned;
+            self.running.retain(|id, (_, reply)| {
+                let waiting = !reply.is_canceled();
+                if !waiting {
+                    abandoned.insert(*id);
+                }
+                waiting
+            });
+            if self.running.len() < RUNNING_LOOKUPS {
+                break;
             }
-            waiting
-        });
-        if self.running.len() >= RUNNING_LOOKUPS {
-            // `on_event` frees a slot; the caller's loop asks again after each event.
-            return futures::future::pending().await;
+            // Full: `on_event` frees a slot when a query ends (the caller's loop asks
+            // again after each event); an asker that gives up frees one here.
+            let running = &mut self.running;
+            futures::future::poll_fn(|cx| {
+                let gone = running
+                    .values_mut()
+                    .any(|(_, reply)| reply.poll_canceled(cx).is_ready());
+                if gone {
+                    std::task::Poll::Ready(())
+                } else {
+                    std::task::Poll::Pending
+                }
+            })
+            .await;
         }
         loop {
             let lookup = self.lookups.next().await?;
@@ -387,5 +402,32 @@ mod tests {
             "the remaining queued lookup's asker is gone"
         );
         assert_eq!(lookups.running.len(), RUNNING_LOOKUPS - 1);
+    }
+
+    #[test]
+    fn a_full_driver_wakes_when_an_asker_gives_up_without_any_event() {
+        use futures::FutureExt;
+        let local = PeerId::random();
+        let mut kad = libp2p_kad::Behaviour::new(local, MemoryStore::new(local));
+        let (providers, mut lookups) = kad_providers();
+        let mut answers: Vec<_> = (0..5).map(|_| providers.providers(&digest())).collect();
+        for _ in 0..RUNNING_LOOKUPS {
+            let lookup = lookups.next_lookup().now_or_never().flatten().unwrap();
+            lookups.start(lookup, &mut kad);
+        }
+        let first = answers.remove(0);
+        let giving_up = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            drop(first);
+        });
+        // The same wait, no Kademlia event: it must notice the asker that left.
+        let next = futures::executor::block_on(async {
+            futures::select! {
+                lookup = lookups.next_lookup().fuse() => lookup,
+                () = futures_timer::Delay::new(Duration::from_secs(5)).fuse() => None,
+            }
+        });
+        giving_up.join().unwrap();
+        assert!(next.is_some(), "the driver waited on nothing");
     }
 }

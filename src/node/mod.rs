@@ -7,6 +7,7 @@
 //! it, so an application may replace any of it and keep the protocol.
 
 mod cascade;
+mod clock;
 mod cold_start;
 mod credentials;
 mod fallback;
@@ -22,10 +23,11 @@ mod rank_cache;
 mod store;
 
 pub use cascade::{
-    Action, Cascade, CascadeConfig, ColdStartError, Expansion, ProbeAnswer, Resolution, Rule,
-    Source,
+    Action, BlobRef, Cascade, CascadeConfig, ColdStartError, Expansion, OutOfTurn, ProbeAnswer,
+    Resolution, Rule, Source,
 };
-pub use cold_start::{ColdStart, NoProviders, ProviderLookup};
+pub use clock::{Clock, Now, SystemClock};
+pub use cold_start::{ColdStart, Fetch, NoProviders, Obtained, OriginRefused, ProviderLookup};
 pub use fallback::{FallbackConfig, FallbackDeclined, FallbackPermit, OriginFallback};
 pub use in_flight::{stale_after, Claim, InFlightMap, InFlightPulls, Stalls};
 #[cfg(feature = "kad")]
@@ -48,22 +50,6 @@ use crate::{
     Authorization, Behaviour, Digest, Event, FailureClass, OriginRefKind, Outcome, PleasePull,
     PleasePullOutcome, PullIntent, RecentFailure,
 };
-
-/// Where "now" comes from; tests bring a clock they control.
-pub trait Clock: Send + Sync + 'static {
-    /// The current wall-clock time.
-    fn now(&self) -> SystemTime;
-}
-
-/// The system clock.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now(&self) -> SystemTime {
-        SystemTime::now()
-    }
-}
 
 /// One digest of a please_pull, handed to the puller pump.
 #[derive(Debug, Clone, Copy)]
@@ -254,6 +240,16 @@ impl NodeState {
         self.inner.membership.as_ref()
     }
 
+    /// The clock the node's waits run on.
+    pub fn clock(&self) -> &dyn Clock {
+        self.inner.clock.as_ref()
+    }
+
+    /// Whether the (primary) content store holds `digest`.
+    pub fn holds(&self, digest: &Digest) -> bool {
+        self.inner.store.lookup(digest) == StoreLookup::Cached
+    }
+
     pub(crate) fn membership_handle(&self) -> Arc<dyn Membership> {
         self.inner.membership.clone()
     }
@@ -344,7 +340,7 @@ impl NodeState {
             }
             tracing::debug!(%digest, "an auth failure, and other credentials: pulling again");
         }
-        if inner.store.lookup(digest) == StoreLookup::Cached {
+        if self.holds(digest) {
             return Outcome::AlreadyPulling { started_at: now };
         }
         match inner.in_flight.begin(digest, now) {
