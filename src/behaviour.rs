@@ -15,9 +15,8 @@ use std::{
 
 use futures::{
     channel::{mpsc, oneshot},
-    FutureExt, StreamExt,
+    StreamExt,
 };
-use futures_timer::Delay;
 use libp2p_core::{transport::PortUse, Endpoint, Multiaddr};
 use libp2p_identity::PeerId;
 use libp2p_swarm::{
@@ -32,9 +31,10 @@ use crate::{
     budget::StreamBudget,
     client::{Command, Coordinator, Request as ClientRequest, ResponseSender},
     codec::encode_frame,
+    deadlines::DeadlineQueue,
     handler::{Handler, HandlerEvent, HandlerEvents, HandlerIn, InboundResponse, OutboundRequest},
     protocol::{self, InboundRequest, Response, Rpc},
-    wire, AuthorizationMode, Config, Digest, InboundFailure, OutboundFailure, PleasePull,
+    time, wire, AuthorizationMode, Config, Digest, InboundFailure, OutboundFailure, PleasePull,
     PleasePullOutcome, PullIntent, ResponseError, UnauthorizedReason,
 };
 
@@ -189,31 +189,46 @@ const COMMAND_QUEUE: usize = 256;
 /// Peers whose addresses are remembered for dialing; the least recently used go first.
 const MAX_REMEMBERED_PEERS: usize = 1024;
 
-/// One connection to a peer and the requests that live and die with it.
+/// One connection to a peer, and the record of each request that lives and dies with
+/// it: the only place a request handed to a connection is kept.
 #[derive(Debug)]
 struct Connection {
     id: ConnectionId,
-    pending_outbound_requests: HashSet<OutboundRequestId>,
-    pending_inbound_responses: HashSet<InboundRequestId>,
+    /// Outbound requests handed to this connection, until their response or failure.
+    outbound: HashMap<OutboundRequestId, OutboundCall>,
+    /// Inbound requests read on it and not yet responded to.
+    inbound: HashSet<InboundRequestId>,
 }
 
 impl Connection {
     fn new(id: ConnectionId) -> Self {
         Connection {
             id,
-            pending_outbound_requests: HashSet::new(),
-            pending_inbound_responses: HashSet::new(),
+            outbound: HashMap::new(),
+            inbound: HashSet::new(),
         }
     }
 }
 
-/// An outbound request that has not ended.
-#[derive(Debug, Clone, Copy)]
+/// What the behaviour keeps of an outbound request until it ends.
+#[derive(Debug)]
 #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
-struct PendingOutbound {
+struct OutboundCall {
     /// Family and start, for the latency metrics.
     rpc: Rpc,
     since: Instant,
+    /// The [`Coordinator`] call waiting for the result; without one it goes out as an
+    /// event.
+    caller: Option<ResponseSender>,
+}
+
+/// A request waiting for its peer to connect, until its dial deadline: the only place
+/// such a request is kept.
+#[derive(Debug)]
+struct Dialing {
+    request: OutboundRequest,
+    call: OutboundCall,
+    deadline: Instant,
 }
 
 /// The `/gantry/coord/1.0.0` network behaviour.
@@ -230,17 +245,13 @@ pub struct Behaviour {
     next_connection: usize,
     /// Addresses learned through `Swarm::add_peer_address`, for dialing; bounded.
     addresses: PeerAddresses,
-    /// Requests waiting for a connection to their peer, each until its dial deadline.
-    pending_dials: HashMap<PeerId, Vec<(Instant, OutboundRequest)>>,
-    /// Wakes the behaviour at the earliest dial deadline.
-    dial_timer: Option<(Instant, Delay)>,
-    /// Commands from [`Coordinator`] handles, and where their responses go.
+    /// Requests waiting for a connection to their peer.
+    pending_dials: HashMap<PeerId, Vec<Dialing>>,
+    /// Their dial deadlines.
+    dial_deadlines: DeadlineQueue<(OutboundRequestId, PeerId)>,
+    /// Commands from [`Coordinator`] handles.
     commands: mpsc::Receiver<Command>,
     command_sender: mpsc::Sender<Command>,
-    coordinator_calls: HashMap<OutboundRequestId, ResponseSender>,
-    pending_outbound_requests: HashMap<OutboundRequestId, PendingOutbound>,
-    /// Inbound requests read and not yet responded to.
-    pending_inbound_responses: HashSet<InboundRequestId>,
     /// The membership that vouches for peers; without one every peer is allowed.
     authorizer: Option<Box<dyn PeerAuthorizer>>,
     warnings: WarningLimiter,
@@ -267,12 +278,9 @@ impl Behaviour {
                     .expect("the bound is not zero"),
             ),
             pending_dials: HashMap::new(),
-            dial_timer: None,
+            dial_deadlines: DeadlineQueue::default(),
             commands,
             command_sender,
-            coordinator_calls: HashMap::new(),
-            pending_outbound_requests: HashMap::new(),
-            pending_inbound_responses: HashSet::new(),
             authorizer: None,
             warnings: WarningLimiter::default(),
             pending_events: VecDeque::new(),
@@ -295,7 +303,7 @@ impl Behaviour {
     /// Asks `peer` what it knows about `digest`; dials it if not connected. Ends in one
     /// [`Event::PullIntentResponse`] or [`Event::OutboundFailure`] with the returned id.
     pub fn pull_intent_query(&mut self, peer: PeerId, digest: &Digest) -> OutboundRequestId {
-        let deadline = Instant::now() + self.config.request_timeout;
+        let deadline = time::now() + self.config.request_timeout;
         let envelope = protocol::pull_intent_request(digest);
         self.send_request(peer, Rpc::PullIntent, &envelope, None, deadline)
     }
@@ -308,7 +316,7 @@ impl Behaviour {
     /// is sent. Send [`PleasePull::batches`] one by one, or use
     /// [`Coordinator::please_pull`], which splits.
     pub fn please_pull(&mut self, peer: PeerId, request: &PleasePull) -> OutboundRequestId {
-        let deadline = Instant::now() + self.config.request_timeout;
+        let deadline = time::now() + self.config.request_timeout;
         self.send_please_pull(peer, request, None, deadline)
     }
 
@@ -330,11 +338,11 @@ impl Behaviour {
             to_wire,
             ..
         } = responder;
-        if !self.pending_inbound_responses.remove(&id) {
+        let awaited = self
+            .connection_mut(peer, connection)
+            .is_some_and(|c| c.inbound.remove(&id));
+        if !awaited {
             return Err(ResponseError::Expired);
-        }
-        if let Some(connection) = self.connection_mut(peer, connection) {
-            connection.pending_inbound_responses.remove(&id);
         }
         // Only the length is checked here; the stream's connection task encodes the
         // response, so the swarm loop does not spend its time on large batches.
@@ -386,12 +394,22 @@ impl Behaviour {
 
     /// Inbound requests read and not yet responded to.
     pub fn pending_responses(&self) -> usize {
-        self.pending_inbound_responses.len()
+        self.connections
+            .values()
+            .flatten()
+            .map(|c| c.inbound.len())
+            .sum()
     }
 
     /// Outbound requests that have not yet ended.
     pub fn pending_requests(&self) -> usize {
-        self.pending_outbound_requests.len()
+        let sent: usize = self
+            .connections
+            .values()
+            .flatten()
+            .map(|c| c.outbound.len())
+            .sum();
+        sent + self.pending_dials.values().map(Vec::len).sum::<usize>()
     }
 
     fn send_please_pull(
@@ -404,9 +422,9 @@ impl Behaviour {
         let count = request.digests().len();
         let max = crate::MAX_DIGESTS_PER_PLEASE_PULL;
         if count > max {
-            let id = self.new_outbound(Rpc::PleasePull, caller);
+            let (id, call) = self.new_outbound(Rpc::PleasePull, caller);
             let error = OutboundFailure::TooManyDigests { count, max };
-            self.finish_outbound(peer, id, Err(error));
+            self.finish_outbound(peer, id, call, Err(error));
             return id;
         }
         let mut envelope = protocol::please_pull_request(request);
@@ -415,18 +433,19 @@ impl Behaviour {
         id
     }
 
-    fn new_outbound(&mut self, rpc: Rpc, caller: Option<ResponseSender>) -> OutboundRequestId {
+    fn new_outbound(
+        &mut self,
+        rpc: Rpc,
+        caller: Option<ResponseSender>,
+    ) -> (OutboundRequestId, OutboundCall) {
         let id = OutboundRequestId(self.next_outbound_id);
         self.next_outbound_id += 1;
-        if let Some(caller) = caller {
-            self.coordinator_calls.insert(id, caller);
-        }
-        let pending = PendingOutbound {
+        let call = OutboundCall {
             rpc,
-            since: Instant::now(),
+            since: time::now(),
+            caller,
         };
-        self.pending_outbound_requests.insert(id, pending);
-        id
+        (id, call)
     }
 
     /// Sends a request that must end by `deadline`, its one budget for dial and exchange;
@@ -439,11 +458,12 @@ impl Behaviour {
         caller: Option<ResponseSender>,
         deadline: Instant,
     ) -> OutboundRequestId {
-        let id = self.new_outbound(rpc, caller);
+        let (id, call) = self.new_outbound(rpc, caller);
         let max = self.config.max_message_bytes;
         let Ok(frame) = encode_frame(envelope, max) else {
             let len = envelope_len(envelope);
-            self.finish_outbound(peer, id, Err(OutboundFailure::RequestTooLarge { len, max }));
+            let error = OutboundFailure::RequestTooLarge { len, max };
+            self.finish_outbound(peer, id, call, Err(error));
             return id;
         };
         let request = OutboundRequest {
@@ -454,30 +474,47 @@ impl Behaviour {
             deadline,
         };
         if self.connections.contains_key(&peer) {
-            self.send_on_some_connection(peer, request);
+            self.send_on_some_connection(peer, request, call);
             return id;
         }
         // The dial spends the request's budget; it never gets more than that.
-        let dial_deadline = deadline.min(Instant::now() + self.config.dial_timeout);
+        let deadline = deadline.min(time::now() + self.config.dial_timeout);
         let waiting = self.pending_dials.entry(peer).or_default();
         if waiting.is_empty() {
             self.pending_events.push_back(ToSwarm::Dial {
                 opts: DialOpts::peer_id(peer).build(),
             });
         }
-        waiting.push((dial_deadline, request));
+        waiting.push(Dialing {
+            request,
+            call,
+            deadline,
+        });
+        self.dial_deadlines.insert((id, peer), deadline);
         id
     }
 
     /// Hands `request` to one of the peer's connections, each in turn.
-    fn send_on_some_connection(&mut self, peer: PeerId, request: OutboundRequest) {
+    fn send_on_some_connection(
+        &mut self,
+        peer: PeerId,
+        request: OutboundRequest,
+        call: OutboundCall,
+    ) {
         let Some(connections) = self.connections.get_mut(&peer).filter(|c| !c.is_empty()) else {
+            // Callers check first; should it ever happen, the request still ends.
+            self.finish_outbound(
+                peer,
+                request.id,
+                call,
+                Err(OutboundFailure::ConnectionClosed),
+            );
             return;
         };
         self.next_connection = self.next_connection.wrapping_add(1);
         let at = self.next_connection % connections.len();
         let connection = &mut connections[at];
-        connection.pending_outbound_requests.insert(request.id);
+        connection.outbound.insert(request.id, call);
         self.pending_events.push_back(ToSwarm::NotifyHandler {
             peer_id: peer,
             handler: NotifyHandler::One(connection.id),
@@ -516,7 +553,7 @@ impl Behaviour {
             // Cold boot: nobody can be checked yet, and observe mode serves everyone.
             return None;
         }
-        if self.warnings.allow(peer, Instant::now()) {
+        if self.warnings.allow(peer, time::now()) {
             tracing::warn!(%peer, %reason, enforce, "request from a peer the membership does not vouch for");
         } else {
             tracing::debug!(%peer, %reason, enforce, "request from unauthorized peer");
@@ -546,12 +583,11 @@ impl Behaviour {
                 return;
             }
         };
-        let Some(pending) = self.connection_mut(peer, connection) else {
+        let Some(open) = self.connection_mut(peer, connection) else {
             // The connection is gone; dropping the sender closes the stream.
             return;
         };
-        pending.pending_inbound_responses.insert(id);
-        self.pending_inbound_responses.insert(id);
+        open.inbound.insert(id);
         let event = match request {
             InboundRequest::PullIntent(digest) => Event::PullIntentQuery {
                 peer,
@@ -601,15 +637,14 @@ impl Behaviour {
         &mut self,
         peer: PeerId,
         id: OutboundRequestId,
+        call: OutboundCall,
         result: Result<Response, OutboundFailure>,
     ) {
-        let pending = self.pending_outbound_requests.remove(&id);
         #[cfg(feature = "metrics")]
-        if let (Some(metrics), Some(p)) = (&self.metrics, pending) {
-            metrics.on_outbound(p.rpc, p.since.elapsed(), result.as_ref().err());
+        if let Some(metrics) = &self.metrics {
+            let elapsed = time::now().saturating_duration_since(call.since);
+            metrics.on_outbound(call.rpc, elapsed, result.as_ref().err());
         }
-        #[cfg(not(feature = "metrics"))]
-        let _ = pending;
         if let Ok(Response::PleasePull {
             skipped_results: skipped @ 1..,
             ..
@@ -621,7 +656,7 @@ impl Behaviour {
                 metrics.on_skipped_results(*skipped);
             }
         }
-        if let Some(caller) = self.coordinator_calls.remove(&id) {
+        if let Some(caller) = call.caller {
             // A dropped call no longer wants its result.
             let _ = caller.send(result);
             return;
@@ -672,45 +707,29 @@ impl Behaviour {
 
     /// Fails the requests whose peer did not connect before their dial deadline.
     fn poll_dial_deadlines(&mut self, cx: &mut Context<'_>) {
-        loop {
-            let now = Instant::now();
-            let mut expired = Vec::new();
-            self.pending_dials.retain(|peer, waiting| {
-                waiting.retain(|(deadline, request)| {
-                    let due = *deadline <= now;
-                    if due {
-                        expired.push((*peer, request.id));
-                    }
-                    !due
-                });
-                !waiting.is_empty()
-            });
-            for (peer, id) in expired {
-                self.finish_outbound(peer, id, Err(OutboundFailure::DialTimeout));
-            }
-            let next = self
-                .pending_dials
-                .values()
-                .flatten()
-                .map(|(deadline, _)| *deadline)
-                .min();
-            let Some(next) = next else {
-                self.dial_timer = None;
-                return;
+        while let Poll::Ready(((id, peer), _)) = self.dial_deadlines.poll_expired(cx, time::now()) {
+            let Some(waiting) = self.pending_dials.get_mut(&peer) else {
+                continue;
             };
-            let timer = match &mut self.dial_timer {
-                Some((at, timer)) if *at == next => timer,
-                slot => {
-                    &mut slot
-                        .insert((next, Delay::new(next.saturating_duration_since(now))))
-                        .1
-                }
+            let Some(at) = waiting.iter().position(|d| d.request.id == id) else {
+                continue;
             };
-            if timer.poll_unpin(cx).is_pending() {
-                return;
+            let expired = waiting.swap_remove(at);
+            if waiting.is_empty() {
+                self.pending_dials.remove(&peer);
             }
-            self.dial_timer = None;
+            self.finish_outbound(peer, id, expired.call, Err(OutboundFailure::DialTimeout));
         }
+    }
+
+    /// The requests waiting for `peer` to connect, their deadlines forgotten.
+    fn take_dialing(&mut self, peer: PeerId) -> Vec<Dialing> {
+        let waiting = self.pending_dials.remove(&peer).unwrap_or_default();
+        for dialing in &waiting {
+            self.dial_deadlines
+                .remove((dialing.request.id, peer), dialing.deadline);
+        }
+        waiting
     }
 
     fn on_connection_established(&mut self, peer: PeerId, connection: ConnectionId) {
@@ -718,9 +737,8 @@ impl Behaviour {
             .entry(peer)
             .or_default()
             .push(Connection::new(connection));
-        let waiting = self.pending_dials.remove(&peer).unwrap_or_default();
-        for (_, request) in waiting {
-            self.send_on_some_connection(peer, request);
+        for Dialing { request, call, .. } in self.take_dialing(peer) {
+            self.send_on_some_connection(peer, request, call);
         }
     }
 
@@ -747,19 +765,15 @@ impl Behaviour {
                 self.open_inbound_per_peer.remove(&peer);
             }
         }
-        for request in closed.pending_outbound_requests {
-            if self.pending_outbound_requests.contains_key(&request) {
-                self.finish_outbound(peer, request, Err(OutboundFailure::ConnectionClosed));
-            }
+        for (request, call) in closed.outbound {
+            self.finish_outbound(peer, request, call, Err(OutboundFailure::ConnectionClosed));
         }
-        for request in closed.pending_inbound_responses {
-            if self.pending_inbound_responses.remove(&request) {
-                self.emit(Event::InboundFailure {
-                    peer,
-                    request_id: request,
-                    error: InboundFailure::ConnectionClosed,
-                });
-            }
+        for request in closed.inbound {
+            self.emit(Event::InboundFailure {
+                peer,
+                request_id: request,
+                error: InboundFailure::ConnectionClosed,
+            });
         }
     }
 
@@ -776,10 +790,8 @@ impl Behaviour {
                 rpc,
             }),
             HandlerEvent::InboundFailure { id, error } => {
-                if self.pending_inbound_responses.remove(&id) {
-                    if let Some(c) = self.connection_mut(peer, connection) {
-                        c.pending_inbound_responses.remove(&id);
-                    }
+                if let Some(c) = self.connection_mut(peer, connection) {
+                    c.inbound.remove(&id);
                 }
                 self.emit(Event::InboundFailure {
                     peer,
@@ -803,11 +815,12 @@ impl Behaviour {
         id: OutboundRequestId,
         result: Result<Response, OutboundFailure>,
     ) {
-        if let Some(c) = self.connection_mut(peer, connection) {
-            c.pending_outbound_requests.remove(&id);
-        }
-        if self.pending_outbound_requests.contains_key(&id) {
-            self.finish_outbound(peer, id, result);
+        // A request of a connection already closed has ended already.
+        let call = self
+            .connection_mut(peer, connection)
+            .and_then(|c| c.outbound.remove(&id));
+        if let Some(call) = call {
+            self.finish_outbound(peer, id, call, result);
         }
     }
 
@@ -815,10 +828,9 @@ impl Behaviour {
         if self.connections.contains_key(&peer) {
             return;
         }
-        let waiting = self.pending_dials.remove(&peer).unwrap_or_default();
-        for (_, request) in waiting {
+        for Dialing { request, call, .. } in self.take_dialing(peer) {
             let error = OutboundFailure::DialFailure(error.clone());
-            self.finish_outbound(peer, request.id, Err(error));
+            self.finish_outbound(peer, request.id, call, Err(error));
         }
     }
 }
@@ -918,5 +930,80 @@ impl NetworkBehaviour for Behaviour {
                 Poll::Ready(None) | Poll::Pending => return Poll::Pending,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures::task::noop_waker;
+
+    use super::*;
+    use crate::digest::sample as digest;
+
+    fn poll(behaviour: &mut Behaviour) -> Poll<ToSwarm<Event, HandlerIn>> {
+        let waker = noop_waker();
+        NetworkBehaviour::poll(behaviour, &mut Context::from_waker(&waker))
+    }
+
+    #[test]
+    fn a_request_to_a_peer_that_never_connects_ends_at_its_dial_deadline() {
+        let config = Config::default().with_dial_timeout(Duration::from_secs(10));
+        let mut behaviour = Behaviour::new(config);
+        let peer = PeerId::random();
+        let id = behaviour.pull_intent_query(peer, &digest(1));
+        assert!(matches!(
+            poll(&mut behaviour),
+            Poll::Ready(ToSwarm::Dial { .. })
+        ));
+        assert_eq!(behaviour.pending_requests(), 1);
+        assert!(poll(&mut behaviour).is_pending());
+        time::advance(Duration::from_secs(11));
+        let Poll::Ready(ToSwarm::GenerateEvent(Event::OutboundFailure {
+            request_id,
+            error: OutboundFailure::DialTimeout,
+            ..
+        })) = poll(&mut behaviour)
+        else {
+            panic!("no dial timeout");
+        };
+        assert_eq!(request_id, id);
+        assert_eq!(behaviour.pending_requests(), 0);
+        assert!(poll(&mut behaviour).is_pending(), "it ended once");
+    }
+
+    #[test]
+    fn requests_live_and_end_with_their_connection_once() {
+        let mut behaviour = Behaviour::new(Config::default());
+        let peer = PeerId::random();
+        let waiting = behaviour.pull_intent_query(peer, &digest(1));
+        let connection = ConnectionId::new_unchecked(7);
+        behaviour.on_connection_established(peer, connection);
+        let sent = behaviour.pull_intent_query(peer, &digest(2));
+        assert_eq!(behaviour.pending_requests(), 2);
+        assert_eq!(
+            behaviour.dial_deadlines.len(),
+            0,
+            "the dial's deadline is gone"
+        );
+        behaviour.on_connection_closed(peer, connection, 0);
+        assert_eq!(behaviour.pending_requests(), 0);
+        let mut ended = Vec::new();
+        while let Poll::Ready(event) = poll(&mut behaviour) {
+            if let ToSwarm::GenerateEvent(Event::OutboundFailure {
+                request_id,
+                error: OutboundFailure::ConnectionClosed,
+                ..
+            }) = event
+            {
+                ended.push(request_id);
+            }
+        }
+        ended.sort();
+        assert_eq!(ended, vec![waiting, sent]);
+        // A late handler event for an ended request is ignored.
+        behaviour.end_outbound_on(peer, connection, sent, Err(OutboundFailure::Timeout));
+        assert!(behaviour.pending_events.is_empty());
     }
 }

@@ -154,7 +154,7 @@ impl Coordinator {
         digest: &Digest,
     ) -> Result<PullIntent, CoordinatorError> {
         let peer = self.peer_of(target.into())?;
-        let deadline = Instant::now() + self.deadline;
+        let deadline = crate::time::now() + self.deadline;
         match self
             .call(peer, Request::PullIntent(*digest), deadline)
             .await?
@@ -176,7 +176,7 @@ impl Coordinator {
         request: &PleasePull,
     ) -> Result<Vec<PleasePullOutcome>, CoordinatorError> {
         let peer = self.peer_of(target.into())?;
-        let deadline = Instant::now() + self.deadline;
+        let deadline = crate::time::now() + self.deadline;
         let calls = request.batches().map(|batch| async move {
             match self
                 .call(peer, Request::PleasePull(batch), deadline)
@@ -224,7 +224,7 @@ impl Coordinator {
                 Err(oneshot::Canceled) => Err(CoordinatorError::Shutdown),
             }
         };
-        let budget = deadline.saturating_duration_since(Instant::now());
+        let budget = deadline.saturating_duration_since(crate::time::now());
         futures::select! {
             result = exchange.fuse() => result,
             () = futures_timer::Delay::new(budget).fuse() => Err(CoordinatorError::Timeout),

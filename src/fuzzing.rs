@@ -100,7 +100,7 @@ pub fn reply_decoding(data: &[u8]) {
         protocol::{Response, Rpc},
         Outcome,
     };
-    use std::time::{Duration, SystemTime};
+    use std::time::Duration;
     use wire::envelope::Msg;
 
     let Ok(envelope) = wire::Envelope::decode(data) else {
@@ -118,7 +118,7 @@ pub fn reply_decoding(data: &[u8]) {
                 | (Rpc::PleasePull, Some(Msg::PleasePullResponse(_)))
         );
         let decoded = protocol::decode_response(rpc, envelope.clone(), max_cooldown);
-        let now = SystemTime::now();
+        let now = crate::time::wall();
         let latest_cooldown = now + max_cooldown;
         match decoded {
             Err(_) => {}

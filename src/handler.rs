@@ -14,7 +14,7 @@
 //! woke it or its deadline came.
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -35,9 +35,10 @@ use libp2p_swarm::{
 use crate::{
     budget::{StreamBudget, StreamPermit},
     codec::{FrameError, FrameReader, FrameWriter, ReadError},
+    deadlines::DeadlineQueue,
     protocol::{decode_response, InboundRequest, Response, Rpc},
     stream_set::{Step, StreamMachine, StreamSet},
-    wire, Config, InboundFailure, InboundRequestId, OutboundFailure, OutboundRequestId,
+    time, wire, Config, InboundFailure, InboundRequestId, OutboundFailure, OutboundRequestId,
     PROTOCOL_NAME,
 };
 
@@ -121,8 +122,11 @@ pub struct Handler {
     budget: StreamBudget,
     next_inbound_id: Arc<AtomicU64>,
     streams: StreamSet<StreamKey, CoordStream>,
-    /// Requests waiting for a stream to be opened for them.
-    pending_outbound: VecDeque<OutboundRequest>,
+    /// Requests waiting for a stream slot, by id, in the order they came...
+    pending_outbound: HashMap<OutboundRequestId, OutboundRequest>,
+    pending_order: VecDeque<OutboundRequestId>,
+    /// ...each failed at its deadline if no slot came first.
+    pending_deadlines: DeadlineQueue<OutboundRequestId>,
     /// Outbound streams requested from the connection and not yet negotiated.
     opening: usize,
     /// Outbound streams in the set.
@@ -143,7 +147,9 @@ impl Handler {
             budget,
             next_inbound_id,
             streams: StreamSet::default(),
-            pending_outbound: VecDeque::new(),
+            pending_outbound: HashMap::new(),
+            pending_order: VecDeque::new(),
+            pending_deadlines: DeadlineQueue::default(),
             opening: 0,
             open_outbound: 0,
             events: Vec::new(),
@@ -156,7 +162,7 @@ impl Handler {
             Ok(permit) => {
                 let span = tracing::debug_span!("coord_inbound", peer = %self.peer, id = id.0);
                 let inbound =
-                    InboundStream::new(id, stream, Instant::now(), self.config.clone(), permit);
+                    InboundStream::new(id, stream, time::now(), self.config.clone(), permit);
                 self.streams.insert(
                     StreamKey::Inbound(id.0),
                     CoordStream::Inbound(inbound, span),
@@ -203,6 +209,18 @@ impl Handler {
         });
     }
 
+    /// The oldest request still waiting for a slot; its deadline now rides on the stream.
+    fn next_pending(&mut self) -> Option<OutboundRequest> {
+        while let Some(id) = self.pending_order.pop_front() {
+            // Ids of requests that already timed out are skipped.
+            if let Some(request) = self.pending_outbound.remove(&id) {
+                self.pending_deadlines.remove(id, request.deadline);
+                return Some(request);
+            }
+        }
+        None
+    }
+
     fn flush_events(
         &mut self,
     ) -> ConnectionHandlerEvent<ReadyUpgrade<StreamProtocol>, OutboundRequest, HandlerEvents> {
@@ -224,7 +242,9 @@ impl ConnectionHandler for Handler {
 
     fn on_behaviour_event(&mut self, HandlerIn::SendRequest(request): HandlerIn) {
         tracing::trace!(peer = %self.peer, id = request.id.0, "request queued");
-        self.pending_outbound.push_back(request);
+        self.pending_deadlines.insert(request.id, request.deadline);
+        self.pending_order.push_back(request.id);
+        self.pending_outbound.insert(request.id, request);
     }
 
     fn connection_keep_alive(&self) -> bool {
@@ -238,20 +258,29 @@ impl ConnectionHandler for Handler {
     {
         loop {
             // Local work first: streams for pending requests, then a full batch of events.
-            let now = Instant::now();
+            let now = time::now();
+            // A request that waited for a slot past its deadline fails then, not when a
+            // slot frees.
+            while let Poll::Ready((id, _)) = self.pending_deadlines.poll_expired(cx, now) {
+                if self.pending_outbound.remove(&id).is_some() {
+                    self.events.push(HandlerEvent::OutboundFailure {
+                        id,
+                        error: OutboundFailure::Timeout,
+                    });
+                }
+            }
+            // The ids of requests that timed out are dropped here, so the queue's order
+            // never outgrows what still waits.
+            if self.pending_order.len() > 2 * self.pending_outbound.len() + 64 {
+                let waiting = &self.pending_outbound;
+                self.pending_order.retain(|id| waiting.contains_key(id));
+            }
             // Bounded, as every rust-libp2p protocol bounds them; the rest wait their turn.
             if self.opening + self.open_outbound < self.config.max_outbound_streams_per_connection {
-                if let Some(request) = self.pending_outbound.pop_front() {
-                    if request.deadline <= now {
-                        self.events.push(HandlerEvent::OutboundFailure {
-                            id: request.id,
-                            error: OutboundFailure::Timeout,
-                        });
-                        continue;
-                    }
+                if let Some(request) = self.next_pending() {
                     self.opening += 1;
                     tracing::trace!(peer = %self.peer, id = request.id.0, "stream requested");
-                    let timeout = request.deadline - now;
+                    let timeout = request.deadline.saturating_duration_since(now);
                     let protocol =
                         SubstreamProtocol::new(ReadyUpgrade::new(PROTOCOL_NAME), request)
                             .with_timeout(timeout);
@@ -819,4 +848,88 @@ mod tests {
     }
 
     use prost::Message as _;
+
+    /// A handler whose connection opens at most one outbound stream at a time.
+    fn one_slot_handler() -> Handler {
+        use std::sync::atomic::AtomicUsize;
+        let config = Config::default().with_max_outbound_streams_per_connection(1);
+        let budget = StreamBudget::new(
+            Arc::new(AtomicUsize::new(0)),
+            16,
+            Arc::new(AtomicUsize::new(0)),
+            16,
+        );
+        Handler::new(PeerId::random(), Arc::new(config), budget, Arc::default())
+    }
+
+    fn queued(id: u64, deadline: Instant) -> OutboundRequest {
+        OutboundRequest {
+            id: OutboundRequestId(id),
+            rpc: Rpc::PullIntent,
+            frame: Vec::new(),
+            secret: false,
+            deadline,
+        }
+    }
+
+    #[test]
+    fn a_request_waiting_for_a_slot_fails_at_its_deadline_not_when_a_slot_frees() {
+        let mut handler = one_slot_handler();
+        let soon = time::now() + Duration::from_millis(40);
+        handler.on_behaviour_event(HandlerIn::SendRequest(queued(
+            1,
+            soon + Duration::from_secs(9),
+        )));
+        handler.on_behaviour_event(HandlerIn::SendRequest(queued(2, soon)));
+        let waker = noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let opened = handler.poll(&mut cx);
+        assert!(matches!(
+            opened,
+            Poll::Ready(ConnectionHandlerEvent::OutboundSubstreamRequest { .. })
+        ));
+        assert!(handler.poll(&mut cx).is_pending(), "the one slot is taken");
+        // The first stream never opens; the second's deadline alone must wake the task.
+        let started = Instant::now();
+        let event = futures::executor::block_on(async {
+            futures::select! {
+                event = futures::future::poll_fn(|cx| handler.poll(cx)).fuse() => Some(event),
+                () = futures_timer::Delay::new(Duration::from_secs(3)).fuse() => None,
+            }
+        });
+        let Some(ConnectionHandlerEvent::NotifyBehaviour(HandlerEvents(events))) = event else {
+            panic!("no wake-up at the deadline");
+        };
+        assert!(matches!(
+            events.as_slice(),
+            [HandlerEvent::OutboundFailure {
+                id: OutboundRequestId(2),
+                error: OutboundFailure::Timeout
+            }]
+        ));
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert!(handler.pending_outbound.is_empty());
+    }
+
+    #[test]
+    fn a_request_queued_past_its_deadline_on_simulated_time_fails_at_the_next_poll() {
+        let mut handler = one_slot_handler();
+        let far = time::now() + Duration::from_secs(60);
+        handler.on_behaviour_event(HandlerIn::SendRequest(queued(
+            1,
+            far + Duration::from_secs(60),
+        )));
+        handler.on_behaviour_event(HandlerIn::SendRequest(queued(2, far)));
+        let waker = noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(handler.poll(&mut cx).is_ready(), "the first takes the slot");
+        assert!(handler.poll(&mut cx).is_pending());
+        time::advance(Duration::from_secs(61));
+        let Poll::Ready(ConnectionHandlerEvent::NotifyBehaviour(HandlerEvents(events))) =
+            handler.poll(&mut cx)
+        else {
+            panic!("the second request did not time out");
+        };
+        assert_eq!(events.len(), 1);
+    }
 }

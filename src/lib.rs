@@ -97,6 +97,7 @@ mod budget;
 mod client;
 mod codec;
 mod config;
+mod deadlines;
 mod digest;
 mod failure;
 mod handler;
@@ -108,6 +109,7 @@ mod node;
 mod node_id;
 mod protocol;
 mod stream_set;
+mod time;
 
 /// Types generated from `proto/coord.proto`: never part of the public API, but open to
 /// the fuzz targets and the tests that write raw frames under the `fuzzing` feature.

@@ -318,7 +318,7 @@ pub(crate) fn decode_response(
 ) -> Result<Response, OutboundFailure> {
     use wire::envelope::Msg;
     let clock = ClockBounds {
-        now: SystemTime::now(),
+        now: crate::time::wall(),
         max_cooldown,
     };
     match (rpc, envelope.msg) {

@@ -7,7 +7,7 @@
 //! are tested on simulated time; the one timer only wakes the task.
 
 use std::{
-    collections::{BTreeSet, HashMap, VecDeque},
+    collections::{HashMap, VecDeque},
     hash::Hash,
     sync::Arc,
     task::{Context, Poll, Wake, Waker},
@@ -16,8 +16,9 @@ use std::{
 
 use parking_lot::Mutex;
 
-use futures::{task::AtomicWaker, FutureExt};
-use futures_timer::Delay;
+use futures::task::AtomicWaker;
+
+use crate::deadlines::DeadlineQueue;
 
 /// What a stream's poll came to.
 #[derive(Debug, PartialEq, Eq)]
@@ -87,10 +88,9 @@ struct Entry<S> {
 pub(crate) struct StreamSet<K, S> {
     streams: HashMap<K, Entry<S>>,
     woken: Arc<Woken<K>>,
-    deadlines: BTreeSet<(Instant, K)>,
+    deadlines: DeadlineQueue<K>,
     /// Streams known due and not yet polled.
     due: VecDeque<K>,
-    timer: Option<(Instant, Delay)>,
 }
 
 impl<K, S> Default for StreamSet<K, S> {
@@ -101,9 +101,8 @@ impl<K, S> Default for StreamSet<K, S> {
                 keys: Mutex::default(),
                 task: AtomicWaker::new(),
             }),
-            deadlines: BTreeSet::new(),
+            deadlines: DeadlineQueue::default(),
             due: VecDeque::new(),
-            timer: None,
         }
     }
 }
@@ -138,9 +137,9 @@ where
                 deadline,
             },
         ) {
-            self.deadlines.remove(&(old.deadline, key));
+            self.deadlines.remove(key, old.deadline);
         }
-        self.deadlines.insert((deadline, key));
+        self.deadlines.insert(key, deadline);
         self.due.push_back(key);
     }
 
@@ -159,35 +158,14 @@ where
                 }
             }
             self.due.extend(self.woken.drain());
-            while let Some(&(at, key)) = self.deadlines.first() {
-                if at > now {
-                    break;
-                }
-                self.deadlines.pop_first();
+            while let Poll::Ready((key, at)) = self.deadlines.poll_expired(cx, now) {
+                // A deadline the timer says has come has come, even if `now` lags it.
+                now = now.max(at);
                 self.due.push_back(key);
             }
-            if !self.due.is_empty() {
-                continue;
-            }
-            let Some(&(next, _)) = self.deadlines.first() else {
-                return Poll::Pending;
-            };
-            // A timer armed for an earlier instant stays: it wakes the task early at worst,
-            // and making a timer per stream would cost more (each wakes the timer thread).
-            let (at, timer) = match &mut self.timer {
-                Some((at, timer)) if *at <= next => (*at, timer),
-                slot => {
-                    let wait = next.saturating_duration_since(now);
-                    (next, &mut slot.insert((next, Delay::new(wait))).1)
-                }
-            };
-            if timer.poll_unpin(cx).is_pending() {
+            if self.due.is_empty() {
                 return Poll::Pending;
             }
-            self.timer = None;
-            // The timer fired, so its instant has come even if the caller's `now` is a
-            // little behind it; an earlier timer than `next` only leads to a new one.
-            now = now.max(at);
         }
     }
 
@@ -199,7 +177,7 @@ where
         match step {
             Poll::Ready(Step::Done(output)) => {
                 let entry = self.streams.remove(&key)?;
-                self.deadlines.remove(&(entry.deadline, key));
+                self.deadlines.remove(key, entry.deadline);
                 Some(Step::Done(output))
             }
             other => {
@@ -208,8 +186,8 @@ where
                 // An unchanged deadline is still queued: one taken out as due has
                 // passed, and a stream past its deadline is done.
                 if deadline != entry.deadline {
-                    self.deadlines.remove(&(entry.deadline, key));
-                    self.deadlines.insert((deadline, key));
+                    self.deadlines.remove(key, entry.deadline);
+                    self.deadlines.insert(key, deadline);
                     entry.deadline = deadline;
                 }
                 match other {
@@ -324,7 +302,7 @@ mod tests {
             Poll::Ready((2, Step::Done("deadline")))
         );
         assert!(set.is_empty());
-        assert!(set.deadlines.is_empty());
+        assert_eq!(set.deadlines.len(), 0);
     }
 
     #[test]

@@ -79,3 +79,40 @@ fn the_protocol_layer_does_not_use_the_node_layer() {
     }
     assert!(checked >= 10, "only {checked} protocol files found");
 }
+
+/// The part of a source file outside its unit-test module.
+fn outside_tests(text: &str) -> &str {
+    text.find("#[cfg(test)]\nmod tests")
+        .map_or(text, |at| &text[..at])
+}
+
+#[test]
+fn time_comes_from_one_place_in_each_layer() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut checked = 0;
+    for (dir, allowed) in [(src.clone(), "time.rs"), (src.join("node"), "clock.rs")] {
+        for entry in fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let file = path.file_name().unwrap().to_string_lossy().into_owned();
+            if path.is_dir() || file == allowed {
+                continue;
+            }
+            checked += 1;
+            let text = fs::read_to_string(&path).unwrap();
+            for (n, line) in outside_tests(&text).lines().enumerate() {
+                if line.trim_start().starts_with("//") {
+                    continue;
+                }
+                for clock in ["Instant::now()", "SystemTime::now()"] {
+                    assert!(
+                        !line.contains(clock),
+                        "{}/{file}:{}: {clock} outside {allowed}: {line}",
+                        dir.display(),
+                        n + 1
+                    );
+                }
+            }
+        }
+    }
+    assert!(checked >= 20, "only {checked} files checked");
+}
