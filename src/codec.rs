@@ -240,7 +240,7 @@ pub(crate) fn encode_frame(envelope: &wire::Envelope, max: usize) -> Result<Vec<
 }
 
 /// Decodes one complete frame held in memory; trailing bytes are an error.
-#[cfg(any(test, feature = "fuzzing"))]
+#[cfg(any(test, fuzzing))]
 pub(crate) fn decode_frame(bytes: &[u8], max: usize) -> Result<wire::Envelope, FrameError> {
     let mut prefix = LengthPrefix::default();
     for (i, &byte) in bytes.iter().enumerate() {

@@ -1,5 +1,5 @@
-//! Entry points for the fuzz targets in `fuzz/` and the checks in `tests/fuzz_seeds.rs`,
-//! behind the `fuzzing` feature: internals, with no stability promise.
+//! Entry points for the fuzz targets in `fuzz/` (cargo-fuzz builds with `cfg(fuzzing)`) and
+//! for the unit tests that run their checks on seeds: internals, with no stability promise.
 
 use std::{
     pin::Pin,
@@ -166,3 +166,6 @@ impl AsyncRead for Chunked<'_> {
         Poll::Ready(Ok(n))
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -111,20 +111,23 @@ mod protocol;
 mod stream_set;
 mod time;
 
-/// Types generated from `proto/coord.proto`: never part of the public API, but open to
-/// the fuzz targets and the tests that write raw frames under the `fuzzing` feature.
-#[cfg(feature = "fuzzing")]
+/// Types generated from `proto/coord.proto`: never part of the public API; open to the
+/// fuzz targets only, in cargo-fuzz's `cfg(fuzzing)` builds.
+#[cfg(fuzzing)]
 #[allow(missing_docs, clippy::all)]
 pub mod wire {
     include!(concat!(env!("OUT_DIR"), "/gantry.coord.v1.rs"));
 }
-#[cfg(not(feature = "fuzzing"))]
+#[cfg(not(fuzzing))]
 #[allow(clippy::all)]
 mod wire {
     include!(concat!(env!("OUT_DIR"), "/gantry.coord.v1.rs"));
 }
 
-#[cfg(feature = "fuzzing")]
+/// The fuzz targets' entry points: in cargo-fuzz's builds, and in the unit tests that run
+/// their checks on seeds.
+#[cfg(any(fuzzing, test))]
+#[doc(hidden)]
 pub mod fuzzing;
 
 pub use authorize::PeerAuthorizer;

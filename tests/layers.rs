@@ -116,3 +116,22 @@ fn time_comes_from_one_place_in_each_layer() {
     }
     assert!(checked >= 20, "only {checked} files checked");
 }
+
+#[test]
+fn the_build_under_test_is_the_one_users_get() {
+    let manifest =
+        fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml")).unwrap();
+    let (_, dev) = manifest.split_once("[dev-dependencies]").unwrap();
+    let dev = dev.split("\n[").next().unwrap();
+    assert!(
+        !dev.lines()
+            .any(|l| l.trim_start().starts_with("gantry-coord")),
+        "the crate is a dev-dependency of itself"
+    );
+    let (_, features) = manifest.split_once("[features]").unwrap();
+    let features = features.split("\n[").next().unwrap();
+    assert!(
+        !features.contains("fuzzing"),
+        "a feature that opens internals: {features}"
+    );
+}

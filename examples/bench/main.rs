@@ -16,6 +16,13 @@ mod stacks;
 mod stats;
 mod work;
 
+/// The wire types, generated from the schema by the package's build script: the bench's
+/// raw stacks speak them without the crate.
+#[allow(clippy::all)]
+mod wire {
+    include!(concat!(env!("OUT_DIR"), "/gantry.coord.v1.rs"));
+}
+
 use std::time::{Duration, Instant};
 
 use gantry_coord::{OriginRefKind, PleasePull};

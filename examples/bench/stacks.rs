@@ -14,7 +14,9 @@ use std::{
 
 use futures::{future::BoxFuture, stream::FuturesUnordered, AsyncRead, AsyncReadExt, AsyncWrite};
 use futures::{AsyncWriteExt, StreamExt};
-use gantry_coord::{wire, Config, PROTOCOL_NAME};
+use gantry_coord::{Config, PROTOCOL_NAME};
+
+use crate::wire;
 use libp2p::{request_response, swarm::SwarmEvent, Multiaddr, PeerId, StreamProtocol, Swarm};
 use prost::Message;
 

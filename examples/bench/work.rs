@@ -7,9 +7,11 @@ use std::{
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use gantry_coord::{
-    wire, Digest, FailureClass, Outcome, PleasePull, PleasePullOutcome, PullIntent, RecentFailure,
+    Digest, FailureClass, Outcome, PleasePull, PleasePullOutcome, PullIntent, RecentFailure,
 };
 use prost::Message;
+
+use crate::wire;
 
 /// The frame cap of the coord wire.
 const MAX_MESSAGE: usize = 1 << 20;

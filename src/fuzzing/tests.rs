@@ -2,13 +2,11 @@
 //! that `cargo test` exercises them without a fuzzer. Inputs the fuzzer once found are kept
 //! here as seeds.
 
-#[path = "oracle/varint.rs"]
+#[path = "varint_oracle.rs"]
 mod varint_oracle;
 
-use gantry_coord::{
-    fuzzing::{frame_decoder, length_prefix, reply_decoding, request_validation},
-    FrameError,
-};
+use super::{frame_decoder, length_prefix, reply_decoding, request_validation};
+use crate::FrameError;
 
 const SEEDS: &[&[u8]] = &[
     &[],

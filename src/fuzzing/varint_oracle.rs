@@ -1,9 +1,10 @@
 //! An oracle for the frame's length prefix that shares no code with the crate: the
 //! `unsigned-varint` crate's decoder plus the two rules go-varint adds to plain LEB128 (at
-//! most 9 bytes; the 1 MiB cap is the caller's). Used by `tests/fuzz_seeds.rs` and the
-//! `frame_decoder` fuzz target.
+//! most 9 bytes; the 1 MiB cap is the caller's). Used by the fuzz checks' unit tests and
+//! the `frame_decoder` fuzz target, whose parent modules bring `FrameError` and
+//! `length_prefix` into scope.
 
-use gantry_coord::FrameError;
+use super::{length_prefix, FrameError};
 
 /// The body cap the checks run with, as the protocol's.
 pub const MAX: usize = 1 << 20;
@@ -38,7 +39,7 @@ pub fn expected(bytes: &[u8]) -> Result<(usize, usize), FrameError> {
 /// The crate's prefix decoder agrees with the oracle on `bytes`.
 pub fn check(bytes: &[u8]) {
     assert_eq!(
-        gantry_coord::fuzzing::length_prefix(bytes, MAX),
+        length_prefix(bytes, MAX),
         expected(bytes),
         "prefix {bytes:02x?}"
     );
