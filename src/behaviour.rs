@@ -545,7 +545,7 @@ impl Behaviour {
         )
     }
 
-    /// Why the request of `peer` is refused, if it is; reports it as PROTOCOL.md says.
+    /// Why the request of `peer` is refused, if it is; reports it as docs/protocol.md §7 says.
     fn authorize(&mut self, peer: PeerId) -> Option<InboundFailure> {
         let reason = self.authorizer.as_ref()?.authorize(&peer).err()?;
         let enforce = self.config.authorization_mode == AuthorizationMode::Enforce;
@@ -570,7 +570,7 @@ impl Behaviour {
         request: Result<InboundRequest, InboundFailure>,
         stream: oneshot::Sender<InboundResponse>,
     ) {
-        // Before the request is validated, as PROTOCOL.md says: a stranger is refused as
+        // Before the request is validated, as docs/protocol.md §7 says: a stranger is refused as
         // a stranger, whatever it sent.
         if let Some(rejection) = self.authorize(peer) {
             let _ = stream.send(InboundResponse::Reject(rejection));

@@ -14,7 +14,7 @@ pub enum AuthorizationMode {
 
 /// Configuration of a [`Behaviour`](crate::Behaviour).
 ///
-/// Every default is the Go original's (PROTOCOL.md, DESIGN.md "Defaults and limits").
+/// Every default is the Go original's (docs/protocol.md §8).
 #[derive(Debug, Clone)]
 pub struct Config {
     pub(crate) max_inbound_streams: usize,

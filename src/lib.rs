@@ -5,7 +5,9 @@
 //! have this digest, are you pulling it, did you just fail?" ([`Behaviour::pull_intent_query`])
 //! and ask the one node that rendezvous hashing designates to pull from the origin
 //! registry ([`Behaviour::please_pull`]), so the origin sees each blob once per cluster.
-//! The wire format is that of the Go Gantry nodes, byte for byte.
+//! The wire format is that of the Go Gantry nodes, byte for byte; `docs/protocol.md` in
+//! the repository is the contract (framing, limits, what a responder does with each input,
+//! HRW, authorization, the cascade's rules and their Go sources).
 //!
 //! Inbound requests arrive as [`Event::PullIntentQuery`] and [`Event::PleasePull`]; the
 //! swarm loop responds to each synchronously with [`Behaviour::send_response`] before the answer

@@ -1,7 +1,7 @@
 //! Domain types of the two RPC families: what the public API speaks instead of wire types.
 //!
-//! Constructors validate what a requester must check before sending (PROTOCOL.md,
-//! "Digests"); `protocol.rs` converts them to and from the wire.
+//! Constructors validate what a requester must check before sending (docs/protocol.md §4
+//! and §5); `protocol.rs` converts them to and from the wire.
 
 use std::{fmt, time::SystemTime};
 

@@ -1,6 +1,6 @@
 //! What both sides of a stream share: the two RPC families, the request and response
 //! as they cross the wire, and the conversions between wire messages and domain types.
-//! Conversions from the wire apply what PROTOCOL.md says a responder or requester must
+//! Conversions from the wire apply what docs/protocol.md (§2, §3) says a responder or requester must
 //! accept from a peer, and nothing stricter.
 
 use std::time::{Duration, SystemTime};

@@ -1,5 +1,5 @@
 //! A peer that writes raw bytes on coord streams: each bad input is handled as
-//! PROTOCOL.md's responder table says, reported with its reason, and the node keeps serving.
+//! docs/protocol.md's responder table (§3) says, reported with its reason, and the node keeps serving.
 
 mod common;
 

@@ -135,3 +135,51 @@ fn the_build_under_test_is_the_one_users_get() {
         "a feature that opens internals: {features}"
     );
 }
+
+#[test]
+fn the_wire_contract_lives_in_the_repository_and_names_every_field() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let contract = fs::read_to_string(root.join("docs/protocol.md")).unwrap();
+    let schema = fs::read_to_string(root.join("proto/coord.proto")).unwrap();
+    let mut named = 0;
+    for line in schema.lines() {
+        let code = line.split("//").next().unwrap().trim();
+        let Some((left, number)) = code.split_once('=') else {
+            continue;
+        };
+        let number = number.trim().trim_end_matches(';').trim();
+        if number.parse::<u32>().is_err() {
+            continue;
+        }
+        let name = left.split_whitespace().last().unwrap();
+        let name = ["KIND_", "OUTCOME_", "FAILURE_CLASS_"]
+            .iter()
+            .find_map(|prefix| name.strip_prefix(prefix))
+            .unwrap_or(name);
+        let entry = format!("{name} = {number}");
+        assert!(
+            contract.contains(&entry),
+            "docs/protocol.md lacks `{entry}`"
+        );
+        named += 1;
+    }
+    assert!(named >= 35, "only {named} schema entries found");
+    // Code and docs point at the contract in the repository, not at pages outside it.
+    for dir in ["src", "src/node", "tests", "proto", "examples"] {
+        for entry in fs::read_dir(root.join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                continue;
+            }
+            let text = fs::read_to_string(&path).unwrap_or_default();
+            for outside in [["PROTOCOL", ".md"], ["DESIGN", ".md"], ["AGENT", ".md"]] {
+                let outside = outside.concat();
+                assert!(
+                    !text.contains(&outside),
+                    "{} cites {outside}",
+                    path.display()
+                );
+            }
+        }
+    }
+}

@@ -1,5 +1,5 @@
 // A js-libp2p peer (TCP, Noise, Yamux) that speaks /gantry/coord/1.0.0 with its own
-// protobuf encoding, written from PROTOCOL.md: an implementation independent of the crate.
+// protobuf encoding, written from docs/protocol.md: an implementation independent of the crate.
 //
 //   node peer.mjs client MULTIADDR DIGEST...   asks pull_intent for each digest and one
 //                                              please_pull of all; prints the replies as JSON
