@@ -162,6 +162,10 @@ impl CascadeConfig {
 /// The rule that decided a resolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Rule {
+    /// The provider lookup named holders before any member was asked (what
+    /// [`ColdStart::obtain`](crate::ColdStart::obtain) tries first, as the Go nodes run
+    /// the cascade only for a digest nobody advertises).
+    Advertised,
     /// A transient failure seen earlier is still honoured; nobody was asked.
     HonourWindow,
     /// Rule 1: a trusted failure class.
@@ -185,6 +189,7 @@ impl Rule {
     /// A short name for metrics and logs.
     pub fn as_str(self) -> &'static str {
         match self {
+            Rule::Advertised => "advertised",
             Rule::HonourWindow => "honour_window",
             Rule::TrustedFailure => "trusted_failure",
             Rule::CachedCopy => "cached_copy",
@@ -344,14 +349,18 @@ pub enum Action {
     /// Ask this node to pull (self: start it locally), and hand the result to
     /// [`Cascade::on_please_pull`]; `None` when it could not be asked.
     PleasePull(NodeId),
-    /// Ask the provider lookup at (or after) this time, and the node whose pull is
-    /// waited on its `pull_intent_query` (so a pull that fails is seen at once, not at
-    /// the stall threshold); hand both to [`Cascade::on_providers`].
+    /// Ask the provider lookup at (or after) this time and, when `probe_watched` says
+    /// so, the node whose pull is waited on its `pull_intent_query` (so a pull that fails
+    /// is seen well before the stall threshold); hand both to [`Cascade::on_providers`].
     LookupProviders {
         /// Not before this.
         at: Instant,
         /// The node whose pull is waited on.
         watch: NodeId,
+        /// Whether to probe it this time: at the 2nd, 4th and 8th look, then every 8th.
+        /// The provider lookup is what tells a waiter the pull landed; the probe only
+        /// catches a pull that failed, so thousands of waiters cost its node little.
+        probe_watched: bool,
     },
     /// The resolution is over.
     Done(Resolution),
@@ -366,6 +375,8 @@ enum Phase {
         until: Instant,
         rule: Rule,
         watch: usize,
+        /// Looks at the provider lookup so far in this wait.
+        looks: u32,
     },
     Done,
 }
@@ -572,7 +583,13 @@ impl Cascade {
         watched: Option<PullIntent>,
         now: Now,
     ) -> Result<Action, OutOfTurn> {
-        let Phase::Waiting { until, rule, watch } = self.phase else {
+        let Phase::Waiting {
+            until,
+            rule,
+            watch,
+            looks,
+        } = self.phase
+        else {
             return Err(self.out_of_turn("on_providers"));
         };
         if !providers.is_empty() {
@@ -580,9 +597,6 @@ impl Cascade {
         }
         let watched_node = self.ranked[watch].clone();
         if let Some(intent) = watched {
-            if watched_node != self.local {
-                self.probes_sent += 1;
-            }
             if intent.has_cached {
                 return Ok(self.done(rule, Ok(Source::Holder(watched_node))));
             }
@@ -599,10 +613,7 @@ impl Cascade {
         }
         if now.instant < until {
             let at = (now.instant + self.config.poll_interval(self.kind)).min(until);
-            return Ok(Action::LookupProviders {
-                at,
-                watch: watched_node,
-            });
+            return Ok(self.look(at, watched_node, rule, until, watch, looks + 1));
         }
         // The pull waited on stalled: a new pass takes it over.
         Ok(self.new_pass_or(rule, ColdStartError::Stalled))
@@ -803,14 +814,34 @@ impl Cascade {
 
     fn wait(&mut self, rule: Rule, watch: NodeId, now: Now) -> Action {
         let watch_rank = self.ranked.iter().position(|n| *n == watch).unwrap_or(0);
+        let until = now.instant + self.stall();
+        self.look(now.instant, watch, rule, until, watch_rank, 0)
+    }
+
+    /// The `looks`-th look at the provider lookup in a wait (0 is the first).
+    fn look(
+        &mut self,
+        at: Instant,
+        watch: NodeId,
+        rule: Rule,
+        until: Instant,
+        watch_rank: usize,
+        looks: u32,
+    ) -> Action {
         self.phase = Phase::Waiting {
-            until: now.instant + self.stall(),
+            until,
             rule,
             watch: watch_rank,
+            looks,
         };
+        let probe_watched = matches!(looks, 2 | 4) || (looks >= 8 && looks.is_multiple_of(8));
+        if probe_watched && watch != self.local {
+            self.probes_sent += 1;
+        }
         Action::LookupProviders {
-            at: now.instant,
+            at,
             watch,
+            probe_watched,
         }
     }
 
@@ -1126,7 +1157,8 @@ mod tests {
             s.action,
             Action::LookupProviders {
                 at: t0().instant,
-                watch: s.rank(0)
+                watch: s.rank(0),
+                probe_watched: false,
             }
         );
         s.providers(vec![], t0());
@@ -1135,7 +1167,8 @@ mod tests {
             s.action,
             Action::LookupProviders {
                 at: (t0() + Duration::from_secs(1)).instant,
-                watch: s.rank(0)
+                watch: s.rank(0),
+                probe_watched: false,
             }
         );
         let provider = PeerId::random();
@@ -1143,6 +1176,30 @@ mod tests {
         assert_eq!(s.resolution().rule, Rule::InFlight);
         assert_eq!(s.resolution().result, Ok(Source::Providers(vec![provider])));
         assert_eq!(s.resolution().please_pulls_sent, 0);
+    }
+
+    #[test]
+    fn a_waiter_probes_the_pull_it_waits_on_rarely_and_the_lookup_at_every_poll() {
+        let mut s = sim(8, "outsider", CascadeConfig::default());
+        s.answer(t0(), |rank| Some(idle(rank)));
+        s.pull(Some(Outcome::Started { started_at: t0().wall }), t0());
+        let (mut looks, mut probes) = (0, Vec::new());
+        while let Action::LookupProviders {
+            at, probe_watched, ..
+        } = s.action
+        {
+            if probe_watched {
+                probes.push(looks);
+            }
+            looks += 1;
+            s.providers(vec![], when(at));
+        }
+        // A layer of unknown size: 30 s of looks, one a second.
+        assert_eq!(looks, 31);
+        assert_eq!(probes, vec![2, 4, 8, 16, 24]);
+        // The first probe of the top 3, the watches, and the new pass after the stall.
+        assert_eq!(s.cascade.probes_sent, 3 + 5 + 3);
+        assert!(matches!(s.action, Action::Probe(_)));
     }
 
     #[test]

@@ -158,9 +158,9 @@ impl ColdStart {
         resolution
     }
 
-    /// Resolves and fetches `blob` until this node's content store holds it: each
-    /// source the resolver names is handed to `fetch`; a transient failure is waited
-    /// out; no source at all leads to the gated [`fall_back`](ColdStart::fall_back);
+    /// Resolves and fetches `blob` until this node's content store holds it: first from
+    /// the holders the provider lookup knows of, if any serve it; else each source a
+    /// resolution names is handed to `fetch`; a transient failure is waited out; no source at all leads to the gated [`fall_back`](ColdStart::fall_back);
     /// anything else is retried after a backoff (see
     /// [`CascadeConfig::with_retry_backoff`]). Ends only when the blob is stored or the
     /// origin refused it; drop the future to stop.
@@ -174,9 +174,24 @@ impl ColdStart {
         let (first, longest) = self.config.retry_backoff;
         let mut backoff = first;
         let mut obtained = Obtained::default();
+        let mut ask_lookup_first = true;
         loop {
             if self.state.holds(&blob.digest) {
                 return Ok(obtained);
+            }
+            // Holders the lookup knows of serve it without asking any member; only a
+            // digest nobody advertises, or whose advertisers did not serve it, goes
+            // through the cascade.
+            if std::mem::replace(&mut ask_lookup_first, true) {
+                let providers = self.lookup.providers(&blob.digest).await;
+                if !providers.is_empty() {
+                    obtained.rule = Some(Rule::Advertised);
+                    if fetch.fetch(blob, &Source::Providers(providers)).await {
+                        continue;
+                    }
+                    ask_lookup_first = false;
+                    continue;
+                }
             }
             let resolution = self.resolve(origin, blob).await;
             obtained.rule = Some(resolution.rule);
@@ -247,13 +262,22 @@ impl ColdStart {
                     };
                     cascade.on_please_pull(&node, outcome, clock.read())
                 }
-                Action::LookupProviders { at, watch } => {
+                Action::LookupProviders {
+                    at,
+                    watch,
+                    probe_watched,
+                } => {
                     clock.sleep_until(at).await;
-                    let (providers, watched) = futures::join!(
-                        self.lookup.providers(&digest),
-                        self.intent_of(&watch, &local, &digest)
-                    );
-                    cascade.on_providers(providers, watched.intent(), clock.read())
+                    let watched = async {
+                        if probe_watched {
+                            self.intent_of(&watch, &local, &digest).await.intent()
+                        } else {
+                            None
+                        }
+                    };
+                    let (providers, watched) =
+                        futures::join!(self.lookup.providers(&digest), watched);
+                    cascade.on_providers(providers, watched, clock.read())
                 }
                 Action::Done(resolution) => {
                     if let Err(ColdStartError::CoolingDown { until }) = resolution.result {
@@ -649,5 +673,80 @@ mod tests {
         state.finish_pull(&layer(2).digest, Err(FailureClass::NotFound));
         let refused = futures::executor::block_on(resolver.obtain(&origin(), layer(2), &fetch));
         assert_eq!(refused, Err(OriginRefused(FailureClass::NotFound)));
+    }
+
+    struct Advertises(PeerId);
+
+    impl ProviderLookup for Advertises {
+        fn providers(&self, _: &Digest) -> BoxFuture<'static, Vec<PeerId>> {
+            futures::future::ready(vec![self.0]).boxed()
+        }
+    }
+
+    /// Serves only from advertised providers, and only if told to; records what it got.
+    struct Recording {
+        store: crate::MemoryStore,
+        serves: bool,
+        asked: Mutex<Vec<Source>>,
+    }
+
+    impl Fetch for Recording {
+        fn fetch<'a>(&'a self, blob: BlobRef, source: &'a Source) -> BoxFuture<'a, bool> {
+            self.asked.lock().push(source.clone());
+            let advertised = matches!(source, Source::Providers(_));
+            if self.serves && advertised {
+                // What a transfer does: the blob lands in the node's store.
+                self.store.insert(blob.digest);
+            }
+            let held = crate::ContentStore::lookup(&self.store, &blob.digest)
+                == crate::StoreLookup::Cached;
+            futures::future::ready(held).boxed()
+        }
+    }
+
+    #[test]
+    fn obtain_asks_the_lookup_first_and_the_cascade_only_when_advertisers_fail() {
+        let store = crate::MemoryStore::new();
+        let state = NodeState::builder(StaticMembership::new(
+            "solo",
+            vec![Member::new("solo", None)],
+        ))
+        .store(store.clone())
+        .pump(Pump {
+            store: store.clone(),
+            lands: true,
+        })
+        .clock(FastForward::new())
+        .build();
+        let behaviour = crate::Behaviour::new(crate::Config::default());
+        let provider = PeerId::random();
+        let resolver = ColdStart::new(
+            behaviour.coordinator(),
+            state.clone(),
+            Advertises(provider),
+            CascadeConfig::default(),
+        );
+        let origin = origin();
+        // An advertiser that serves: no member asked, no resolution run.
+        let serving = Recording {
+            store: store.clone(),
+            serves: true,
+            asked: Mutex::default(),
+        };
+        let got = futures::executor::block_on(resolver.obtain(&origin, layer(1), &serving));
+        let got = got.expect("obtained");
+        assert_eq!((got.resolutions, got.rule), (0, Some(Rule::Advertised)));
+        assert_eq!(*serving.asked.lock(), vec![Source::Providers(vec![provider])]);
+        // Advertisers that do not serve: the cascade runs (self pulls, the pump lands it).
+        let failing = Recording {
+            store: store.clone(),
+            serves: false,
+            asked: Mutex::default(),
+        };
+        let got = futures::executor::block_on(resolver.obtain(&origin, layer(2), &failing));
+        let got = got.expect("obtained");
+        assert_eq!(got.resolutions, 1);
+        assert_eq!(got.rule, Some(Rule::ColdStart));
+        assert!(state.holds(&layer(2).digest));
     }
 }
