@@ -114,3 +114,40 @@ fn file_sharing_finds_the_provider_and_its_cached_blob() {
     assert!(last.starts_with("found sha256:2c26b46b"), "{last}");
     assert!(last.ends_with(&format!("cached at {provider}")), "{last}");
 }
+
+/// The simulation of a small cluster against the in-process demo of the same size: both
+/// drive the same cascade, so both pull each good blob once and send about as many
+/// coordination messages per node and digest.
+#[test]
+fn the_simulation_of_eight_nodes_agrees_with_the_demo() {
+    let (rows, _, demo) = cluster(&["--nodes", "8"]);
+    let field = |text: &str, prefix: &str| -> f64 {
+        let line = text.lines().find(|l| l.contains(prefix)).unwrap();
+        let tail = &line[line.find(prefix).unwrap() + prefix.len()..];
+        tail.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    let demo_messages = field(&demo, "coordination messages per node-digest: ");
+    let output = Command::new(common::example_binary("simulate"))
+        .args(["--nodes", "8", "--spread-ms", "0"])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let simulated = String::from_utf8_lossy(&output.stdout).into_owned();
+    let last = simulated.lines().last().unwrap();
+    assert!(
+        last.starts_with("simulate: nodes=8 digests=4 origin_pulls=4 "),
+        "{simulated}"
+    );
+    let good = rows.iter().filter(|r| !r[8].starts_with("failed")).count();
+    assert!(rows
+        .iter()
+        .filter(|r| !r[8].starts_with("failed"))
+        .all(|r| r[4] == "1"));
+    assert_eq!(good, 6, "{demo}");
+    let simulated_messages = field(last, "msgs_per_node_digest=");
+    let ratio = simulated_messages / demo_messages;
+    assert!(
+        (0.75..=1.33).contains(&ratio),
+        "simulated {simulated_messages} against the demo's {demo_messages} per node and digest"
+    );
+}

@@ -209,6 +209,9 @@ pub enum Expansion {
     AllUnreachable,
     /// Rule 6: the provider lookup is unhealthy and no one in the top K has the digest.
     LookupUnhealthy,
+    /// Some of the top K did not answer and no one who did has the digest or pulls it:
+    /// one of the next K may already be pulling it (it was asked while those were down).
+    SomeUnreachable,
 }
 
 impl Expansion {
@@ -217,6 +220,7 @@ impl Expansion {
         match self {
             Expansion::AllUnreachable => "all_unreachable",
             Expansion::LookupUnhealthy => "lookup_unhealthy",
+            Expansion::SomeUnreachable => "some_unreachable",
         }
     }
 }
@@ -701,7 +705,9 @@ impl Cascade {
     }
 
     /// Rules 5 and 6: widen the probe to the top 2K, once, when nobody in the top K
-    /// answered (5), or when the provider lookup is unhealthy and nobody has it (6).
+    /// answered (5), or when the provider lookup is unhealthy and nobody has it (6); and,
+    /// beyond the Go rules, when some of the top K did not answer: while a designated
+    /// puller is down (or not yet up, in a rollout), the pull was asked of a lower rank.
     fn rules_5_and_6_widen(
         &mut self,
         reachable: &Reachable,
@@ -714,6 +720,8 @@ impl Cascade {
             Expansion::AllUnreachable
         } else if !lookup_healthy {
             Expansion::LookupUnhealthy
+        } else if self.answers.contains(&ProbeAnswer::Silent) {
+            Expansion::SomeUnreachable
         } else {
             return None;
         };
@@ -1182,7 +1190,12 @@ mod tests {
     fn a_waiter_probes_the_pull_it_waits_on_rarely_and_the_lookup_at_every_poll() {
         let mut s = sim(8, "outsider", CascadeConfig::default());
         s.answer(t0(), |rank| Some(idle(rank)));
-        s.pull(Some(Outcome::Started { started_at: t0().wall }), t0());
+        s.pull(
+            Some(Outcome::Started {
+                started_at: t0().wall,
+            }),
+            t0(),
+        );
         let (mut looks, mut probes) = (0, Vec::new());
         while let Action::LookupProviders {
             at, probe_watched, ..
@@ -1304,7 +1317,26 @@ mod tests {
     fn an_unreachable_designated_puller_is_skipped_and_never_asked() {
         let mut s = sim(8, "node-5", CascadeConfig::default());
         s.answer(t0(), |rank| (rank != 0).then(|| idle(rank)));
+        // One of the top K down: the next K are looked at before anyone pulls.
+        assert_eq!(s.probed(), vec![s.rank(3), s.rank(4), s.rank(5)]);
+        assert_eq!(s.cascade.expansion, Some(Expansion::SomeUnreachable));
+        s.answer(t0(), |rank| Some(idle(rank)));
         assert_eq!(s.asked(), s.rank(1), "the next reachable rank");
+    }
+
+    #[test]
+    fn a_pull_asked_of_a_lower_rank_while_the_designated_was_down_is_waited_on() {
+        let mut s = sim(8, "outsider", CascadeConfig::default());
+        // Ranks 0 and 2 came up after rank 4 was asked to pull; rank 1 is still down.
+        s.answer(t0(), |rank| (rank != 1).then(|| idle(rank)));
+        s.answer(t0(), |rank| {
+            Some(PullIntent {
+                in_flight_since: (rank == 4).then(|| t0().wall),
+                ..idle(rank)
+            })
+        });
+        assert_eq!(s.watched(), s.rank(4), "its pull is waited on");
+        assert_eq!(s.cascade.please_pulls_sent, 0, "no second pull");
     }
 
     #[test]
@@ -1318,6 +1350,7 @@ mod tests {
         assert_eq!(s.probed(), vec![s.rank(0), s.rank(1), s.rank(2)]);
         // It is gone now; the next rank is asked, and the dead node never again.
         s.answer(t0(), |rank| (rank != 0).then(|| idle(rank)));
+        s.answer(t0(), |_| None);
         assert_eq!(s.asked(), s.rank(1));
         s.pull(Some(Outcome::Unspecified), t0());
         assert_eq!(
@@ -1326,7 +1359,7 @@ mod tests {
             "a declining node passes to the next at once"
         );
         s.pull(None, t0());
-        s.answer(t0(), |rank| Some(idle(rank)));
+        s.answer(t0(), |rank| (rank < 3).then(|| idle(rank)));
         assert_eq!(
             s.resolution().result,
             Err(ColdStartError::NoPuller),

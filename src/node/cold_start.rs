@@ -736,7 +736,10 @@ mod tests {
         let got = futures::executor::block_on(resolver.obtain(&origin, layer(1), &serving));
         let got = got.expect("obtained");
         assert_eq!((got.resolutions, got.rule), (0, Some(Rule::Advertised)));
-        assert_eq!(*serving.asked.lock(), vec![Source::Providers(vec![provider])]);
+        assert_eq!(
+            *serving.asked.lock(),
+            vec![Source::Providers(vec![provider])]
+        );
         // Advertisers that do not serve: the cascade runs (self pulls, the pump lands it).
         let failing = Recording {
             store: store.clone(),
