@@ -156,8 +156,13 @@ fn plot(nodes: usize, curves: &[(&str, &Figures, &str)]) -> String {
     for (i, (name, figures, colour)) in curves.iter().enumerate() {
         let live = figures.live.max(1) as f64;
         let mut points = format!("{:.1},{:.1}", x(0.0), y(0.0));
+        // At most about 500 points a line: the shape, not every node.
+        let every = (figures.done_ms.len() / 500).max(1);
+        let last = figures.done_ms.len().saturating_sub(1);
         for (n, ms) in figures.done_ms.iter().enumerate() {
-            points += &format!(" {:.1},{:.1}", x(*ms as f64), y((n + 1) as f64 / live));
+            if n % every == 0 || n == last {
+                points += &format!(" {:.1},{:.1}", x(*ms as f64), y((n + 1) as f64 / live));
+            }
         }
         svg += &format!(
             "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{points}\"/>\n\
