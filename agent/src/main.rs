@@ -5,8 +5,8 @@
 //! crate's cold-start resolver ([`ColdStart`]).
 //!
 //! ```text
-//! agent keygen --out FILE
-//! agent run --key FILE --node-id NAME --listen MULTIADDR --members FILE --origin URL --store DIR
+//! gantry-agent keygen --out FILE
+//! gantry-agent run --key FILE --node-id NAME --listen MULTIADDR --members FILE --origin URL --store DIR
 //!           [--image REPO@sha256:HEX] [--stall-manifest DURATION] [--stall-layer-floor DURATION]
 //!           [--fallback-bootstrap DURATION] [--fallback-per-minute N]
 //!           [--fallback-jitter-base DURATION] [--convergence-window DURATION]
@@ -23,7 +23,6 @@
 //! delegated in please_pull to the peer asked to pull.
 
 mod members;
-#[path = "../common/metrics.rs"]
 mod metrics;
 mod origin;
 mod store;

@@ -2,7 +2,7 @@
 //! namespace of its own, joined by a bridge in another; the origin a real registry
 //! (CNCF Distribution) in a third, its egress rate-limited with a `tbf` qdisc so that a
 //! pull takes seconds. Origin pulls are counted from the registry's access log. Used by
-//! `tests/agent_cluster.rs` and `examples/coldstart_bench.rs`; needs root, `ip netns`,
+//! `agent/tests/agent_cluster.rs` and `agent/examples/coldstart_bench.rs`; needs root, `ip netns`,
 //! `docker-registry` and `htpasswd`.
 #![allow(dead_code)]
 
@@ -29,20 +29,21 @@ impl Drop for Killed {
     }
 }
 
-/// The agent binary of the same build profile, built first if missing.
+/// The `gantry-agent` binary of the same build profile: cargo's own for the tests; for the
+/// benchmark (an example), the one beside it, built first if missing.
 pub fn agent_binary() -> PathBuf {
+    if let Some(built) = option_env!("CARGO_BIN_EXE_gantry-agent") {
+        return PathBuf::from(built);
+    }
     let mut path = std::env::current_exe().unwrap();
     path.pop();
-    if path.ends_with("deps") {
+    if path.ends_with("deps") || path.ends_with("examples") {
         path.pop();
     }
-    if !path.ends_with("examples") {
-        path.push("examples");
-    }
-    path.push(format!("agent{}", std::env::consts::EXE_SUFFIX));
+    path.push(format!("gantry-agent{}", std::env::consts::EXE_SUFFIX));
     if !path.exists() {
         let mut build = Command::new(env!("CARGO"));
-        build.args(["build", "--example", "agent"]);
+        build.args(["build", "-p", "gantry-agent", "--bin", "gantry-agent"]);
         if !cfg!(debug_assertions) {
             build.arg("--release");
         }

@@ -2,7 +2,7 @@
 //! network namespace of its own, from a real registry behind a rate-limited link, and in
 //! the same run the same image pulled by every node straight from the origin.
 //!
-//! `cargo run --release --example coldstart_bench [-- --nodes N --svg FILE]` (as root,
+//! `cargo run --release -p gantry-agent --example coldstart_bench [-- --nodes N --svg FILE]` (as root,
 //! with `docker-registry` and `htpasswd` installed). Prints the per-node completion times
 //! and `ratio coldstart_vs_origin_only VALUE` and `ratio coldstart_vs_limit VALUE`, where
 //! the limit is the image's bytes over the origin's rate: one copy through its link.
