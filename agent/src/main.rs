@@ -22,8 +22,10 @@
 //! Registry credentials come from `AGENT_ORIGIN_AUTH` (`user:password`) and are
 //! delegated in please_pull to the peer asked to pull.
 
+mod config;
 mod members;
 mod metrics;
+mod mirror;
 mod origin;
 mod store;
 mod transfer;
@@ -52,6 +54,7 @@ use parking_lot::Mutex;
 use serde_json::json;
 use tokio::sync::mpsc;
 
+use config::Credentials;
 use origin::Origin;
 use store::BlobDir;
 
@@ -79,9 +82,21 @@ struct RunArgs {
     /// JSON array of {"node_id", "peer_id", "addrs"}; re-read when it changes.
     #[arg(long)]
     members: PathBuf,
-    /// The registry, http://HOST:PORT.
+    /// An upstream registry, http://HOST:PORT; repeat for several (containerd's `?ns=`
+    /// names one by its HOST:PORT). Pulls of the `--image` go to the first.
+    #[arg(long, required = true)]
+    origin: Vec<String>,
+    /// Where containerd reaches the mirror (its hosts.toml names it).
+    #[arg(long, default_value = "127.0.0.1:5001")]
+    mirror: std::net::SocketAddr,
+    /// The longest a mirror request waits for a blob the node lacks before answering
+    /// 503, so that containerd goes on to the origin (default 60s).
+    #[arg(long, value_parser = parse_duration)]
+    mirror_wait: Option<Duration>,
+    /// Registry credentials as a docker config.json ("auths", per registry host: a
+    /// Kubernetes dockerconfigjson secret); never on the command line.
     #[arg(long)]
-    origin: String,
+    credentials: Option<PathBuf>,
     #[arg(long)]
     store: PathBuf,
     /// The manifest to cold-start, REPO@sha256:HEX.
@@ -184,6 +199,7 @@ enum Control {
 
 /// An origin pull handed from the pump to the pulling task.
 struct PullJob {
+    registry: String,
     repository: String,
     digest: Digest,
     kind: OriginRefKind,
@@ -193,7 +209,8 @@ struct PullJob {
 /// Hands each pull order to the pulling task; never waits.
 struct OriginPump {
     jobs: mpsc::UnboundedSender<PullJob>,
-    own_auth: RegistryAuth,
+    /// This node's own credentials, per registry host.
+    own: Arc<Credentials>,
 }
 
 impl PullerPump for OriginPump {
@@ -201,9 +218,10 @@ impl PullerPump for OriginPump {
         // Delegated credentials serve this pull only; without them the node's own.
         let auth = match order.authorization {
             Some(auth) => origin::basic_auth(Some(auth.expose_secret())),
-            None => self.own_auth.clone(),
+            None => origin::basic_auth(self.own.get(order.registry)),
         };
         let job = PullJob {
+            registry: order.registry.to_owned(),
             repository: order.repository.to_owned(),
             digest: *order.digest,
             kind: order.kind,
@@ -246,6 +264,34 @@ impl Fetch for FromMembers<'_> {
     }
 }
 
+/// The mirror's way into the node: its store, and its resolve-fetch-retry loop.
+struct NodeObtain(Arc<Node>);
+
+impl mirror::Obtain for NodeObtain {
+    fn path(&self, digest: &Digest) -> Option<PathBuf> {
+        self.0.store.has(digest).then(|| self.0.store.path(digest))
+    }
+
+    fn obtain(
+        &self,
+        registry: &str,
+        wanted: mirror::Wanted,
+    ) -> BoxFuture<'static, Result<(), FailureClass>> {
+        let (node, registry) = (self.0.clone(), registry.to_owned());
+        async move {
+            let kind = if wanted.manifest {
+                BlobKind::Manifest
+            } else {
+                BlobKind::Layer
+            };
+            node.obtain(&registry, &wanted.repository, &wanted.digest, kind, None)
+                .await
+                .map(|_| ())
+        }
+        .boxed()
+    }
+}
+
 /// What every blob task shares.
 struct Node {
     local: NodeId,
@@ -255,8 +301,9 @@ struct Node {
     resolver: ColdStart,
     control: mpsc::UnboundedSender<Control>,
     blobs: libp2p_stream::Control,
-    origin: Origin,
-    credentials: Option<String>,
+    /// The upstreams; the first is the `--image`'s.
+    origins: Vec<Origin>,
+    credentials: Arc<Credentials>,
     stored: Mutex<HashMap<Digest, Stored>>,
     /// Members this node is connected to, kept by the swarm loop.
     connected: std::sync::atomic::AtomicUsize,
@@ -288,15 +335,20 @@ impl BlobKind {
 }
 
 impl Node {
-    /// The repository at this node's origin, with the credentials it delegates.
-    fn upstream(&self, repository: &str) -> Option<gantry_coord::Origin> {
-        let upstream = gantry_coord::Origin::new(&self.origin.registry, repository).ok()?;
-        Some(match &self.credentials {
+    /// The repository at an upstream, with the credentials this node delegates for it.
+    fn upstream(&self, registry: &str, repository: &str) -> Option<gantry_coord::Origin> {
+        let upstream = gantry_coord::Origin::new(registry, repository).ok()?;
+        Some(match self.credentials.get(registry) {
             Some(credentials) => {
-                upstream.with_authorization(Authorization::new(credentials.clone()))
+                upstream.with_authorization(Authorization::new(credentials.to_owned()))
             }
             None => upstream,
         })
+    }
+
+    /// The first upstream's host, where the `--image` comes from.
+    fn first_registry(&self) -> &str {
+        &self.origins[0].registry
     }
 
     fn peer_of(&self, node: &NodeId) -> Option<PeerId> {
@@ -342,13 +394,14 @@ impl Node {
     /// retrying with backoff until it is stored or a trusted failure class says stop.
     async fn obtain(
         &self,
+        registry: &str,
         repository: &str,
         digest: &Digest,
         kind: BlobKind,
         size: Option<u64>,
     ) -> Result<u64, FailureClass> {
         let started = Instant::now();
-        let Some(upstream) = self.upstream(repository) else {
+        let Some(upstream) = self.upstream(registry, repository) else {
             return Err(FailureClass::NotFound);
         };
         // A peer sends no more than the manifest said, and a manifest no more than 4 MiB
@@ -415,7 +468,13 @@ impl Node {
             return;
         };
         let Ok(manifest_bytes) = self
-            .obtain(&repository, &digest, BlobKind::Manifest, None)
+            .obtain(
+                self.first_registry(),
+                &repository,
+                &digest,
+                BlobKind::Manifest,
+                None,
+            )
             .await
         else {
             return;
@@ -447,18 +506,16 @@ impl Node {
             .lock()
             .get(&digest)
             .is_some_and(|s| s.source == "origin");
-        if let Some(upstream) = self.upstream(&repository) {
+        if let Some(upstream) = self.upstream(self.first_registry(), &repository) {
             if new_to_cluster && !layers.is_empty() && layers.len() <= 256 {
                 self.resolver
                     .prefetch(&upstream, OriginRefKind::Blob, &layers)
                     .await;
             }
         }
-        let results = futures::future::join_all(
-            blobs
-                .iter()
-                .map(|(d, kind, size)| self.obtain(&repository, d, *kind, Some(*size))),
-        )
+        let results = futures::future::join_all(blobs.iter().map(|(d, kind, size)| {
+            self.obtain(self.first_registry(), &repository, d, *kind, Some(*size))
+        }))
         .await;
         if results.iter().all(Result::is_ok) {
             let bytes: u64 = manifest_bytes + results.iter().flatten().sum::<u64>();
@@ -512,6 +569,18 @@ async fn main() -> ExitCode {
     }
 }
 
+/// New mirror requests get 503; those under way finish, for at most 10 s.
+async fn drain(
+    draining: &std::sync::atomic::AtomicBool,
+    drained: &tokio::sync::Notify,
+    mirror: tokio::task::JoinHandle<()>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    draining.store(true, std::sync::atomic::Ordering::Release);
+    drained.notify_one();
+    let _ = tokio::time::timeout(Duration::from_secs(10), mirror).await;
+    Ok(())
+}
+
 fn keygen(out: &PathBuf) -> Result<(), Box<dyn std::error::Error>> {
     let key = Keypair::generate_ed25519();
     std::fs::write(out, key.to_protobuf_encoding()?)?;
@@ -526,16 +595,18 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let started_with = (members.clone(), addresses.clone());
     let membership = StaticMembership::new(local.clone(), members);
     let store = BlobDir::open(&args.store)?;
-    let origin = Origin::new(&args.origin)?;
-    let credentials = std::env::var("AGENT_ORIGIN_AUTH")
-        .ok()
-        .filter(|c| !c.is_empty());
+    let origins = args
+        .origin
+        .iter()
+        .map(|url| Origin::new(url))
+        .collect::<Result<Vec<_>, _>>()?;
+    let credentials = Arc::new(Credentials::load(args.credentials.as_deref())?);
     let (jobs, mut pulls) = mpsc::unbounded_channel::<PullJob>();
     let state = NodeState::builder(membership.clone())
         .store(store.clone())
         .pump(OriginPump {
             jobs,
-            own_auth: origin::basic_auth(credentials.as_deref()),
+            own: credentials.clone(),
         })
         .build();
 
@@ -611,15 +682,6 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         }
         None => None,
     };
-    let mut line = json!({
-        "event": "listening", "node_id": local.to_string(),
-        "peer_id": local_peer.to_string(), "listen": [listening.to_string()],
-    });
-    if let Some(addr) = metrics {
-        line["metrics"] = json!(addr.to_string());
-    }
-    emit(line);
-
     let (control, mut controls) = mpsc::unbounded_channel();
     let node = Arc::new(Node {
         local: local.clone(),
@@ -629,11 +691,56 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         resolver,
         control: control.clone(),
         blobs: swarm.behaviour().blobs.new_control(),
-        origin: origin.clone(),
+        origins: origins.clone(),
         credentials,
         stored: Mutex::default(),
         connected: Default::default(),
     });
+    // The mirror: 503 until the node is ready, 503 again once it drains.
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let drained = Arc::new(tokio::sync::Notify::new());
+    let (mirror_addr, mirror_task) = {
+        let drained = drained.clone();
+        mirror::serve(
+            args.mirror,
+            Arc::new(mirror::Mirror {
+                obtain: Arc::new(NodeObtain(node.clone())),
+                upstreams: origins.iter().map(|o| o.registry.clone()).collect(),
+                ready: ready.clone(),
+                draining: draining.clone(),
+                wait: args.mirror_wait.unwrap_or(Duration::from_secs(60)),
+            }),
+            async move { drained.notified().await },
+        )
+        .await
+        .map_err(|e| format!("cannot serve the mirror on {}: {e}", args.mirror))?
+    };
+    let mut line = json!({
+        "event": "listening", "node_id": local.to_string(),
+        "peer_id": local_peer.to_string(), "listen": [listening.to_string()],
+        "mirror": mirror_addr.to_string(),
+    });
+    if let Some(addr) = metrics {
+        line["metrics"] = json!(addr.to_string());
+    }
+    emit(line);
+    // Ready once connected to its members, or when the grace has passed.
+    {
+        let (node, ready) = (node.clone(), ready.clone());
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let others = node.membership.members().len().saturating_sub(1);
+            while node.connected.load(std::sync::atomic::Ordering::Relaxed) < others
+                && started.elapsed() < CONNECT_GRACE
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            ready.store(true, std::sync::atomic::Ordering::Release);
+            emit(json!({"event": "ready"}));
+        });
+    }
+
     tokio::spawn(transfer::serve(
         swarm.behaviour().blobs.new_control(),
         store.clone(),
@@ -647,8 +754,12 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
             while let Some(job) = pulls.recv().await {
                 let (node, control) = (node.clone(), control.clone());
                 tokio::spawn(async move {
-                    let result = node
-                        .origin
+                    let origin = node
+                        .origins
+                        .iter()
+                        .find(|o| o.registry == job.registry)
+                        .unwrap_or(&node.origins[0]);
+                    let result = origin
                         .pull(
                             &job.repository,
                             &job.digest,
@@ -696,8 +807,8 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(()),
-            _ = terminate.recv() => return Ok(()),
+            _ = tokio::signal::ctrl_c() => return drain(&draining, &drained, mirror_task).await,
+            _ = terminate.recv() => return drain(&draining, &drained, mirror_task).await,
             Some(lookup) = lookups.next_lookup() => {
                 lookups.start(lookup, &mut swarm.behaviour_mut().kad);
             }
