@@ -97,9 +97,24 @@ fn is_tag(s: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
-/// The `ns` query parameter, if present.
-pub fn namespace(query: Option<&str>) -> Option<&str> {
-    query?.split('&').find_map(|pair| pair.strip_prefix("ns="))
+/// The `ns` query parameter, percent-decoded (containerd sends `host%3Aport`), if present
+/// and well formed.
+pub fn namespace(query: Option<&str>) -> Option<String> {
+    let raw = query?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("ns="))?;
+    let mut out = Vec::with_capacity(raw.len());
+    let mut bytes = raw.bytes();
+    while let Some(b) = bytes.next() {
+        out.push(match b {
+            b'%' => {
+                let hex = [bytes.next()?, bytes.next()?];
+                u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?
+            }
+            other => other,
+        });
+    }
+    String::from_utf8(out).ok()
 }
 
 /// One byte range of a `Range` header, resolved against `len`: `Ok(None)` for none,
@@ -209,7 +224,13 @@ async fn handle(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    if method != Method::GET && method != Method::HEAD {
+    let response = answer(&mirror, &method, &uri, &headers).await;
+    tracing::debug!(%method, %uri, status = %response.status(), "mirror");
+    response
+}
+
+async fn answer(mirror: &Mirror, method: &Method, uri: &Uri, headers: &HeaderMap) -> Response {
+    if *method != Method::GET && *method != Method::HEAD {
         return status(StatusCode::METHOD_NOT_ALLOWED);
     }
     if !mirror.ready.load(Ordering::Acquire) || mirror.draining.load(Ordering::Acquire) {
@@ -222,7 +243,7 @@ async fn handle(
         Route::Object(wanted) => wanted,
     };
     let registry = match namespace(uri.query()) {
-        Some(ns) if mirror.upstreams.iter().any(|u| u == ns) => ns.to_owned(),
+        Some(ns) if mirror.upstreams.contains(&ns) => ns,
         None if mirror.upstreams.len() == 1 => mirror.upstreams[0].clone(),
         _ => return status(StatusCode::NOT_FOUND),
     };
@@ -243,7 +264,7 @@ async fn handle(
             }
         }
     };
-    respond(&method, &headers, &wanted, &path)
+    respond(method, headers, &wanted, &path)
         .await
         .unwrap_or_else(|_| status(StatusCode::INTERNAL_SERVER_ERROR))
 }
@@ -353,10 +374,15 @@ mod tests {
             Route::Invalid(StatusCode::NOT_FOUND)
         );
         assert_eq!(
-            namespace(Some("ns=registry.example.com")),
+            namespace(Some("ns=registry.example.com")).as_deref(),
             Some("registry.example.com")
         );
-        assert_eq!(namespace(Some("a=b&ns=r:5000")), Some("r:5000"));
+        assert_eq!(namespace(Some("a=b&ns=r:5000")).as_deref(), Some("r:5000"));
+        assert_eq!(
+            namespace(Some("ns=10.0.0.1%3A5000")).as_deref(),
+            Some("10.0.0.1:5000")
+        );
+        assert_eq!(namespace(Some("ns=bad%3")), None);
         assert_eq!(namespace(None), None);
     }
 

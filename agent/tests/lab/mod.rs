@@ -6,6 +6,8 @@
 //! `docker-registry` and `htpasswd`.
 #![allow(dead_code)]
 
+pub mod containerd;
+
 use std::{
     collections::HashMap,
     io::{BufRead, BufReader},
@@ -513,6 +515,9 @@ pub struct Cluster {
     pub agents: Vec<Agent>,
     /// Arguments added to every agent started from now on.
     pub agent_args: Vec<String>,
+    /// Whether agents cold-start the image themselves (`--image`); without, they only
+    /// serve their mirror.
+    pub with_image: bool,
 }
 
 impl Cluster {
@@ -528,6 +533,7 @@ impl Cluster {
             keys: Vec::new(),
             agents: Vec::new(),
             agent_args: Vec::new(),
+            with_image: true,
         };
         for i in 1..=members {
             cluster.keygen(i);
@@ -624,14 +630,13 @@ impl Cluster {
             .arg(&store)
             // Short enough that a takeover comes within the test, long enough that every
             // layer at once (18 MiB at 40 Mbit/s, about 4 s) is not taken for a stall.
-            .args([
-                "--image",
-                &image,
-                "--stall-manifest",
-                "2s",
-                "--stall-layer-floor",
-                "6s",
-            ])
+            .args(["--stall-manifest", "2s", "--stall-layer-floor", "6s"])
+            .args(
+                self.with_image
+                    .then_some(["--image", &image])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(&self.agent_args)
             .env(
                 "RUST_LOG",
