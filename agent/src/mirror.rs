@@ -10,6 +10,7 @@
 //! | an `ns` no upstream has | 404 |
 //! | a malformed name, digest or path; another method | 400 / 404 / 405 |
 //! | before the node is ready, while it drains, a blob not had within the wait | 503 |
+//! | `/healthz`; `/readyz` | 200; 200 once ready, 503 before and while draining |
 
 use std::{
     io::SeekFrom,
@@ -197,6 +198,13 @@ pub struct Mirror {
     pub wait: Duration,
 }
 
+impl Mirror {
+    /// Ready, and not draining.
+    fn serving(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && !self.draining.load(Ordering::Acquire)
+    }
+}
+
 /// Serves the mirror on `addr` until `shutdown` completes; in-flight responses finish.
 pub async fn serve(
     addr: SocketAddr,
@@ -233,7 +241,14 @@ async fn answer(mirror: &Mirror, method: &Method, uri: &Uri, headers: &HeaderMap
     if *method != Method::GET && *method != Method::HEAD {
         return status(StatusCode::METHOD_NOT_ALLOWED);
     }
-    if !mirror.ready.load(Ordering::Acquire) || mirror.draining.load(Ordering::Acquire) {
+    // Probes for the kubelet and the hosts.toml installer.
+    match uri.path() {
+        "/healthz" => return status(StatusCode::OK),
+        "/readyz" if mirror.serving() => return status(StatusCode::OK),
+        "/readyz" => return status(StatusCode::SERVICE_UNAVAILABLE),
+        _ => {}
+    }
+    if !mirror.serving() {
         return status(StatusCode::SERVICE_UNAVAILABLE);
     }
     let wanted = match route(uri.path()) {

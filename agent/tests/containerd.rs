@@ -90,4 +90,32 @@ fn every_containerd_pulls_through_its_agent_and_the_origin_serves_each_object_on
             i + 1
         );
     }
+    // 4. An agent restarted on the same store serves from disk: its containerd, having
+    // forgotten everything, pulls again with nothing from the origin, and nothing asked
+    // of members either (it would print a blob line for each).
+    assert_eq!(
+        cluster.terminate(1),
+        Some(0),
+        "node-1 drains and exits on SIGTERM"
+    );
+    cluster.start(1, "members.json", None);
+    let ready = std::time::Instant::now() + Duration::from_secs(20);
+    assert!(cluster
+        .agent(1)
+        .wait_for(ready, |events| events.iter().any(|e| e["event"] == "ready")));
+    runtimes[0].forget(&reference);
+    runtimes[0]
+        .pull(&reference)
+        .expect("node-1 pulls after its restart");
+    assert!(runtimes[0].has_image(&reference));
+    let after = cluster.registry.gets();
+    for digest in image.amd64_objects() {
+        assert_eq!(
+            after.pulls(&digest),
+            1,
+            "{digest} from the origin after a restart"
+        );
+    }
+    let fetched = cluster.agent(1).blobs().len();
+    assert_eq!(fetched, 0, "the restarted agent fetched what it held");
 }

@@ -46,6 +46,8 @@ fn the_mirror_answers_as_a_registry_does_and_obtains_what_it_lacks() {
     let layer_bytes = cluster.image.bytes[&layer].clone();
 
     assert_eq!(ask(&ns, "GET", "/v2/", &[]).0, 200);
+    assert_eq!(ask(&ns, "GET", "/healthz", &[]).0, 200);
+    assert_eq!(ask(&ns, "GET", "/readyz", &[]).0, 200);
     // A manifest by digest: the origin's media type, its digest and length.
     let path = format!("/v2/{REPOSITORY}/manifests/{manifest}{q}");
     let (code, head, body) = ask(&ns, "GET", &path, &[]);

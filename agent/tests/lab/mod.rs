@@ -611,8 +611,12 @@ impl Cluster {
         self.keys.iter().position(|(n, _, _)| *n == top).unwrap() as u8 + 1
     }
 
+    /// Starts node `index`'s agent; a restart reuses its namespace (and store).
     pub fn start(&mut self, index: u8, members_file: &str, credentials: Option<&str>) {
-        let ns = self.lab.host(index);
+        let ns = match self.agents.iter().rev().find(|a| a.index == index) {
+            Some(earlier) => earlier.ns.clone(),
+            None => self.lab.host(index),
+        };
         let (node_id, _, key) = self.keys[usize::from(index) - 1].clone();
         let store = self.lab.path(&format!("store{index}"));
         let listen = format!("/ip4/{}/tcp/4001", ip_of(index));
@@ -685,8 +689,13 @@ impl Cluster {
         self.wait_images(&all, within);
     }
 
+    /// The agent of node `index`: the one started last, after a restart.
     pub fn agent(&mut self, index: u8) -> &mut Agent {
-        self.agents.iter_mut().find(|a| a.index == index).unwrap()
+        self.agents
+            .iter_mut()
+            .rev()
+            .find(|a| a.index == index)
+            .unwrap()
     }
 
     /// Waits until every listed agent printed `image`; panics with their stderr if not.
