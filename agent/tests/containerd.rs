@@ -119,3 +119,90 @@ fn every_containerd_pulls_through_its_agent_and_the_origin_serves_each_object_on
     let fetched = cluster.agent(1).blobs().len();
     assert_eq!(fetched, 0, "the restarted agent fetched what it held");
 }
+
+#[test]
+fn a_killed_puller_costs_its_blobs_at_most_one_more_origin_pull_and_every_node_gets_the_image() {
+    let Some(_turn) = containerd_turn() else {
+        return;
+    };
+    let mut cluster = Cluster::new("ctrk", NODES, false, &[64 << 10]);
+    cluster.with_image = false;
+    let image = cluster.registry.push_index(&cluster.lab, 1 << 20, 12 << 20);
+    let (_, _, _, layers) = image.platforms[0].clone();
+    let largest = layers[1];
+    let victim = cluster.designated(&largest, NODES);
+    cluster.start_nodes(NODES, "members.json");
+    let mut runtimes = Vec::new();
+    for i in 1..=NODES {
+        let ns = cluster.agent(i).ns.clone();
+        runtimes.push(Containerd::start(&mut cluster.lab, &ns, i));
+    }
+    for i in 1..=NODES {
+        let ready = std::time::Instant::now() + Duration::from_secs(20);
+        assert!(cluster
+            .agent(i)
+            .wait_for(ready, |events| events.iter().any(|e| e["event"] == "ready")));
+    }
+    let reference = image.reference();
+    let tmp = cluster.agent(victim).store.join("tmp");
+    let hex = largest.encode().hex().to_owned();
+    let results = std::thread::scope(|scope| {
+        let pulls: Vec<_> = runtimes
+            .iter()
+            .map(|c| scope.spawn(|| c.pull(&reference)))
+            .collect();
+        // Mid-pull: the victim has started writing the largest layer.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let started = loop {
+            let writing = std::fs::read_dir(&tmp)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|e| {
+                    e.file_name().to_string_lossy().starts_with(&hex)
+                        && e.metadata().is_ok_and(|m| m.len() > 0)
+                });
+            if writing || std::time::Instant::now() > deadline {
+                break writing;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(started, "node-{victim} never pulled the largest layer");
+        cluster.kill(victim);
+        pulls
+            .into_iter()
+            .map(|p| p.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    for (i, result) in results.iter().enumerate() {
+        let node = i as u8 + 1;
+        if node == victim {
+            continue;
+        }
+        assert!(result.is_ok(), "node-{node}: {result:?}");
+        assert!(
+            runtimes[i].has_image(&reference),
+            "node-{node} lacks the image"
+        );
+    }
+    // The victim's containerd, its mirror gone, gets the rest from the origin itself.
+    let own = &runtimes[usize::from(victim) - 1];
+    if !own.has_image(&reference) {
+        own.pull(&reference)
+            .expect("the victim's containerd, through the origin");
+    }
+    assert!(own.has_image(&reference));
+    let gets = cluster.registry.gets();
+    for digest in image.amd64_objects() {
+        let agents = if cluster.designated(&digest, NODES) == victim {
+            2
+        } else {
+            1
+        };
+        let pulls = gets.pulls(&digest);
+        assert!(
+            (1..=agents + 1).contains(&pulls),
+            "{digest}: {pulls} origin pulls, allowed {agents} by agents and one by the victim's containerd"
+        );
+    }
+}

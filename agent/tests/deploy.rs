@@ -4,8 +4,12 @@
 use std::{path::Path, process::Command};
 
 fn deploy(file: &str) -> String {
-    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy").join(file))
-        .unwrap()
+    std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("deploy")
+            .join(file),
+    )
+    .unwrap()
 }
 
 fn help(subcommand: &str) -> String {
@@ -41,8 +45,14 @@ fn every_flag_the_daemonset_passes_is_one_the_binary_accepts() {
     let flags = flags(&daemonset);
     assert!(flags.len() >= 9, "{flags:?}");
     for flag in &flags {
-        let known = |help: &str| help.split_whitespace().any(|w| w.trim_end_matches(',') == flag);
-        assert!(known(&run) || known(&keygen), "{flag} is not a gantry-agent flag");
+        let known = |help: &str| {
+            help.split_whitespace()
+                .any(|w| w.trim_end_matches(',') == flag)
+        };
+        assert!(
+            known(&run) || known(&keygen),
+            "{flag} is not a gantry-agent flag"
+        );
     }
     // And nothing secret on the command line.
     assert!(!daemonset.contains("AGENT_ORIGIN_AUTH"));
@@ -67,5 +77,8 @@ fn the_installer_writes_the_template_and_the_image_ships_both() {
     let dockerfile = deploy("Dockerfile");
     assert!(dockerfile.contains("install-hosts.sh") && dockerfile.contains("-p gantry-agent"));
     let installer = deploy("install-hosts.sh");
-    assert!(installer.contains("/readyz"), "installs only once the agent is ready");
+    assert!(
+        installer.contains("/readyz"),
+        "installs only once the agent is ready"
+    );
 }
