@@ -18,7 +18,7 @@ use std::{
 };
 
 use clap::Parser;
-use lab::{lab_available, Cluster};
+use lab::{containerd::Containerd, lab_available, Cluster};
 
 /// The origin's link, as `lab::ORIGIN_RATE` shapes it: 40 Mbit/s.
 const ORIGIN_BYTES_PER_SEC: f64 = 40e6 / 8.0;
@@ -33,6 +33,60 @@ struct Args {
     /// Where to write the plot of per-node completion times.
     #[arg(long, default_value = "coldstart_bench.svg")]
     svg: PathBuf,
+    /// Pull through a real containerd on every node (`ctr image pull` through its agent's
+    /// mirror, then the same pulls straight to the origin) instead of the agents' own
+    /// `--image` cold start.
+    #[arg(long)]
+    containerd: bool,
+}
+
+/// Every node's containerd pulls at once, through its agent's mirror, then (its content
+/// forgotten) straight from the origin: each node's time until its `ctr image pull`
+/// returned, for both, and the bytes one pull fetches.
+fn containerd_everywhere(nodes: u8) -> (Vec<Duration>, Vec<Duration>, u64) {
+    let mut cluster = Cluster::new("bctr", nodes, false, &[64 << 10]);
+    cluster.with_image = false;
+    let image = cluster.registry.push_index(&cluster.lab, 8 << 20, 20 << 20);
+    cluster.start_nodes(nodes, "members.json");
+    let mut runtimes = Vec::new();
+    for i in 1..=nodes {
+        let ns = cluster.agent(i).ns.clone();
+        runtimes.push(Containerd::start(&mut cluster.lab, &ns, i));
+    }
+    for i in 1..=nodes {
+        let ready = Instant::now() + Duration::from_secs(30);
+        assert!(cluster
+            .agent(i)
+            .wait_for(ready, |events| events.iter().any(|e| e["event"] == "ready")));
+    }
+    let reference = image.reference();
+    let timed = |direct: bool| -> Vec<Duration> {
+        let started = Instant::now();
+        std::thread::scope(|scope| {
+            let pulls: Vec<_> = runtimes
+                .iter()
+                .map(|c| {
+                    let reference = &reference;
+                    scope.spawn(move || {
+                        let pulled = if direct {
+                            c.pull_direct(reference)
+                        } else {
+                            c.pull(reference)
+                        };
+                        pulled.expect("a pull");
+                        started.elapsed()
+                    })
+                })
+                .collect();
+            pulls.into_iter().map(|p| p.join().unwrap()).collect()
+        })
+    };
+    let through_agents = timed(false);
+    for c in &runtimes {
+        c.forget(&reference);
+    }
+    let direct = timed(true);
+    (through_agents, direct, image.amd64_bytes())
 }
 
 /// Starts `nodes` agents at once, each with the members file `members(i)` returns, and
@@ -137,10 +191,17 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let nodes = args.nodes;
-    println!("cascade: {nodes} agents, one registry behind a 40 Mbit/s link");
-    let (coldstart, image_bytes) = pull_everywhere("bench", nodes, |_, _| "members.json".into());
-    println!("origin only: the same {nodes} agents, each on its own");
-    let (origin_only, _) = pull_everywhere("solo", nodes, |cluster, i| cluster.write_solo(i));
+    let (coldstart, origin_only, image_bytes) = if args.containerd {
+        println!("containerd: {nodes} nodes, one registry behind a 40 Mbit/s link");
+        containerd_everywhere(nodes)
+    } else {
+        println!("cascade: {nodes} agents, one registry behind a 40 Mbit/s link");
+        let (coldstart, image_bytes) =
+            pull_everywhere("bench", nodes, |_, _| "members.json".into());
+        println!("origin only: the same {nodes} agents, each on its own");
+        let (origin_only, _) = pull_everywhere("solo", nodes, |cluster, i| cluster.write_solo(i));
+        (coldstart, origin_only, image_bytes)
+    };
     let limit = Duration::from_secs_f64(image_bytes as f64 / ORIGIN_BYTES_PER_SEC);
 
     println!();
@@ -168,12 +229,13 @@ fn main() -> ExitCode {
         eprintln!("{}: {error}", args.svg.display());
     }
     println!("plot: {}", args.svg.display());
+    let prefix = if args.containerd { "containerd_" } else { "" };
     println!(
-        "ratio coldstart_vs_origin_only {:.2}",
+        "ratio {prefix}coldstart_vs_origin_only {:.2}",
         cascade.as_secs_f64() / solo.as_secs_f64()
     );
     println!(
-        "ratio coldstart_vs_limit {:.2}",
+        "ratio {prefix}coldstart_vs_limit {:.2}",
         cascade.as_secs_f64() / limit.as_secs_f64()
     );
     ExitCode::SUCCESS

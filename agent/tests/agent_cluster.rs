@@ -19,6 +19,10 @@ const LAYERS: [usize; 3] = [2 << 20, 4 << 20, 12 << 20];
 const WITHIN: Duration = Duration::from_secs(90);
 
 #[test]
+#[cfg_attr(
+    not(lab),
+    ignore = "needs root, ip netns, docker-registry and htpasswd (apt-get install docker-registry apache2-utils)"
+)]
 fn healthy_cluster_pulls_each_blob_once_and_a_late_joiner_only_from_peers() {
     let Some(_turn) = lab_turn() else {
         return;
@@ -89,6 +93,10 @@ fn puller_fault(name: &str, fault: impl FnOnce(&mut Cluster, u8)) {
 }
 
 #[test]
+#[cfg_attr(
+    not(lab),
+    ignore = "needs root, ip netns, docker-registry and htpasswd (apt-get install docker-registry apache2-utils)"
+)]
 fn a_killed_puller_is_replaced() {
     let Some(_turn) = lab_turn() else {
         return;
@@ -97,6 +105,10 @@ fn a_killed_puller_is_replaced() {
 }
 
 #[test]
+#[cfg_attr(
+    not(lab),
+    ignore = "needs root, ip netns, docker-registry and htpasswd (apt-get install docker-registry apache2-utils)"
+)]
 fn a_puller_cut_off_from_the_origin_is_taken_over_after_the_stall_threshold() {
     let Some(_turn) = lab_turn() else {
         return;
@@ -111,6 +123,10 @@ fn a_puller_cut_off_from_the_origin_is_taken_over_after_the_stall_threshold() {
 }
 
 #[test]
+#[cfg_attr(
+    not(lab),
+    ignore = "needs root, ip netns, docker-registry and htpasswd (apt-get install docker-registry apache2-utils)"
+)]
 fn a_missing_layer_fails_everywhere_without_a_retry_storm() {
     let Some(_turn) = lab_turn() else {
         return;
@@ -154,6 +170,10 @@ fn a_missing_layer_fails_everywhere_without_a_retry_storm() {
 }
 
 #[test]
+#[cfg_attr(
+    not(lab),
+    ignore = "needs root, ip netns, docker-registry and htpasswd (apt-get install docker-registry apache2-utils)"
+)]
 fn credentials_are_delegated_and_wrong_ones_stop_every_node() {
     let Some(_turn) = lab_turn() else {
         return;
@@ -217,6 +237,10 @@ fn credentials_are_delegated_and_wrong_ones_stop_every_node() {
 }
 
 #[test]
+#[cfg_attr(
+    not(lab),
+    ignore = "needs root, ip netns, docker-registry and htpasswd (apt-get install docker-registry apache2-utils)"
+)]
 fn an_outsider_gets_nothing_from_members() {
     let Some(_turn) = lab_turn() else {
         return;
@@ -260,6 +284,10 @@ fn an_outsider_gets_nothing_from_members() {
 }
 
 #[test]
+#[cfg_attr(
+    not(lab),
+    ignore = "needs root, ip netns, docker-registry and htpasswd (apt-get install docker-registry apache2-utils)"
+)]
 fn a_member_announced_as_it_starts_is_served_by_peers_only() {
     let Some(_turn) = lab_turn() else {
         return;
@@ -287,6 +315,10 @@ fn a_member_announced_as_it_starts_is_served_by_peers_only() {
 }
 
 #[test]
+#[cfg_attr(
+    not(lab),
+    ignore = "needs root, ip netns, docker-registry and htpasswd (apt-get install docker-registry apache2-utils)"
+)]
 fn members_files_that_lag_by_a_second_still_pull_each_blob_once() {
     let Some(_turn) = lab_turn() else {
         return;

@@ -27,6 +27,10 @@ fn containerd_turn() -> Option<std::sync::MutexGuard<'static, ()>> {
 }
 
 #[test]
+#[cfg_attr(
+    not(containerd_lab),
+    ignore = "needs root, ip netns, docker-registry, htpasswd and containerd (apt-get install docker-registry apache2-utils containerd)"
+)]
 fn every_containerd_pulls_through_its_agent_and_the_origin_serves_each_object_once() {
     let Some(_turn) = containerd_turn() else {
         return;
@@ -121,6 +125,10 @@ fn every_containerd_pulls_through_its_agent_and_the_origin_serves_each_object_on
 }
 
 #[test]
+#[cfg_attr(
+    not(containerd_lab),
+    ignore = "needs root, ip netns, docker-registry, htpasswd and containerd (apt-get install docker-registry apache2-utils containerd)"
+)]
 fn a_killed_puller_costs_its_blobs_at_most_one_more_origin_pull_and_every_node_gets_the_image() {
     let Some(_turn) = containerd_turn() else {
         return;

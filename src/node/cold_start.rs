@@ -184,6 +184,7 @@ impl ColdStart {
             // through the cascade.
             if std::mem::replace(&mut ask_lookup_first, true) {
                 let providers = self.lookup.providers(&blob.digest).await;
+                tracing::debug!(digest = %blob.digest, providers = providers.len(), "looked up first");
                 if !providers.is_empty() {
                     obtained.rule = Some(Rule::Advertised);
                     if fetch.fetch(blob, &Source::Providers(providers)).await {
@@ -194,6 +195,7 @@ impl ColdStart {
                 }
             }
             let resolution = self.resolve(origin, blob).await;
+            tracing::debug!(digest = %blob.digest, rule = resolution.rule.as_str(), result = ?resolution.result, "resolved");
             obtained.rule = Some(resolution.rule);
             obtained.resolutions += 1;
             obtained.messages += resolution.probes_sent + resolution.please_pulls_sent;

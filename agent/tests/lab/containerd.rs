@@ -18,9 +18,16 @@ pub struct OciImage {
     pub index: Digest,
     /// (architecture, manifest, config, layers)
     pub platforms: Vec<(String, Digest, Digest, Vec<Digest>)>,
+    /// The sizes of what a linux/amd64 pull fetches: index, manifest, config, layers.
+    pub sizes: Vec<u64>,
 }
 
 impl OciImage {
+    /// The bytes a linux/amd64 pull fetches.
+    pub fn amd64_bytes(&self) -> u64 {
+        self.sizes.iter().sum()
+    }
+
     /// What a pull for linux/amd64 fetches by digest: the index, that manifest, its
     /// config and layers.
     pub fn amd64_objects(&self) -> Vec<Digest> {
@@ -74,6 +81,7 @@ impl Registry {
     pub fn push_index(&self, lab: &Lab, small: usize, large: usize) -> OciImage {
         let mut platforms = Vec::new();
         let mut entries = Vec::new();
+        let mut sizes = Vec::new();
         for (n, arch) in ["amd64", "arm64"].into_iter().enumerate() {
             let seed = 1000 + n as u64 * 10 + u64::from(std::process::id() % 1000);
             let (diff_a, gz_a) = layer(lab, &format!("{arch}-a"), 2, small / 2, seed);
@@ -109,6 +117,14 @@ impl Registry {
                 "digest": manifest.to_string(), "size": manifest_bytes.len(),
                 "platform": {"architecture": arch, "os": "linux"},
             }));
+            if n == 0 {
+                sizes.extend([
+                    manifest_bytes.len(),
+                    config_bytes.len(),
+                    gz_a.len(),
+                    gz_b.len(),
+                ]);
+            }
             platforms.push((arch.to_owned(), manifest, config, vec![a, b]));
         }
         let index_bytes = serde_json::to_vec(&serde_json::json!({
@@ -123,7 +139,12 @@ impl Registry {
             "application/vnd.oci.image.index.v1+json",
             Some(TAG),
         );
-        OciImage { index, platforms }
+        sizes.push(index_bytes.len());
+        OciImage {
+            index,
+            platforms,
+            sizes: sizes.into_iter().map(|s| s as u64).collect(),
+        }
     }
 
     /// PUTs a manifest by digest (and under `tag`); returns its digest.
@@ -219,6 +240,28 @@ impl Containerd {
     /// Pulls (and unpacks) `reference` through the hosts directory.
     pub fn pull(&self, reference: &str) -> Result<String, String> {
         let hosts = self.hosts.to_string_lossy().into_owned();
+        self.ctr(&[
+            "images",
+            "pull",
+            "--hosts-dir",
+            &hosts,
+            "--snapshotter",
+            "native",
+            reference,
+        ])
+    }
+
+    /// Pulls `reference` straight from the origin, as containerd does without a mirror.
+    pub fn pull_direct(&self, reference: &str) -> Result<String, String> {
+        let registry = reference.split('/').next().unwrap_or_default();
+        let direct = self.hosts.with_file_name("certs-direct");
+        std::fs::create_dir_all(direct.join(registry)).unwrap();
+        std::fs::write(
+            direct.join(registry).join("hosts.toml"),
+            format!("server = \"http://{registry}\"\n"),
+        )
+        .unwrap();
+        let hosts = direct.to_string_lossy().into_owned();
         self.ctr(&[
             "images",
             "pull",
