@@ -258,7 +258,10 @@ impl Containerd {
         std::fs::create_dir_all(direct.join(registry)).unwrap();
         std::fs::write(
             direct.join(registry).join("hosts.toml"),
-            format!("server = \"http://{registry}\"\n"),
+            format!(
+                "server = \"http://{registry}\"\n\n[host.\"http://{registry}\"]\n  \
+                 capabilities = [\"pull\", \"resolve\"]\n"
+            ),
         )
         .unwrap();
         let hosts = direct.to_string_lossy().into_owned();
