@@ -465,7 +465,8 @@ struct LookInto<'a> {
 impl Fetch for LookInto<'_> {
     fn fetch<'a>(&'a self, blob: BlobRef, source: &'a Source) -> BoxFuture<'a, bool> {
         let holders: Vec<&Node> = match source {
-            Source::Holder(id) => self
+            // The demo's transfer takes whole blobs: a pull under way is not one yet.
+            Source::Holder(id) | Source::Pulling(id) => self
                 .by_id
                 .get(id)
                 .and_then(|p| self.cluster.get(p))

@@ -38,6 +38,11 @@ struct Args {
     /// `--image` cold start.
     #[arg(long)]
     containerd: bool,
+    /// Limit every node's egress to this rate too (a `tc` rate: `40mbit` is the
+    /// origin's), so that the nodes' own links are the limit; prints
+    /// `ratio coldstart_vs_limit_shaped` and skips the origin-only run.
+    #[arg(long)]
+    node_rate: Option<String>,
 }
 
 /// Every node's containerd pulls at once, through its agent's mirror, then (its content
@@ -94,9 +99,11 @@ fn containerd_everywhere(nodes: u8) -> (Vec<Duration>, Vec<Duration>, u64) {
 fn pull_everywhere(
     name: &str,
     nodes: u8,
+    node_rate: Option<&str>,
     members: impl Fn(&Cluster, u8) -> String,
 ) -> (Vec<Duration>, u64) {
     let mut cluster = Cluster::new(name, nodes, false, &LAYERS);
+    cluster.node_rate = node_rate.map(str::to_owned);
     let image_bytes: u64 = cluster.image.bytes.values().map(|b| b.len() as u64).sum();
     let started = Instant::now();
     for i in 1..=nodes {
@@ -194,12 +201,18 @@ fn main() -> ExitCode {
     let (coldstart, origin_only, image_bytes) = if args.containerd {
         println!("containerd: {nodes} nodes, one registry behind a 40 Mbit/s link");
         containerd_everywhere(nodes)
+    } else if let Some(rate) = args.node_rate.as_deref() {
+        println!("cascade: {nodes} agents, the registry's and every node's egress at {rate}");
+        let (coldstart, image_bytes) =
+            pull_everywhere("shaped", nodes, Some(rate), |_, _| "members.json".into());
+        (coldstart.clone(), coldstart, image_bytes)
     } else {
         println!("cascade: {nodes} agents, one registry behind a 40 Mbit/s link");
         let (coldstart, image_bytes) =
-            pull_everywhere("bench", nodes, |_, _| "members.json".into());
+            pull_everywhere("bench", nodes, None, |_, _| "members.json".into());
         println!("origin only: the same {nodes} agents, each on its own");
-        let (origin_only, _) = pull_everywhere("solo", nodes, |cluster, i| cluster.write_solo(i));
+        let (origin_only, _) =
+            pull_everywhere("solo", nodes, None, |cluster, i| cluster.write_solo(i));
         (coldstart, origin_only, image_bytes)
     };
     let limit = Duration::from_secs_f64(image_bytes as f64 / ORIGIN_BYTES_PER_SEC);
@@ -229,6 +242,13 @@ fn main() -> ExitCode {
         eprintln!("{}: {error}", args.svg.display());
     }
     println!("plot: {}", args.svg.display());
+    if args.node_rate.is_some() {
+        println!(
+            "ratio coldstart_vs_limit_shaped {:.2}",
+            cascade.as_secs_f64() / limit.as_secs_f64()
+        );
+        return ExitCode::SUCCESS;
+    }
     let prefix = if args.containerd { "containerd_" } else { "" };
     println!(
         "ratio {prefix}coldstart_vs_origin_only {:.2}",

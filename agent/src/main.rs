@@ -27,6 +27,7 @@ mod members;
 mod metrics;
 mod mirror;
 mod origin;
+mod pieces;
 mod store;
 mod transfer;
 
@@ -238,8 +239,11 @@ impl PullerPump for OriginPump {
 #[derive(Debug, Clone)]
 struct Stored {
     source: &'static str,
+    /// The member that delivered most of it.
     peer: Option<String>,
     bytes: u64,
+    /// Pieces each member delivered.
+    pieces_from: Vec<(String, u32)>,
 }
 
 /// The agent's transfer between members, for the resolver's sources.
@@ -252,12 +256,20 @@ struct FromMembers<'a> {
 impl Fetch for FromMembers<'_> {
     fn fetch<'a>(&'a self, blob: BlobRef, source: &'a Source) -> BoxFuture<'a, bool> {
         async move {
-            let peers = match source {
-                Source::Holder(node) => self.node.peer_of(node).into_iter().collect(),
-                Source::Providers(peers) => peers.clone(),
+            let (peers, pulling) = match source {
+                Source::Holder(node) => (self.node.peer_of(node).into_iter().collect(), false),
+                Source::Providers(peers) => (peers.clone(), false),
+                Source::Pulling(node) if *node == self.node.local => {
+                    return self.node.own_pull(&blob.digest).await;
+                }
+                Source::Pulling(node) => (self.node.peer_of(node).into_iter().collect(), true),
+            };
+            let idle = match blob.kind {
+                OriginRefKind::Manifest => self.node.stalls.manifest,
+                _ => self.node.stalls.floor,
             };
             self.node
-                .fetch_from(&peers, &blob.digest, self.max_len)
+                .fetch_from(&peers, &blob.digest, self.max_len, pulling, idle)
                 .await
         }
         .boxed()
@@ -268,8 +280,8 @@ impl Fetch for FromMembers<'_> {
 struct NodeObtain(Arc<Node>);
 
 impl mirror::Obtain for NodeObtain {
-    fn path(&self, digest: &Digest) -> Option<PathBuf> {
-        self.0.store.has(digest).then(|| self.0.store.path(digest))
+    fn store(&self) -> &BlobDir {
+        &self.0.store
     }
 
     fn obtain(
@@ -295,6 +307,9 @@ impl mirror::Obtain for NodeObtain {
 /// What every blob task shares.
 struct Node {
     local: NodeId,
+    local_peer: PeerId,
+    /// When a pull counts as stalled; a fetch with no piece for as long gives up.
+    stalls: Stalls,
     store: BlobDir,
     state: NodeState,
     membership: StaticMembership,
@@ -359,35 +374,82 @@ impl Node {
             .and_then(|m| m.peer_id)
     }
 
-    /// Fetches `digest` from one of `peers` (members only, never self), at most `max_len`
-    /// bytes of it.
-    async fn fetch_from(&self, peers: &[PeerId], digest: &Digest, max_len: u64) -> bool {
-        let members = self.membership.members();
-        for peer in peers {
-            let Some(member) = members.iter().find(|m| m.peer_id == Some(*peer)) else {
-                continue;
-            };
-            if member.id == self.local {
-                continue;
+    /// Fetches `digest` in pieces from `peers` and the members they name (members
+    /// only, never self), at most `max_len` bytes of it.
+    async fn fetch_from(
+        &self,
+        peers: &[PeerId],
+        digest: &Digest,
+        max_len: u64,
+        pulling: bool,
+        idle: Duration,
+    ) -> bool {
+        let is_member = |peer: &PeerId| self.membership.check_peer(peer).is_ok();
+        let net = transfer::Net {
+            control: &self.blobs,
+            store: &self.store,
+            is_member: &is_member,
+            local: self.local_peer,
+        };
+        let order = transfer::Order {
+            digest: *digest,
+            max_len,
+            seeds: peers,
+            pulling,
+            idle,
+        };
+        match transfer::fetch(&net, order).await {
+            Ok(fetched) => {
+                let name = |peer: &PeerId| {
+                    self.membership
+                        .members()
+                        .iter()
+                        .find(|m| m.peer_id == Some(*peer))
+                        .map_or_else(|| peer.to_string(), |m| m.id.to_string())
+                };
+                self.stored.lock().insert(
+                    *digest,
+                    Stored {
+                        source: "peer",
+                        peer: fetched.pieces_from.first().map(|(p, _)| name(p)),
+                        bytes: fetched.bytes,
+                        pieces_from: fetched
+                            .pieces_from
+                            .iter()
+                            .map(|(p, n)| (name(p), *n))
+                            .collect(),
+                    },
+                );
+                let _ = self.control.send(Control::Provide(*digest));
+                true
             }
-            let mut control = self.blobs.clone();
-            match transfer::fetch(&mut control, *peer, digest, &self.store, max_len).await {
-                Ok(bytes) => {
-                    self.stored.lock().insert(
-                        *digest,
-                        Stored {
-                            source: "peer",
-                            peer: Some(member.id.to_string()),
-                            bytes,
-                        },
-                    );
-                    let _ = self.control.send(Control::Provide(*digest));
-                    return true;
-                }
-                Err(error) => tracing::debug!(%peer, %digest, %error, "fetch from a peer failed"),
+            Err(transfer::FetchError::Preempted) => self.own_pull(digest).await,
+            Err(error) => {
+                tracing::debug!(%digest, %error, "fetch from members failed");
+                false
             }
         }
-        false
+    }
+
+    /// Waits for this node's own origin pull of `digest` to end; true if it stored it.
+    async fn own_pull(&self, digest: &Digest) -> bool {
+        loop {
+            if self.store.has(digest) {
+                return true;
+            }
+            if self.store.receiving(digest).is_some() {
+                return self.store.settled(digest).await;
+            }
+            if self
+                .state
+                .local_pull_intent(digest)
+                .in_flight_since
+                .is_none()
+            {
+                return self.store.has(digest);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Gets one blob: through the cascade, from a peer or by this node's own origin pull,
@@ -431,6 +493,7 @@ impl Node {
             source: "origin",
             peer: None,
             bytes: std::fs::metadata(self.store.path(digest)).map_or(0, |m| m.len()),
+            pieces_from: Vec::new(),
         });
         let mut line = json!({
             "event": "blob", "digest": digest.to_string(), "kind": kind.name(),
@@ -440,6 +503,13 @@ impl Node {
         });
         if let Some(peer) = stored.peer {
             line["peer"] = json!(peer);
+        }
+        if !stored.pieces_from.is_empty() {
+            line["pieces_from"] = json!(stored
+                .pieces_from
+                .iter()
+                .map(|(node, n)| json!({"node": node, "pieces": n}))
+                .collect::<Vec<_>>());
         }
         emit(line);
         Ok(stored.bytes)
@@ -652,18 +722,18 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         }
     };
 
-    let mut cascade = CascadeConfig::default();
+    // Pieces are served while they arrive: a waiter takes a pull's bytes as it runs.
+    let mut cascade = CascadeConfig::default().with_cut_through(true);
     if let Some(window) = args.convergence_window {
         cascade = cascade.with_convergence(window, Duration::from_millis(250));
     }
-    if args.stall_manifest.is_some() || args.stall_layer_floor.is_some() {
-        let defaults = Stalls::default();
-        cascade = cascade.with_stalls(Stalls {
-            manifest: args.stall_manifest.unwrap_or(defaults.manifest),
-            floor: args.stall_layer_floor.unwrap_or(defaults.floor),
-            ..defaults
-        });
-    }
+    let defaults = Stalls::default();
+    let stalls = Stalls {
+        manifest: args.stall_manifest.unwrap_or(defaults.manifest),
+        floor: args.stall_layer_floor.unwrap_or(defaults.floor),
+        ..defaults
+    };
+    cascade = cascade.with_stalls(stalls);
     let (providers, mut lookups) = gantry_coord::kad_providers();
     let mut resolver = ColdStart::new(
         swarm.behaviour().coord.coordinator(),
@@ -685,6 +755,8 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let (control, mut controls) = mpsc::unbounded_channel();
     let node = Arc::new(Node {
         local: local.clone(),
+        local_peer,
+        stalls,
         store: store.clone(),
         state: state.clone(),
         membership: membership.clone(),
@@ -741,11 +813,17 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         });
     }
 
-    tokio::spawn(transfer::serve(
-        swarm.behaviour().blobs.new_control(),
-        store.clone(),
-        Arc::new(membership.clone()),
-    ));
+    {
+        let state = state.clone();
+        tokio::spawn(transfer::serve(
+            swarm.behaviour().blobs.new_control(),
+            store.clone(),
+            Arc::new(membership.clone()),
+            Arc::new(move |digest: &Digest| {
+                state.local_pull_intent(digest).in_flight_since.is_some()
+            }),
+        ));
+    }
 
     // The pulling task: every origin pull this node makes, its own or asked for.
     {
@@ -776,6 +854,7 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
                                     source: "origin",
                                     peer: None,
                                     bytes,
+                                    pieces_from: Vec::new(),
                                 },
                             );
                             let _ = control.send(Control::Provide(job.digest));

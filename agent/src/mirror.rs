@@ -31,7 +31,13 @@ use axum::{
 };
 use futures::{future::BoxFuture, StreamExt};
 use gantry_coord::{Digest, FailureClass};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use sha2::{Digest as _, Sha256};
+use tokio::{
+    io::{AsyncReadExt, AsyncSeekExt},
+    sync::watch,
+};
+
+use crate::store::{BlobDir, End};
 
 /// A parsed by-digest request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -176,8 +182,8 @@ pub fn media_type(manifest: &[u8]) -> &'static str {
 
 /// How the mirror gets what the store lacks: the node's cascade, fetch and retry.
 pub trait Obtain: Send + Sync + 'static {
-    /// Whether the store holds it, and where.
-    fn path(&self, digest: &Digest) -> Option<std::path::PathBuf>;
+    /// The node's store, where blobs are whole or arriving.
+    fn store(&self) -> &BlobDir;
     /// Obtains it from `registry` (through members, or the origin as the cascade
     /// decides).
     fn obtain(
@@ -262,26 +268,279 @@ async fn answer(mirror: &Mirror, method: &Method, uri: &Uri, headers: &HeaderMap
         None if mirror.upstreams.len() == 1 => mirror.upstreams[0].clone(),
         _ => return status(StatusCode::NOT_FOUND),
     };
-    let path = match mirror.obtain.path(&wanted.digest) {
-        Some(path) => path,
-        None => {
-            let obtaining = mirror.obtain.obtain(&registry, wanted.clone());
-            match tokio::time::timeout(mirror.wait, obtaining).await {
-                Ok(Ok(())) => match mirror.obtain.path(&wanted.digest) {
-                    Some(path) => path,
-                    None => return status(StatusCode::SERVICE_UNAVAILABLE),
-                },
-                Ok(Err(FailureClass::NotFound)) => return status(StatusCode::NOT_FOUND),
-                // containerd moves on to the origin after any error: the bounded wait
-                // keeps a pull from hanging on this node.
-                Ok(Err(_)) => return status(StatusCode::BAD_GATEWAY),
-                Err(_) => return status(StatusCode::SERVICE_UNAVAILABLE),
+    let store = mirror.obtain.store().clone();
+    if store.has(&wanted.digest) {
+        return respond(method, headers, &wanted, &store.path(&wanted.digest))
+            .await
+            .unwrap_or_else(|_| status(StatusCode::INTERNAL_SERVER_ERROR));
+    }
+    // The obtain runs on if the client goes away: containerd comes back for it.
+    let (done_tx, mut done) = watch::channel(None);
+    let obtaining = mirror.obtain.obtain(&registry, wanted.clone());
+    tokio::spawn(async move {
+        let _ = done_tx.send(Some(obtaining.await));
+    });
+    if wanted.manifest {
+        // A manifest is small, and its media type is read from its bytes: it is served
+        // whole.
+        let outcome = match tokio::time::timeout(mirror.wait, done.wait_for(Option::is_some)).await
+        {
+            Ok(Ok(outcome)) => *outcome,
+            _ => None,
+        };
+        return match outcome {
+            Some(Ok(())) if store.has(&wanted.digest) => {
+                respond(method, headers, &wanted, &store.path(&wanted.digest))
+                    .await
+                    .unwrap_or_else(|_| status(StatusCode::INTERNAL_SERVER_ERROR))
+            }
+            Some(Err(class)) => failed(class),
+            _ => status(StatusCode::SERVICE_UNAVAILABLE),
+        };
+    }
+    match arrival(&store, &wanted.digest, &mut done, mirror.wait).await {
+        Arrival::Whole => respond(method, headers, &wanted, &store.path(&wanted.digest))
+            .await
+            .unwrap_or_else(|_| status(StatusCode::INTERNAL_SERVER_ERROR)),
+        Arrival::Arriving(len) => {
+            let follow = Follow {
+                store,
+                digest: wanted.digest,
+                done,
+                wait: mirror.wait,
+            };
+            stream_arriving(method, headers, &wanted, len, follow)
+        }
+        Arrival::Failed(class) => failed(class),
+        Arrival::TimedOut => status(StatusCode::SERVICE_UNAVAILABLE),
+    }
+}
+
+/// An obtain that ended refused: 404 for what the origin does not have, 502 otherwise;
+/// containerd moves on to the origin after either.
+fn failed(class: FailureClass) -> Response {
+    match class {
+        FailureClass::NotFound => status(StatusCode::NOT_FOUND),
+        _ => status(StatusCode::BAD_GATEWAY),
+    }
+}
+
+type Outcome = Option<Result<(), FailureClass>>;
+
+/// The first thing a blob request can be served from.
+enum Arrival {
+    Whole,
+    /// Being received, this long.
+    Arriving(u64),
+    Failed(FailureClass),
+    TimedOut,
+}
+
+/// Waits, at most `wait`, until `digest` is whole, or arriving with a known length
+/// (from this node's origin pull or its fetch from members), or its obtain failed.
+async fn arrival(
+    store: &BlobDir,
+    digest: &Digest,
+    done: &mut watch::Receiver<Outcome>,
+    wait: Duration,
+) -> Arrival {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut changes = store.changes();
+    loop {
+        if store.has(digest) {
+            return Arrival::Whole;
+        }
+        let outcome = *done.borrow();
+        match outcome {
+            Some(Err(class)) => return Arrival::Failed(class),
+            Some(Ok(())) if store.receiving(digest).is_none() && !store.has(digest) => {
+                // Obtained, then gone (removed under us): nothing to serve.
+                return Arrival::TimedOut;
+            }
+            _ => {}
+        }
+        let known = store.receiving(digest).and_then(|r| {
+            let progress = r.progress();
+            let len = progress.borrow().geometry.map(|g| g.len);
+            len.map(|len| (len, r))
+        });
+        if let Some((len, _)) = known {
+            return Arrival::Arriving(len);
+        }
+        // Wake on a blob that begins or ends, a length that becomes known, the obtain's
+        // end; the progress is looked at again at least every 50 ms.
+        let tick = tokio::time::sleep(Duration::from_millis(50));
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => return Arrival::TimedOut,
+            _ = changes.changed() => {}
+            _ = done.changed() => {}
+            _ = tick => {}
+        }
+    }
+}
+
+/// Where the bytes of a blob that is arriving are followed from.
+struct Follow {
+    store: BlobDir,
+    digest: Digest,
+    done: watch::Receiver<Outcome>,
+    /// The longest a response waits for its next bytes.
+    wait: Duration,
+}
+
+/// Why a streamed response was cut: the client sees the connection end early.
+#[derive(Debug, thiserror::Error)]
+enum Cut {
+    #[error("no bytes for {0:?}")]
+    Stalled(Duration),
+    #[error("the blob could not be obtained")]
+    Failed,
+    #[error("the bytes did not match the digest")]
+    Mismatch,
+    #[error("store: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Follow {
+    /// The next bytes at `at`, from the whole blob or from what has arrived.
+    async fn next_at(&mut self, at: u64, end: u64) -> Result<Vec<u8>, Cut> {
+        const CHUNK: u64 = 256 << 10;
+        let deadline = tokio::time::Instant::now() + self.wait;
+        let mut changes = self.store.changes();
+        loop {
+            if self.store.has(&self.digest) {
+                return Ok(self
+                    .store
+                    .read_at(&self.digest, at, (end - at).min(CHUNK))
+                    .await?);
+            }
+            if let Some(receiving) = self.store.receiving(&self.digest) {
+                let mut progress = receiving.progress();
+                let contiguous = match tokio::time::timeout_at(
+                    deadline,
+                    progress.wait_for(|p| p.contiguous > at || p.end.is_some()),
+                )
+                .await
+                {
+                    Ok(Ok(p)) => (p.end != Some(End::Failed)).then_some(p.contiguous),
+                    Ok(Err(_)) => None,
+                    Err(_) => return Err(Cut::Stalled(self.wait)),
+                };
+                match contiguous {
+                    Some(contiguous) if contiguous > at => {
+                        let len = (contiguous.min(end) - at).min(CHUNK);
+                        return Ok(receiving.read_at(at, len).await?);
+                    }
+                    // Whole now, or failed: look again.
+                    _ => continue,
+                }
+            }
+            if matches!(*self.done.borrow(), Some(Err(_))) {
+                return Err(Cut::Failed);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => return Err(Cut::Stalled(self.wait)),
+                _ = changes.changed() => {}
+                _ = self.done.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
         }
+    }
+}
+
+/// A blob that is still arriving, streamed in order as its bytes come in. A response
+/// that covers the whole blob is hashed as it passes and cut if the digest does not
+/// match: containerd never sees a clean end of wrong bytes.
+fn stream_arriving(
+    method: &Method,
+    headers: &HeaderMap,
+    wanted: &Wanted,
+    len: u64,
+    follow: Follow,
+) -> Response {
+    let (builder, start, count) = match head(headers, wanted, "application/octet-stream", len) {
+        Ok(head) => head,
+        Err(refused) => return unsatisfiable(refused),
     };
-    respond(method, headers, &wanted, &path)
-        .await
+    let body = if *method == Method::HEAD {
+        Body::empty()
+    } else {
+        let hasher = (start == 0 && count == len).then(Sha256::new);
+        let state = (follow, start, start + count, hasher, false);
+        let chunks = futures::stream::unfold(
+            state,
+            |(mut follow, at, end, mut hasher, over)| async move {
+                if over {
+                    return None;
+                }
+                if at == end {
+                    let matches = hasher
+                        .take()
+                        .is_none_or(|h| Digest::from_sha256(h.finalize().into()) == follow.digest);
+                    if matches {
+                        return None;
+                    }
+                    tracing::warn!(digest = %follow.digest, "streamed bytes did not match; response cut");
+                    return Some((Err(Cut::Mismatch), (follow, at, end, hasher, true)));
+                }
+                match follow.next_at(at, end).await {
+                    Ok(bytes) => {
+                        if let Some(hasher) = hasher.as_mut() {
+                            hasher.update(&bytes);
+                        }
+                        let next = at + bytes.len() as u64;
+                        Some((Ok(bytes), (follow, next, end, hasher, false)))
+                    }
+                    Err(cut) => {
+                        tracing::info!(digest = %follow.digest, %cut, "streamed response cut");
+                        Some((Err(cut), (follow, at, end, hasher, true)))
+                    }
+                }
+            },
+        );
+        Body::from_stream(chunks.boxed())
+    };
+    builder
+        .body(body)
         .unwrap_or_else(|_| status(StatusCode::INTERNAL_SERVER_ERROR))
+}
+
+/// A by-digest answer's status and headers for a blob of `len` bytes, with the range
+/// asked for (its start and length), or the range cannot be served.
+fn head(
+    headers: &HeaderMap,
+    wanted: &Wanted,
+    content_type: &str,
+    len: u64,
+) -> Result<(axum::http::response::Builder, u64, u64), Unsatisfiable> {
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let mut builder = Response::builder()
+        .header(header::CONTENT_TYPE, content_type)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header("Docker-Content-Digest", wanted.digest.to_string());
+    let (code, start, count) = match byte_range(range, len) {
+        Ok(None) => (StatusCode::OK, 0, len),
+        Ok(Some((start, end))) => {
+            builder = builder.header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{len}"));
+            (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
+        }
+        Err(()) => return Err(Unsatisfiable(len)),
+    };
+    let builder = builder
+        .status(code)
+        .header(header::CONTENT_LENGTH, HeaderValue::from(count));
+    Ok((builder, start, count))
+}
+
+/// A range past the end of a blob of this length: 416.
+struct Unsatisfiable(u64);
+
+fn unsatisfiable(Unsatisfiable(len): Unsatisfiable) -> Response {
+    Response::builder()
+        .status(StatusCode::RANGE_NOT_SATISFIABLE)
+        .header(header::CONTENT_RANGE, format!("bytes */{len}"))
+        .body(Body::empty())
+        .unwrap_or_else(|_| status(StatusCode::RANGE_NOT_SATISFIABLE))
 }
 
 async fn respond(
@@ -300,28 +559,10 @@ async fn respond(
     } else {
         "application/octet-stream"
     };
-    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
-    let mut builder = Response::builder()
-        .header(header::CONTENT_TYPE, content_type)
-        .header(header::ACCEPT_RANGES, "bytes")
-        .header("Docker-Content-Digest", wanted.digest.to_string());
-    let (code, start, count) = match byte_range(range, len) {
-        Ok(None) => (StatusCode::OK, 0, len),
-        Ok(Some((start, end))) => {
-            builder = builder.header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{len}"));
-            (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
-        }
-        Err(()) => {
-            return Ok(Response::builder()
-                .status(StatusCode::RANGE_NOT_SATISFIABLE)
-                .header(header::CONTENT_RANGE, format!("bytes */{len}"))
-                .body(Body::empty())
-                .unwrap_or_else(|_| status(StatusCode::RANGE_NOT_SATISFIABLE)));
-        }
+    let (builder, start, count) = match head(headers, wanted, content_type, len) {
+        Ok(head) => head,
+        Err(refused) => return Ok(unsatisfiable(refused)),
     };
-    builder = builder
-        .status(code)
-        .header(header::CONTENT_LENGTH, HeaderValue::from(count));
     let body = if *method == Method::HEAD {
         Body::empty()
     } else {

@@ -10,7 +10,7 @@ use oci_client::{
 };
 
 use crate::{
-    store::{BlobDir, StoreError},
+    store::{BlobDir, BlobWriter, StoreError},
     MAX_BLOB,
 };
 
@@ -125,10 +125,9 @@ impl Origin {
                 .pull_manifest_raw(&reference, auth, MANIFEST_TYPES)
                 .await
                 .map_err(classify)?;
-            let mut writer = store
-                .writer(digest, bytes.len() as u64)
-                .await
-                .map_err(StoreError::from)?;
+            let Some(mut writer) = writer(store, digest, Some(bytes.len() as u64)).await? else {
+                return settled(store, digest).await;
+            };
             writer.write(&bytes).await?;
             return Ok(writer.finish().await?);
         }
@@ -140,8 +139,12 @@ impl Origin {
             .pull_blob_stream(&reference, digest.encode().as_str())
             .await
             .map_err(classify)?;
-        let len = stream.content_length.unwrap_or(MAX_BLOB).min(MAX_BLOB);
-        let mut writer = store.writer(digest, len).await.map_err(StoreError::from)?;
+        // Pieces are published as they arrive when the length is known up front, which
+        // the distribution API requires of a blob response.
+        let len = stream.content_length.filter(|len| *len <= MAX_BLOB);
+        let Some(mut writer) = writer(store, digest, len).await? else {
+            return settled(store, digest).await;
+        };
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| OriginError {
                 class: FailureClass::Transient,
@@ -150,5 +153,31 @@ impl Origin {
             writer.write(&chunk).await?;
         }
         Ok(writer.finish().await?)
+    }
+}
+
+/// A writer for the pull, or `None` when another writer on this node (a fetch from a
+/// member) has the blob under way.
+async fn writer(
+    store: &BlobDir,
+    digest: &Digest,
+    len: Option<u64>,
+) -> Result<Option<BlobWriter>, OriginError> {
+    match store.writer(digest, len, MAX_BLOB).await {
+        Ok(writer) => Ok(Some(writer)),
+        Err(StoreError::Busy) => Ok(None),
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// The outcome of the other writer, as this pull's.
+async fn settled(store: &BlobDir, digest: &Digest) -> Result<u64, OriginError> {
+    if store.settled(digest).await {
+        Ok(std::fs::metadata(store.path(digest)).map_or(0, |m| m.len()))
+    } else {
+        Err(OriginError {
+            class: FailureClass::Transient,
+            message: "the fetch this node had under way failed".into(),
+        })
     }
 }

@@ -1,60 +1,186 @@
-//! The blob-transfer protocol between peers, `/gantry/blob/1.0.0`: the requester writes
-//! the digest (one length byte, then the string), the server answers one status byte
-//! and, if it serves, the length (8 bytes, big endian) and the bytes. Streams end to
-//! end: neither side holds a whole blob in memory. Only members are served.
+//! The transfer between members, `/gantry/pieces/1.0.0`: a blob moves in pieces
+//! ([`crate::pieces`]), fetched from several members at once, each serving the pieces
+//! it has, also while it still receives the rest.
+//!
+//! One request per stream, 39 bytes: an operation (1), the digest (32), an argument (4,
+//! big endian) and how long the server may wait for the blob to appear (2, ms, at most
+//! 5 s). The answer starts with a status byte (served, not held, refused, or pulling:
+//! not held yet, but the server's own origin pull of it is under way).
+//!
+//! - `STATUS`, the argument the first piece whose hash the asker wants: the length (8),
+//!   whether the blob is whole (1), the bitmap of present pieces, the hashes of the
+//!   present pieces from that index on (a count, 4, then 32 each), and up to 8 members
+//!   that asked for the blob lately (a count, 1, then a length byte and a peer id each),
+//!   so that the nodes receiving one blob find each other without a tracker.
+//! - `PIECE`, the argument the piece's index: its bytes. A piece not there yet is
+//!   waited for while the blob is still arriving, at most 10 s.
+//!
+//! The fetcher checks each piece against its hash on arrival; a member that sends a bad
+//! one is asked nothing more, one that stalls loses only the piece it owed. The whole
+//! digest is checked before the blob is committed. Only members are served, only
+//! members are asked.
 
-use std::{io, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    io,
+    sync::Arc,
+    time::Duration,
+};
 
-use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use futures::{
+    future::BoxFuture, stream::FuturesUnordered, AsyncReadExt, AsyncWriteExt, FutureExt, StreamExt,
+};
 use gantry_coord::{Digest, Membership};
+use hashlink::LruCache;
 use libp2p::{PeerId, StreamProtocol};
-use tokio::io::AsyncReadExt as _;
+use parking_lot::Mutex;
+use sha2::{Digest as _, Sha256};
+use tokio::time::Instant;
 
-use crate::store::{BlobDir, StoreError};
+use crate::{
+    pieces::{Geometry, Picker, PieceHash, PieceSet, MAX_PIECES},
+    store::{BlobDir, BlobWriter, End, StoreError},
+};
 
-pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/gantry/blob/1.0.0");
+pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/gantry/pieces/1.0.0");
+
+const STATUS: u8 = 0;
+const PIECE: u8 = 1;
 
 const SERVED: u8 = 0;
 const NOT_HELD: u8 = 1;
 const REFUSED: u8 = 2;
+/// Not held yet, but this node's origin pull of it is under way.
+const PULLING: u8 = 3;
 
+const REQUEST_LEN: usize = 39;
+/// The longest a server waits for a blob to appear.
+const MAX_APPEAR_WAIT: Duration = Duration::from_secs(5);
+/// The longest a server waits for a piece of a blob it is receiving.
+const PIECE_WAIT: Duration = Duration::from_secs(10);
 /// How long a peer may take to start answering.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a transfer may sit without a byte moving.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
-const CHUNK: usize = 64 << 10;
+/// Members named in a status answer.
+const GOSSIP: usize = 8;
+/// Blobs whose recent askers a server remembers.
+const ASKED_BLOBS: usize = 4096;
+/// Piece answers a server builds at once: each holds a piece in memory.
+const SERVING: usize = 32;
 
-/// Why a peer did not deliver a blob.
+/// Peers one fetch asks, at most.
+const MAX_PEERS: usize = 16;
+/// Pieces asked of one peer at once.
+const PER_PEER: usize = 2;
+/// Pieces asked for at once, over all peers.
+const IN_FLIGHT: usize = 8;
+/// How far past the first missing piece the picker looks.
+const WINDOW: u32 = 16;
+/// How often a peer that is still receiving is asked for its status.
+const REFRESH: Duration = Duration::from_millis(250);
+/// Failures after which a peer is asked nothing more in this fetch.
+const MAX_FAILURES: u32 = 3;
+
+/// Why a fetch did not deliver a blob.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
-    #[error("the peer does not hold it")]
+    #[error("no member asked holds it")]
     NotHeld,
-    #[error("the peer refused us")]
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("no byte moved for {0:?}")]
+    Stalled(Duration),
+    #[error("this node's own origin pull of it began")]
+    Preempted,
+}
+
+/// Why one request to one peer failed.
+#[derive(Debug, thiserror::Error)]
+enum AskError {
+    #[error("not held")]
+    NotHeld,
+    #[error("not held yet: its pull is under way")]
+    Pulling,
+    #[error("refused")]
     Refused,
     #[error("stream: {0}")]
     Stream(#[from] io::Error),
-    #[error("{0}")]
-    Store(#[from] StoreError),
-    #[error("no stream to the peer: {0}")]
+    #[error("no stream: {0}")]
     Open(String),
-    #[error("the peer stopped sending")]
+    #[error("timed out")]
     Timeout,
+    #[error("malformed answer")]
+    Malformed,
 }
 
-/// Serves blobs to members until the control's streams end.
+/// What a member says of a blob.
+#[derive(Debug, Clone)]
+struct Status {
+    geometry: Geometry,
+    whole: bool,
+    have: PieceSet,
+    /// Hashes of the present pieces from the index asked for on, in order.
+    hashes: Vec<PieceHash>,
+    others: Vec<PeerId>,
+}
+
+/// The members that asked lately for each blob: receivers, who will soon serve it too.
+#[derive(Clone)]
+struct Askers(Arc<Mutex<LruCache<Digest, VecDeque<PeerId>>>>);
+
+impl Askers {
+    /// Records `peer` and names the others.
+    fn note(&self, digest: &Digest, peer: PeerId) -> Vec<PeerId> {
+        let mut askers = self.0.lock();
+        let known = match askers.get_mut(digest) {
+            Some(known) => known,
+            None => {
+                askers.insert(*digest, VecDeque::new());
+                askers.get_mut(digest).expect("just inserted")
+            }
+        };
+        let others = known.iter().filter(|p| **p != peer).copied().collect();
+        if !known.contains(&peer) {
+            if known.len() == GOSSIP {
+                known.pop_front();
+            }
+            known.push_back(peer);
+        }
+        others
+    }
+}
+
+/// Whether this node's own origin pull of a digest is under way.
+pub type Pulling = Arc<dyn Fn(&Digest) -> bool + Send + Sync>;
+
+/// Serves pieces to members until the control's streams end.
 pub async fn serve(
     mut control: libp2p_stream::Control,
     store: BlobDir,
     membership: Arc<dyn Membership>,
+    pulling: Pulling,
 ) {
     let Ok(mut incoming) = control.accept(PROTOCOL) else {
         return;
     };
+    let askers = Askers(Arc::new(Mutex::new(LruCache::new(ASKED_BLOBS))));
+    let serving = Arc::new(tokio::sync::Semaphore::new(SERVING));
     while let Some((peer, stream)) = incoming.next().await {
-        let (store, membership) = (store.clone(), membership.clone());
+        let (store, membership, askers) = (store.clone(), membership.clone(), askers.clone());
+        let (pulling, serving) = (pulling.clone(), serving.clone());
         tokio::spawn(async move {
-            if let Err(error) = serve_one(peer, stream, &store, &*membership).await {
-                tracing::debug!(%peer, %error, "blob not served");
+            let served = serve_one(
+                peer,
+                stream,
+                &store,
+                &*membership,
+                &askers,
+                &*pulling,
+                &serving,
+            );
+            if let Err(error) = served.await {
+                tracing::debug!(%peer, %error, "piece request not served");
             }
         });
     }
@@ -65,96 +191,1045 @@ async fn serve_one(
     mut stream: libp2p::Stream,
     store: &BlobDir,
     membership: &dyn Membership,
+    askers: &Askers,
+    pulling: &(dyn Fn(&Digest) -> bool + Send + Sync),
+    serving: &tokio::sync::Semaphore,
 ) -> io::Result<()> {
-    let digest = tokio::time::timeout(ANSWER_TIMEOUT, read_digest(&mut stream))
+    let mut request = [0u8; REQUEST_LEN];
+    tokio::time::timeout(ANSWER_TIMEOUT, stream.read_exact(&mut request))
         .await
         .map_err(|_| io::ErrorKind::TimedOut)??;
     // Membership is the boundary: a private image's layers never leave through a peer.
     if membership.check_peer(&peer).is_err() {
-        tracing::info!(%peer, "blob request from a peer outside the membership refused");
+        tracing::info!(%peer, "piece request from a peer outside the membership refused");
         stream.write_all(&[REFUSED]).await?;
         return stream.close().await;
     }
-    let mut file = match tokio::fs::File::open(store.path(&digest)).await {
-        Ok(file) => file,
-        Err(_) => {
-            stream.write_all(&[NOT_HELD]).await?;
-            return stream.close().await;
+    let op = request[0];
+    let digest = Digest::from_sha256(request[1..33].try_into().expect("32 bytes"));
+    let arg = u32::from_be_bytes(request[33..37].try_into().expect("4 bytes"));
+    let wait = Duration::from_millis(u64::from(u16::from_be_bytes([request[37], request[38]])))
+        .min(MAX_APPEAR_WAIT);
+    // A piece answer holds its piece until it is written: their number is capped.
+    let (answer, _permit) = match op {
+        STATUS => {
+            let others = askers.note(&digest, peer);
+            let answer = status_answer(store, &digest, arg, wait, others, pulling).await?;
+            (answer, None)
         }
+        PIECE => {
+            let permit = serving.acquire().await.map_err(io::Error::other)?;
+            (piece_answer(store, &digest, arg).await?, Some(permit))
+        }
+        _ => return Err(io::ErrorKind::InvalidData.into()),
     };
-    let len = file.metadata().await?.len();
-    let mut head = [0u8; 9];
-    head[0] = SERVED;
-    head[1..].copy_from_slice(&len.to_be_bytes());
-    stream.write_all(&head).await?;
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        let n = file.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        tokio::time::timeout(IDLE_TIMEOUT, stream.write_all(&buf[..n]))
-            .await
-            .map_err(|_| io::ErrorKind::TimedOut)??;
-    }
+    tokio::time::timeout(IDLE_TIMEOUT, stream.write_all(&answer))
+        .await
+        .map_err(|_| io::ErrorKind::TimedOut)??;
     stream.close().await
 }
 
-async fn read_digest(stream: &mut libp2p::Stream) -> io::Result<Digest> {
-    let mut len = [0u8];
-    stream.read_exact(&mut len).await?;
-    let mut raw = vec![0u8; usize::from(len[0])];
-    stream.read_exact(&mut raw).await?;
-    let text = String::from_utf8(raw).map_err(|_| io::ErrorKind::InvalidData)?;
-    Digest::parse(&text).map_err(|_| io::ErrorKind::InvalidData.into())
+/// Where a blob a member asks about stands here.
+enum Here {
+    /// Whole, or arriving with a known length.
+    Servable,
+    /// Not yet: this node's origin pull of it is under way.
+    Pulling,
+    NotHeld,
 }
 
-/// Fetches `digest` from `peer` into the store; at most `max_len` bytes are accepted.
-pub async fn fetch(
+/// Waits at most `wait` for `digest` to be whole or arriving with a known length, while
+/// this node's origin pull of it runs.
+async fn appeared(
+    store: &BlobDir,
+    digest: &Digest,
+    wait: Duration,
+    pulling: &(dyn Fn(&Digest) -> bool + Send + Sync),
+) -> Here {
+    let deadline = Instant::now() + wait;
+    let mut changes = store.changes();
+    loop {
+        if store.has(digest) {
+            return Here::Servable;
+        }
+        if let Some(receiving) = store.receiving(digest) {
+            let known = {
+                let progress = receiving.progress();
+                let p = progress.borrow();
+                p.geometry.is_some() && p.end != Some(End::Failed)
+            };
+            if known {
+                return Here::Servable;
+            }
+        } else if !pulling(digest) {
+            return Here::NotHeld;
+        }
+        // A pull that has not begun receiving, or a length not known yet; looked at
+        // again on any change and at least every 100 ms (a pull may end unreceived).
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => return Here::Pulling,
+            _ = changes.changed() => {}
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
+}
+
+async fn status_answer(
+    store: &BlobDir,
+    digest: &Digest,
+    hashes_from: u32,
+    wait: Duration,
+    others: Vec<PeerId>,
+    pulling: &(dyn Fn(&Digest) -> bool + Send + Sync),
+) -> io::Result<Vec<u8>> {
+    match appeared(store, digest, wait, pulling).await {
+        Here::Servable => {}
+        Here::Pulling => return Ok(vec![PULLING]),
+        Here::NotHeld => return Ok(vec![NOT_HELD]),
+    }
+    let (geometry, whole, have, hashes): (Geometry, bool, PieceSet, Vec<PieceHash>) =
+        if store.has(digest) {
+            let hashes = store.piece_hashes(digest).await?;
+            let len = std::fs::metadata(store.path(digest))?.len();
+            let geometry = Geometry::of(len);
+            let have = PieceSet::full(geometry.count());
+            let from = (hashes_from as usize).min(hashes.len());
+            (geometry, true, have, hashes[from..].to_vec())
+        } else {
+            let Some(receiving) = store.receiving(digest) else {
+                return Ok(vec![NOT_HELD]);
+            };
+            let progress = receiving.progress();
+            let p = progress.borrow();
+            let Some(geometry) = p.geometry else {
+                return Ok(vec![NOT_HELD]);
+            };
+            let hashes = p
+                .have
+                .iter()
+                .filter(|&i| i >= hashes_from)
+                .map(|i| p.hashes[i as usize])
+                .collect();
+            (geometry, false, p.have.clone(), hashes)
+        };
+    let mut out = Vec::with_capacity(14 + have.as_bytes().len() + hashes.len() * 32 + 400);
+    out.push(SERVED);
+    out.extend_from_slice(&geometry.len.to_be_bytes());
+    out.push(u8::from(whole));
+    out.extend_from_slice(have.as_bytes());
+    out.extend_from_slice(&(hashes.len() as u32).to_be_bytes());
+    for hash in &hashes {
+        out.extend_from_slice(hash);
+    }
+    out.push(others.len() as u8);
+    for peer in others {
+        let bytes = peer.to_bytes();
+        out.push(bytes.len() as u8);
+        out.extend_from_slice(&bytes);
+    }
+    Ok(out)
+}
+
+async fn piece_answer(store: &BlobDir, digest: &Digest, index: u32) -> io::Result<Vec<u8>> {
+    let not_held = || Ok(vec![NOT_HELD]);
+    let bytes = if store.has(digest) {
+        let geometry = Geometry::of(std::fs::metadata(store.path(digest))?.len());
+        if index >= geometry.count() {
+            return not_held();
+        }
+        let (start, len) = geometry.span(index);
+        store.read_at(digest, start, len).await?
+    } else {
+        let Some(receiving) = store.receiving(digest) else {
+            return not_held();
+        };
+        let mut progress = receiving.progress();
+        let geometry = match tokio::time::timeout(
+            PIECE_WAIT,
+            progress.wait_for(|p| p.have.contains(index) || p.end.is_some()),
+        )
+        .await
+        {
+            Ok(Ok(p)) if p.have.contains(index) => p.geometry,
+            _ => None,
+        };
+        let Some(geometry) = geometry else {
+            return not_held();
+        };
+        let (start, len) = geometry.span(index);
+        receiving.read_at(start, len).await?
+    };
+    let mut out = Vec::with_capacity(bytes.len() + 1);
+    out.push(SERVED);
+    out.extend_from_slice(&bytes);
+    Ok(out)
+}
+
+fn request(op: u8, digest: &Digest, arg: u32, wait: Duration) -> [u8; REQUEST_LEN] {
+    let mut out = [0u8; REQUEST_LEN];
+    out[0] = op;
+    out[1..33].copy_from_slice(&digest.to_bytes());
+    out[33..37].copy_from_slice(&arg.to_be_bytes());
+    let wait = u16::try_from(wait.as_millis()).unwrap_or(u16::MAX);
+    out[37..].copy_from_slice(&wait.to_be_bytes());
+    out
+}
+
+/// Opens a stream, sends the request, reads the status byte.
+async fn ask(
     control: &mut libp2p_stream::Control,
     peer: PeerId,
-    digest: &Digest,
-    store: &BlobDir,
-    max_len: u64,
-) -> Result<u64, FetchError> {
+    request: &[u8],
+    answer_within: Duration,
+) -> Result<libp2p::Stream, AskError> {
     let mut stream = tokio::time::timeout(ANSWER_TIMEOUT, control.open_stream(peer, PROTOCOL))
         .await
-        .map_err(|_| FetchError::Timeout)?
-        .map_err(|e| FetchError::Open(e.to_string()))?;
-    let text = digest.encode();
-    let name = text.as_bytes();
-    let mut request = Vec::with_capacity(name.len() + 1);
-    request.push(name.len() as u8);
-    request.extend_from_slice(name);
-    stream.write_all(&request).await?;
-    let mut status = [0u8];
-    tokio::time::timeout(ANSWER_TIMEOUT, stream.read_exact(&mut status))
+        .map_err(|_| AskError::Timeout)?
+        .map_err(|e| AskError::Open(e.to_string()))?;
+    stream.write_all(request).await?;
+    let mut code = [0u8];
+    tokio::time::timeout(answer_within, stream.read_exact(&mut code))
         .await
-        .map_err(|_| FetchError::Timeout)??;
-    match status[0] {
-        SERVED => {}
-        REFUSED => return Err(FetchError::Refused),
-        _ => return Err(FetchError::NotHeld),
+        .map_err(|_| AskError::Timeout)??;
+    match code[0] {
+        SERVED => Ok(stream),
+        REFUSED => Err(AskError::Refused),
+        PULLING => Err(AskError::Pulling),
+        _ => Err(AskError::NotHeld),
     }
-    let mut len = [0u8; 8];
-    stream.read_exact(&mut len).await?;
-    let len = u64::from_be_bytes(len);
-    if len > max_len {
-        return Err(StoreError::TooLong.into());
-    }
-    let mut writer = store.writer(digest, len).await?;
-    let mut buf = vec![0u8; CHUNK];
-    let mut left = len;
-    while left > 0 {
-        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-        let n = tokio::time::timeout(IDLE_TIMEOUT, stream.read(&mut buf[..want]))
+}
+
+/// Reads exactly `buf.len()` bytes, failing when nothing arrives for the idle timeout.
+async fn read_full(stream: &mut libp2p::Stream, buf: &mut [u8]) -> Result<(), AskError> {
+    let mut at = 0;
+    while at < buf.len() {
+        let n = tokio::time::timeout(IDLE_TIMEOUT, stream.read(&mut buf[at..]))
             .await
-            .map_err(|_| FetchError::Timeout)??;
+            .map_err(|_| AskError::Timeout)??;
         if n == 0 {
             return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
         }
-        writer.write(&buf[..n]).await?;
-        left -= n as u64;
+        at += n;
     }
-    Ok(writer.finish().await?)
+    Ok(())
+}
+
+async fn ask_status(
+    mut control: libp2p_stream::Control,
+    peer: PeerId,
+    digest: Digest,
+    hashes_from: u32,
+    wait: Duration,
+    max_len: u64,
+) -> Result<Status, AskError> {
+    let req = request(STATUS, &digest, hashes_from, wait);
+    let mut stream = ask(&mut control, peer, &req, ANSWER_TIMEOUT + wait).await?;
+    let mut head = [0u8; 9];
+    read_full(&mut stream, &mut head).await?;
+    let len = u64::from_be_bytes(head[..8].try_into().expect("8 bytes"));
+    if len > max_len {
+        return Err(AskError::Malformed);
+    }
+    let geometry = Geometry::of(len);
+    let count = geometry.count();
+    let mut bitmap = vec![0u8; count.div_ceil(8) as usize];
+    read_full(&mut stream, &mut bitmap).await?;
+    let have = PieceSet::from_bytes(&bitmap, count).ok_or(AskError::Malformed)?;
+    let mut n = [0u8; 4];
+    read_full(&mut stream, &mut n).await?;
+    let n = u32::from_be_bytes(n);
+    // Never more hashes than pieces: the length was capped, so is this.
+    if u64::from(n) > MAX_PIECES || n > have.present() {
+        return Err(AskError::Malformed);
+    }
+    let mut hashes = vec![[0u8; 32]; n as usize];
+    for hash in &mut hashes {
+        read_full(&mut stream, hash).await?;
+    }
+    let mut others_len = [0u8];
+    read_full(&mut stream, &mut others_len).await?;
+    let mut others = Vec::new();
+    for _ in 0..usize::from(others_len[0]).min(GOSSIP) {
+        let mut l = [0u8];
+        read_full(&mut stream, &mut l).await?;
+        let mut raw = vec![0u8; usize::from(l[0])];
+        read_full(&mut stream, &mut raw).await?;
+        if let Ok(peer) = PeerId::from_bytes(&raw) {
+            others.push(peer);
+        }
+    }
+    Ok(Status {
+        geometry,
+        whole: head[8] == 1,
+        have,
+        hashes,
+        others,
+    })
+}
+
+async fn ask_piece(
+    mut control: libp2p_stream::Control,
+    peer: PeerId,
+    digest: Digest,
+    index: u32,
+    len: u64,
+) -> Result<Vec<u8>, AskError> {
+    let req = request(PIECE, &digest, index, Duration::ZERO);
+    let mut stream = ask(&mut control, peer, &req, ANSWER_TIMEOUT + PIECE_WAIT).await?;
+    let mut bytes = vec![0u8; usize::try_from(len).map_err(|_| AskError::Malformed)?];
+    read_full(&mut stream, &mut bytes).await?;
+    Ok(bytes)
+}
+
+/// One fetch's view of one peer.
+#[derive(Debug, Default)]
+struct Peer {
+    have: Option<PieceSet>,
+    whole: bool,
+    asked: usize,
+    failures: u32,
+    dropped: bool,
+    /// A status request is out.
+    refreshing: bool,
+    refreshed: Option<Instant>,
+    /// Named as pulling the blob now: asked again while it has not started.
+    pulling: bool,
+    /// Named by the resolution (the puller, a holder, a provider): piece hashes are
+    /// taken from seeds only, so a member found through gossip cannot poison them.
+    seed: bool,
+    /// Pieces it delivered.
+    delivered: u32,
+}
+
+enum Answer {
+    Status(PeerId, Result<Status, AskError>),
+    Piece(PeerId, u32, Result<Vec<u8>, AskError>),
+}
+
+/// How a fetch went.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fetched {
+    pub bytes: u64,
+    /// Pieces each member delivered, most first.
+    pub pieces_from: Vec<(PeerId, u32)>,
+    /// Members that sent a piece that did not match its hash.
+    pub bad: Vec<PeerId>,
+}
+
+/// What a fetch needs of the node.
+pub struct Net<'a> {
+    pub control: &'a libp2p_stream::Control,
+    pub store: &'a BlobDir,
+    /// Only members are asked.
+    pub is_member: &'a (dyn Fn(&PeerId) -> bool + Send + Sync),
+    pub local: PeerId,
+}
+
+/// What to fetch, from whom.
+#[derive(Debug, Clone)]
+pub struct Order<'a> {
+    pub digest: Digest,
+    /// The most bytes accepted.
+    pub max_len: u64,
+    /// Named by the resolution: where piece hashes come from.
+    pub seeds: &'a [PeerId],
+    /// The seeds are pulling it now and may not have begun receiving.
+    pub pulling: bool,
+    /// The fetch gives up after this long without a piece (as a pull counts as
+    /// stalled): a resolution run anew finds out what became of the pull.
+    pub idle: Duration,
+}
+
+/// Fetches a blob in pieces from the seeds and the members they name; says who
+/// delivered what once it is stored.
+pub async fn fetch(net: &Net<'_>, wanted: Order<'_>) -> Result<Fetched, FetchError> {
+    let mut fetch = Fetch {
+        net,
+        digest: wanted.digest,
+        max_len: wanted.max_len,
+        idle: wanted.idle,
+        peers: HashMap::new(),
+        asks: FuturesUnordered::new(),
+        geometry: None,
+        hashes: Vec::new(),
+        hashed: PieceSet::default(),
+        asked: PieceSet::default(),
+        writer: None,
+        salt: salt_of(&net.local),
+        last_progress: Instant::now(),
+        bad: HashSet::new(),
+    };
+    for seed in wanted.seeds {
+        fetch.add(*seed, wanted.pulling, true);
+    }
+    fetch.run().await
+}
+
+fn salt_of(peer: &PeerId) -> u64 {
+    let bytes = peer.to_bytes();
+    let tail = &bytes[bytes.len().saturating_sub(8)..];
+    tail.iter().fold(0, |acc, b| (acc << 8) | u64::from(*b))
+}
+
+struct Fetch<'n, 'a> {
+    net: &'n Net<'a>,
+    digest: Digest,
+    max_len: u64,
+    idle: Duration,
+    peers: HashMap<PeerId, Peer>,
+    asks: FuturesUnordered<BoxFuture<'static, Answer>>,
+    geometry: Option<Geometry>,
+    /// Every piece's hash, as members told it (zero while unknown).
+    hashes: Vec<PieceHash>,
+    hashed: PieceSet,
+    asked: PieceSet,
+    writer: Option<BlobWriter>,
+    salt: u64,
+    last_progress: Instant,
+    /// Peers that sent a bad piece.
+    bad: HashSet<PeerId>,
+}
+
+impl Fetch<'_, '_> {
+    fn add(&mut self, peer: PeerId, pulling: bool, seed: bool) {
+        if peer == self.net.local
+            || self.peers.len() >= MAX_PEERS
+            || self.peers.contains_key(&peer)
+            || self.bad.contains(&peer)
+            || !(self.net.is_member)(&peer)
+        {
+            return;
+        }
+        self.peers.insert(
+            peer,
+            Peer {
+                pulling,
+                seed,
+                ..Peer::default()
+            },
+        );
+        self.refresh(peer);
+    }
+
+    fn refresh(&mut self, peer: PeerId) {
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        state.refreshing = true;
+        state.refreshed = Some(Instant::now());
+        let wait = if state.pulling && state.have.is_none() {
+            Duration::from_secs(3)
+        } else {
+            Duration::ZERO
+        };
+        let hashes_from = if state.seed {
+            self.hashed.first_missing()
+        } else {
+            u32::MAX
+        };
+        let ask = ask_status(
+            self.net.control.clone(),
+            peer,
+            self.digest,
+            hashes_from,
+            wait,
+            self.max_len,
+        );
+        self.asks
+            .push(async move { Answer::Status(peer, ask.await) }.boxed());
+    }
+
+    fn fail(&mut self, peer: PeerId) {
+        if let Some(state) = self.peers.get_mut(&peer) {
+            state.failures += 1;
+            if state.failures >= MAX_FAILURES {
+                state.dropped = true;
+            }
+        }
+    }
+
+    async fn on_status(
+        &mut self,
+        peer: PeerId,
+        status: Result<Status, AskError>,
+    ) -> Result<(), FetchError> {
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return Ok(());
+        };
+        state.refreshing = false;
+        let status = match status {
+            Ok(status) => status,
+            // Asked again at the next refresh, until the fetch counts as stalled.
+            Err(AskError::Pulling) => return Ok(()),
+            Err(error) => {
+                tracing::debug!(%peer, digest = %self.digest, %error, "status not had");
+                state.dropped = true;
+                return Ok(());
+            }
+        };
+        match self.geometry {
+            None => {
+                self.writer = Some(
+                    match self
+                        .net
+                        .store
+                        .piece_writer(&self.digest, status.geometry.len)
+                        .await
+                    {
+                        Ok(writer) => writer,
+                        Err(StoreError::Busy) => {
+                            // Another writer here has it under way; see `run`.
+                            self.geometry = Some(status.geometry);
+                            return Ok(());
+                        }
+                        Err(error) => return Err(error.into()),
+                    },
+                );
+                let count = status.geometry.count();
+                self.geometry = Some(status.geometry);
+                self.hashes = vec![[0; 32]; count as usize];
+                self.hashed = PieceSet::new(count);
+                self.asked = PieceSet::new(count);
+            }
+            Some(geometry) if geometry != status.geometry => {
+                tracing::debug!(%peer, digest = %self.digest, "a member disagrees on the length");
+                state.dropped = true;
+                return Ok(());
+            }
+            Some(_) => {}
+        }
+        // A seed's hashes are those of its present pieces from the first one not known
+        // here when it was asked.
+        if state.seed {
+            let from = self.hashed.first_missing();
+            let mut known = status.hashes.iter();
+            for index in status.have.iter().filter(|&i| i >= from) {
+                let Some(hash) = known.next() else { break };
+                if !self.hashed.contains(index) {
+                    self.hashes[index as usize] = *hash;
+                    self.hashed.insert(index);
+                }
+            }
+        }
+        state.whole = status.whole;
+        state.have = Some(status.have);
+        for other in status.others {
+            self.add(other, false, false);
+        }
+        Ok(())
+    }
+
+    async fn on_piece(
+        &mut self,
+        peer: PeerId,
+        index: u32,
+        bytes: Result<Vec<u8>, AskError>,
+    ) -> Result<(), FetchError> {
+        self.asked.remove(index);
+        if let Some(state) = self.peers.get_mut(&peer) {
+            state.asked = state.asked.saturating_sub(1);
+        }
+        let bytes = match bytes {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                tracing::debug!(%peer, digest = %self.digest, index, %error, "piece not had");
+                self.fail(peer);
+                return Ok(());
+            }
+        };
+        let hash: PieceHash = Sha256::digest(&bytes).into();
+        if hash != self.hashes[index as usize] {
+            tracing::warn!(%peer, digest = %self.digest, index, "a member sent a bad piece; it is asked nothing more");
+            self.bad.insert(peer);
+            if let Some(state) = self.peers.get_mut(&peer) {
+                state.dropped = true;
+            }
+            return Ok(());
+        }
+        if let Some(writer) = self.writer.as_mut() {
+            writer.put_piece(index, bytes, hash).await?;
+        }
+        if let Some(state) = self.peers.get_mut(&peer) {
+            state.delivered += 1;
+        }
+        self.last_progress = Instant::now();
+        Ok(())
+    }
+
+    /// Asks each peer with room for the piece the picker chooses.
+    fn ask_pieces(&mut self) {
+        let (Some(geometry), Some(writer)) = (self.geometry, self.writer.as_ref()) else {
+            return;
+        };
+        let have = writer.progress().borrow().have.clone();
+        let count = geometry.count() as usize;
+        let mut availability = vec![0u16; count];
+        for state in self.peers.values().filter(|s| !s.dropped) {
+            if let Some(theirs) = &state.have {
+                for index in theirs.iter() {
+                    availability[index as usize] += 1;
+                }
+            }
+        }
+        let mut in_flight = self.asked.present() as usize;
+        let mut order: Vec<PeerId> = self.peers.keys().copied().collect();
+        // Partial holders first: a whole holder's uplink is the one everybody wants.
+        order.sort_by_key(|p| (self.peers[p].whole, self.peers[p].asked));
+        for peer in order {
+            loop {
+                if in_flight >= IN_FLIGHT {
+                    return;
+                }
+                let state = &self.peers[&peer];
+                if state.dropped || state.asked >= PER_PEER {
+                    break;
+                }
+                let Some(theirs) = &state.have else { break };
+                let picker = Picker {
+                    have: &have,
+                    asked: &self.asked,
+                    hashed: &self.hashed,
+                    availability: &availability,
+                    window: WINDOW,
+                    salt: self.salt,
+                };
+                let Some(index) = picker.pick(theirs) else {
+                    break;
+                };
+                self.asked.insert(index);
+                in_flight += 1;
+                if let Some(state) = self.peers.get_mut(&peer) {
+                    state.asked += 1;
+                }
+                let (_, len) = geometry.span(index);
+                let ask = ask_piece(self.net.control.clone(), peer, self.digest, index, len);
+                self.asks
+                    .push(async move { Answer::Piece(peer, index, ask.await) }.boxed());
+            }
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.writer
+            .as_ref()
+            .is_some_and(|w| w.progress().borrow().have.is_full())
+    }
+
+    fn report(&self, bytes: u64) -> Fetched {
+        let mut pieces_from: Vec<(PeerId, u32)> = self
+            .peers
+            .iter()
+            .filter(|(_, s)| s.delivered > 0)
+            .map(|(p, s)| (*p, s.delivered))
+            .collect();
+        pieces_from.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let mut bad: Vec<PeerId> = self.bad.iter().copied().collect();
+        bad.sort();
+        Fetched {
+            bytes,
+            pieces_from,
+            bad,
+        }
+    }
+
+    async fn run(mut self) -> Result<Fetched, FetchError> {
+        let mut tick = tokio::time::interval(REFRESH);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if self.done() {
+                let writer = self.writer.take().expect("done means a writer");
+                let bytes = writer.finish().await?;
+                return Ok(self.report(bytes));
+            }
+            if self.geometry.is_some() && self.writer.is_none() {
+                // Another writer on this node has it under way: its outcome is ours.
+                return if self.net.store.settled(&self.digest).await {
+                    let len = std::fs::metadata(self.net.store.path(&self.digest));
+                    Ok(self.report(len.map_or(0, |m| m.len())))
+                } else {
+                    Err(FetchError::NotHeld)
+                };
+            }
+            self.ask_pieces();
+            let live = self.peers.values().any(|s| !s.dropped);
+            if !live && self.asks.is_empty() {
+                return Err(FetchError::NotHeld);
+            }
+            if self.last_progress.elapsed() > self.idle {
+                return Err(FetchError::Stalled(self.last_progress.elapsed()));
+            }
+            let preempted = async {
+                match self.writer.as_ref() {
+                    Some(writer) => writer.preempted().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = preempted => {
+                    // Dropped, the writer makes room for the pull.
+                    self.writer = None;
+                    return Err(FetchError::Preempted);
+                }
+                Some(answer) = self.asks.next() => match answer {
+                    Answer::Status(peer, status) => self.on_status(peer, status).await?,
+                    Answer::Piece(peer, index, bytes) => self.on_piece(peer, index, bytes).await?,
+                },
+                _ = tick.tick() => {
+                    let stale: Vec<PeerId> = self
+                        .peers
+                        .iter()
+                        .filter(|(_, s)| {
+                            !s.dropped
+                                && !s.whole
+                                && !s.refreshing
+                                && s.refreshed.is_none_or(|t| t.elapsed() >= REFRESH)
+                        })
+                        .map(|(p, _)| *p)
+                        .collect();
+                    for peer in stale {
+                        self.refresh(peer);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use gantry_coord::{Member, StaticMembership};
+    use libp2p::{noise, swarm::SwarmEvent, tcp, yamux, Multiaddr, Swarm};
+
+    use super::*;
+
+    struct Node {
+        peer: PeerId,
+        addr: Multiaddr,
+        swarm: Option<Swarm<libp2p_stream::Behaviour>>,
+        control: libp2p_stream::Control,
+        store: BlobDir,
+        root: PathBuf,
+    }
+
+    impl Drop for Node {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
+    }
+
+    async fn node(name: &str) -> Node {
+        let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default(),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .unwrap()
+            .with_behaviour(|_| libp2p_stream::Behaviour::new())
+            .unwrap()
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(30)))
+            .build();
+        swarm
+            .listen_on("/ip4/127.0.0.1/tcp/0".parse().unwrap())
+            .unwrap();
+        let addr = loop {
+            if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
+                break address;
+            }
+        };
+        let root = std::env::temp_dir().join(format!(
+            "agent-transfer-{name}-{}-{}",
+            std::process::id(),
+            swarm.local_peer_id()
+        ));
+        Node {
+            peer: *swarm.local_peer_id(),
+            addr,
+            control: swarm.behaviour().new_control(),
+            swarm: Some(swarm),
+            store: BlobDir::open(&root).unwrap(),
+            root,
+        }
+    }
+
+    /// Connects every node to every other, starts them, and serves each store to
+    /// `members`.
+    async fn start(nodes: &mut [Node], members: &[PeerId]) {
+        let book: Vec<(PeerId, Multiaddr)> =
+            nodes.iter().map(|n| (n.peer, n.addr.clone())).collect();
+        let members: Vec<Member> = members
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Member::new(format!("m{i}").as_str(), Some(*p)))
+            .collect();
+        let (connected, mut connections) = tokio::sync::mpsc::unbounded_channel();
+        for (i, node) in nodes.iter_mut().enumerate() {
+            let mut swarm = node.swarm.take().unwrap();
+            for (peer, addr) in &book[i + 1..] {
+                swarm.add_peer_address(*peer, addr.clone());
+                swarm.dial(addr.clone()).unwrap();
+            }
+            let membership = StaticMembership::new("m0", members.clone());
+            tokio::spawn(serve(
+                swarm.behaviour().new_control(),
+                node.store.clone(),
+                Arc::new(membership),
+                Arc::new(|_: &Digest| false),
+            ));
+            let connected = connected.clone();
+            tokio::spawn(async move {
+                loop {
+                    if let SwarmEvent::ConnectionEstablished { .. } = swarm.select_next_some().await
+                    {
+                        let _ = connected.send(());
+                    }
+                }
+            });
+        }
+        // Each connection is seen at both ends.
+        for _ in 0..nodes.len() * (nodes.len() - 1) {
+            tokio::time::timeout(Duration::from_secs(10), connections.recv())
+                .await
+                .expect("connected");
+        }
+    }
+
+    fn blob(len: usize) -> (Vec<u8>, Digest) {
+        let bytes: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4099) as u8).collect();
+        let digest = Digest::from_sha256(Sha256::digest(&bytes).into());
+        (bytes, digest)
+    }
+
+    async fn store_whole(store: &BlobDir, digest: &Digest, bytes: &[u8]) {
+        let mut writer = store
+            .writer(digest, Some(bytes.len() as u64), u64::MAX)
+            .await
+            .unwrap();
+        writer.write(bytes).await.unwrap();
+        writer.finish().await.unwrap();
+    }
+
+    async fn fetch_into(
+        node: &Node,
+        seeds: &[PeerId],
+        digest: &Digest,
+        pulling: bool,
+    ) -> Result<Fetched, FetchError> {
+        let anyone = |_: &PeerId| true;
+        let net = Net {
+            control: &node.control,
+            store: &node.store,
+            is_member: &anyone,
+            local: node.peer,
+        };
+        let order = Order {
+            digest: *digest,
+            max_len: 1 << 30,
+            seeds,
+            pulling,
+            idle: Duration::from_secs(5),
+        };
+        fetch(&net, order).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_bad_piece_drops_its_sender_and_is_fetched_elsewhere() {
+        let (bytes, digest) = blob((6 << 20) + 123);
+        let mut nodes = vec![
+            node("honest").await,
+            node("liar").await,
+            node("fetcher").await,
+        ];
+        // The liar holds wrong bytes under the right name.
+        store_whole(&nodes[0].store, &digest, &bytes).await;
+        let wrong: Vec<u8> = bytes.iter().map(|b| b ^ 1).collect();
+        std::fs::write(nodes[1].store.path(&digest), &wrong).unwrap();
+        let members: Vec<PeerId> = nodes.iter().map(|n| n.peer).collect();
+        start(&mut nodes, &members).await;
+        // The liar asked the honest holder lately, so the holder names it to the fetcher.
+        ask_status(
+            nodes[1].control.clone(),
+            nodes[0].peer,
+            digest,
+            0,
+            Duration::ZERO,
+            1 << 30,
+        )
+        .await
+        .unwrap();
+        let fetched = fetch_into(&nodes[2], &[nodes[0].peer], &digest, false)
+            .await
+            .unwrap();
+        assert_eq!(fetched.bytes, bytes.len() as u64);
+        assert_eq!(std::fs::read(nodes[2].store.path(&digest)).unwrap(), bytes);
+        assert!(fetched.pieces_from.iter().all(|(p, _)| *p == nodes[0].peer));
+        let total: u32 = fetched.pieces_from.iter().map(|(_, n)| n).sum();
+        assert_eq!(total, 7);
+    }
+
+    #[tokio::test]
+    async fn a_piece_that_does_not_match_its_hash_drops_its_sender_only() {
+        let (bytes, digest) = blob((2 << 20) + 10);
+        let fetcher = node("checker").await;
+        let anyone = |_: &PeerId| true;
+        let net = Net {
+            control: &fetcher.control,
+            store: &fetcher.store,
+            is_member: &anyone,
+            local: fetcher.peer,
+        };
+        let geometry = Geometry::of(bytes.len() as u64);
+        let piece = |i: u32| {
+            let (start, len) = geometry.span(i);
+            bytes[start as usize..(start + len) as usize].to_vec()
+        };
+        let (seed, liar) = (PeerId::random(), PeerId::random());
+        let mut fetch = Fetch {
+            net: &net,
+            digest,
+            max_len: 1 << 30,
+            idle: Duration::from_secs(5),
+            peers: HashMap::new(),
+            asks: FuturesUnordered::new(),
+            geometry: None,
+            hashes: Vec::new(),
+            hashed: PieceSet::default(),
+            asked: PieceSet::default(),
+            writer: None,
+            salt: 1,
+            last_progress: Instant::now(),
+            bad: HashSet::new(),
+        };
+        for (peer, seed) in [(seed, true), (liar, false)] {
+            fetch.peers.insert(
+                peer,
+                Peer {
+                    seed,
+                    ..Peer::default()
+                },
+            );
+        }
+        let hashes: Vec<PieceHash> = (0..3).map(|i| Sha256::digest(piece(i)).into()).collect();
+        let status = |hashes: Vec<PieceHash>| Status {
+            geometry,
+            whole: true,
+            have: PieceSet::full(3),
+            hashes,
+            others: vec![],
+        };
+        // The gossiped member's hashes are not taken; the seed's are.
+        fetch
+            .on_status(liar, Ok(status(vec![[7; 32]; 3])))
+            .await
+            .unwrap();
+        assert_eq!(fetch.hashed.present(), 0);
+        fetch.on_status(seed, Ok(status(hashes))).await.unwrap();
+        assert!(fetch.hashed.is_full());
+        fetch.asked.insert(0);
+        fetch.peers.get_mut(&liar).unwrap().asked = 1;
+        let mut wrong = piece(0);
+        wrong[5] ^= 1;
+        fetch.on_piece(liar, 0, Ok(wrong)).await.unwrap();
+        assert_eq!(fetch.report(0).bad, vec![liar]);
+        assert!(fetch.peers[&liar].dropped);
+        assert!(!fetch.asked.contains(0), "the piece is wanted again");
+        // A stalled or broken answer costs the peer that piece, not its place.
+        fetch
+            .on_piece(seed, 1, Err(AskError::Timeout))
+            .await
+            .unwrap();
+        assert!(!fetch.peers[&seed].dropped);
+        for i in 0..3 {
+            fetch.on_piece(seed, i, Ok(piece(i))).await.unwrap();
+        }
+        assert!(fetch.done());
+        let report = fetch.report(0);
+        assert_eq!(report.pieces_from, vec![(seed, 3)]);
+        let writer = fetch.writer.take().unwrap();
+        assert_eq!(writer.finish().await.unwrap(), bytes.len() as u64);
+        assert_eq!(std::fs::read(fetcher.store.path(&digest)).unwrap(), bytes);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pieces_come_from_a_pull_under_way() {
+        let (bytes, digest) = blob(5 << 20);
+        let mut nodes = vec![
+            node("puller").await,
+            node("first").await,
+            node("second").await,
+        ];
+        let members: Vec<PeerId> = nodes.iter().map(|n| n.peer).collect();
+        start(&mut nodes, &members).await;
+        // The puller's origin pull: in order, slowly, and not committed until both
+        // receivers are done, so that every piece they got came from a blob under way.
+        let store = nodes[0].store.clone();
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        // Begun (the origin answered) before anyone asks; no byte yet.
+        let mut writer = store
+            .writer(&digest, Some(bytes.len() as u64), u64::MAX)
+            .await
+            .unwrap();
+        let pull = {
+            let bytes = bytes.clone();
+            tokio::spawn(async move {
+                for chunk in bytes.chunks(256 << 10) {
+                    writer.write(chunk).await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let _ = released.await;
+                writer.finish().await.unwrap()
+            })
+        };
+        // Both receivers start before the pull has a byte.
+        let seeds = [nodes[0].peer];
+        let (first, second) = tokio::join!(fetch_into(&nodes[1], &seeds, &digest, true), async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            fetch_into(&nodes[2], &seeds, &digest, true).await
+        });
+        assert!(!nodes[0].store.has(&digest), "the pull is still under way");
+        let _ = release.send(());
+        assert_eq!(pull.await.unwrap(), bytes.len() as u64);
+        for (node, fetched) in [(&nodes[1], first), (&nodes[2], second)] {
+            let fetched = fetched.unwrap();
+            assert_eq!(std::fs::read(node.store.path(&digest)).unwrap(), bytes);
+            assert!(fetched.bad.is_empty());
+            assert_eq!(fetched.pieces_from.iter().map(|(_, n)| n).sum::<u32>(), 5);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_blob_nobody_holds_is_not_held_and_leaves_nothing() {
+        let (_, digest) = blob(1000);
+        let mut nodes = vec![node("empty").await, node("asker").await];
+        let members: Vec<PeerId> = nodes.iter().map(|n| n.peer).collect();
+        start(&mut nodes, &members).await;
+        let result = fetch_into(&nodes[1], &[nodes[0].peer], &digest, false).await;
+        assert!(matches!(result, Err(FetchError::NotHeld)), "{result:?}");
+        assert!(!nodes[1].store.has(&digest));
+        assert!(nodes[1].store.receiving(&digest).is_none());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_outside_the_membership_is_refused() {
+        let (bytes, digest) = blob(1000);
+        let mut nodes = vec![node("holder").await, node("stranger").await];
+        store_whole(&nodes[0].store, &digest, &bytes).await;
+        let holder = nodes[0].peer;
+        start(&mut nodes, &[holder]).await;
+        let answer = ask_status(
+            nodes[1].control.clone(),
+            holder,
+            digest,
+            0,
+            Duration::ZERO,
+            1 << 30,
+        )
+        .await;
+        assert!(matches!(answer, Err(AskError::Refused)), "{answer:?}");
+        let result = fetch_into(&nodes[1], &[holder], &digest, false).await;
+        assert!(matches!(result, Err(FetchError::NotHeld)), "{result:?}");
+    }
 }

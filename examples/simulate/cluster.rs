@@ -1200,7 +1200,9 @@ impl Simulation {
         let node = self.tasks[task].node;
         let blob = self.tasks[task].blob;
         let candidates: Vec<usize> = match source {
-            Source::Holder(id) => self.by_id.get(id).copied().into_iter().collect(),
+            Source::Holder(id) | Source::Pulling(id) => {
+                self.by_id.get(id).copied().into_iter().collect()
+            }
             Source::Providers(peers) => peers
                 .iter()
                 .filter_map(|p| self.by_peer.get(p).copied())

@@ -48,6 +48,7 @@ pub struct CascadeConfig {
     pub(crate) convergence_window: Duration,
     pub(crate) refusal_retry: Duration,
     pub(crate) retry_backoff: (Duration, Duration),
+    pub(crate) cut_through: bool,
 }
 
 impl Default for CascadeConfig {
@@ -68,6 +69,7 @@ impl Default for CascadeConfig {
             convergence_window: Duration::from_secs(10),
             refusal_retry: Duration::from_millis(250),
             retry_backoff: (Duration::from_millis(100), Duration::from_secs(2)),
+            cut_through: false,
         }
     }
 }
@@ -148,6 +150,16 @@ impl CascadeConfig {
     pub fn with_retry_backoff(mut self, first: Duration, longest: Duration) -> Self {
         let first = first.max(Duration::from_millis(1));
         self.retry_backoff = (first, longest.max(first));
+        self
+    }
+
+    /// Whether a resolution that finds a member pulling the digest ends at once with
+    /// [`Source::Pulling`] (default off: it waits for the pull to land, as the Go
+    /// resolver does). For a transfer that can take a pull's bytes as they arrive, so a
+    /// waiter is done when the puller is, not one whole copy later. The wire is the same
+    /// either way.
+    pub fn with_cut_through(mut self, cut_through: bool) -> Self {
+        self.cut_through = cut_through;
         self
     }
 
@@ -261,6 +273,10 @@ pub enum Source {
     Holder(NodeId),
     /// Peers the provider lookup names (after a wait).
     Providers(Vec<PeerId>),
+    /// A member pulling the digest now (rules 3 and 7), whose bytes can be taken as
+    /// they arrive; only with [`CascadeConfig::with_cut_through`]. If the transfer
+    /// fails, resolve again: the next probe sees how the pull ended.
+    Pulling(NodeId),
 }
 
 /// A candidate's answer to a probe.
@@ -821,6 +837,9 @@ impl Cascade {
     }
 
     fn wait(&mut self, rule: Rule, watch: NodeId, now: Now) -> Action {
+        if self.config.cut_through {
+            return self.done(rule, Ok(Source::Pulling(watch)));
+        }
         let watch_rank = self.ranked.iter().position(|n| *n == watch).unwrap_or(0);
         let until = now.instant + self.stall();
         self.look(now.instant, watch, rule, until, watch_rank, 0)
@@ -1213,6 +1232,33 @@ mod tests {
         // The first probe of the top 3, the watches, and the new pass after the stall.
         assert_eq!(s.cascade.probes_sent, 3 + 5 + 3);
         assert!(matches!(s.action, Action::Probe(_)));
+    }
+
+    #[test]
+    fn with_cut_through_a_pull_under_way_is_the_source_not_a_wait() {
+        let config = CascadeConfig::default().with_cut_through(true);
+        // Found pulling (rule 3).
+        let mut s = sim(8, "node-5", config.clone());
+        s.answer(t0(), |rank| {
+            Some(PullIntent {
+                in_flight_since: (rank == 1).then_some(t0().wall - Duration::from_secs(1)),
+                ..idle(rank)
+            })
+        });
+        assert_eq!(s.resolution().rule, Rule::InFlight);
+        assert_eq!(s.resolution().result, Ok(Source::Pulling(s.rank(1))));
+        // Asked to pull (rule 7): its pull is the source as soon as it started.
+        let mut s = sim(8, "node-5", config);
+        s.answer(t0(), |rank| Some(idle(rank)));
+        let asked = s.asked();
+        s.pull(
+            Some(Outcome::Started {
+                started_at: t0().wall,
+            }),
+            t0(),
+        );
+        assert_eq!(s.resolution().rule, Rule::ColdStart);
+        assert_eq!(s.resolution().result, Ok(Source::Pulling(asked)));
     }
 
     #[test]

@@ -193,6 +193,18 @@ impl Lab {
     }
 }
 
+/// Limits the egress of the namespace's `eth0` to `rate` (a `tc` rate, e.g. `40mbit`).
+pub fn shape(ns: &str, rate: &str) {
+    run(
+        "ip",
+        &[
+            "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", rate,
+            "burst", "64kb", "latency", "400ms",
+        ],
+    )
+    .unwrap();
+}
+
 /// The image pushed into the registry: manifest, config and layers, with their bytes.
 pub struct Image {
     pub manifest: Digest,
@@ -377,28 +389,7 @@ impl Registry {
         assert_eq!(code, "201", "manifest upload");
         bytes.insert(manifest, manifest_bytes);
         // From now on the origin is slow, as a real upstream is.
-        run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &self.ns,
-                "tc",
-                "qdisc",
-                "add",
-                "dev",
-                "eth0",
-                "root",
-                "tbf",
-                "rate",
-                ORIGIN_RATE,
-                "burst",
-                "64kb",
-                "latency",
-                "400ms",
-            ],
-        )
-        .unwrap();
+        shape(&self.ns, ORIGIN_RATE);
         Image {
             manifest,
             config,
@@ -518,6 +509,8 @@ pub struct Cluster {
     /// Whether agents cold-start the image themselves (`--image`); without, they only
     /// serve their mirror.
     pub with_image: bool,
+    /// Every node's egress limited to this rate (a `tc` rate), as the origin's is.
+    pub node_rate: Option<String>,
 }
 
 impl Cluster {
@@ -534,6 +527,7 @@ impl Cluster {
             agents: Vec::new(),
             agent_args: Vec::new(),
             with_image: true,
+            node_rate: None,
         };
         for i in 1..=members {
             cluster.keygen(i);
@@ -615,7 +609,13 @@ impl Cluster {
     pub fn start(&mut self, index: u8, members_file: &str, credentials: Option<&str>) {
         let ns = match self.agents.iter().rev().find(|a| a.index == index) {
             Some(earlier) => earlier.ns.clone(),
-            None => self.lab.host(index),
+            None => {
+                let ns = self.lab.host(index);
+                if let Some(rate) = &self.node_rate {
+                    shape(&ns, rate);
+                }
+                ns
+            }
         };
         let (node_id, _, key) = self.keys[usize::from(index) - 1].clone();
         let store = self.lab.path(&format!("store{index}"));
