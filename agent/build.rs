@@ -16,9 +16,11 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(lab)");
     println!("cargo::rustc-check-cfg=cfg(containerd_lab)");
     println!("cargo::rerun-if-env-changed=CI");
-    // Asked again at every build (a path that never exists), since installing a tool
-    // changes the answer; cargo rebuilds only when the answer did change.
-    println!("cargo::rerun-if-changed=/nonexistent/gantry-agent-lab-probe");
+    // Asked again when a tool is installed or removed: where packages put them. Not at
+    // every build, which would rebuild the agent every time.
+    for dir in ["/usr/bin", "/usr/sbin"] {
+        println!("cargo::rerun-if-changed={dir}");
+    }
     let ci = std::env::var("CI").as_deref() == Ok("true");
     let root = Command::new("id")
         .arg("-u")

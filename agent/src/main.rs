@@ -837,6 +837,7 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
                         .iter()
                         .find(|o| o.registry == job.registry)
                         .unwrap_or(&node.origins[0]);
+                    let began = Instant::now();
                     let result = origin
                         .pull(
                             &job.repository,
@@ -848,6 +849,7 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
                         .await;
                     match result {
                         Ok(bytes) => {
+                            tracing::debug!(digest = %job.digest, bytes, ms = began.elapsed().as_millis() as u64, "origin pull done");
                             node.stored.lock().insert(
                                 job.digest,
                                 Stored {
@@ -914,6 +916,9 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
             },
             event = swarm.select_next_some() => match event {
                 SwarmEvent::ConnectionEstablished { .. } | SwarmEvent::ConnectionClosed { .. } => {
+                    if let SwarmEvent::ConnectionClosed { peer_id, cause, num_established, .. } = &event {
+                        tracing::debug!(peer = %peer_id, ?cause, num_established, "connection closed");
+                    }
                     let connected = swarm
                         .connected_peers()
                         .filter(|p| membership.check_peer(p).is_ok())

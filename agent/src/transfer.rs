@@ -4,8 +4,10 @@
 //!
 //! One request per stream, 39 bytes: an operation (1), the digest (32), an argument (4,
 //! big endian) and how long the server may wait for the blob to appear (2, ms, at most
-//! 5 s). The answer starts with a status byte (served, not held, refused, or pulling:
-//! not held yet, but the server's own origin pull of it is under way).
+//! 5 s). The answer starts with a status byte (served, not held, refused, pulling: not
+//! held yet, but the server's own origin pull of it is under way; or busy: the server
+//! sends as many pieces as it will at once, or that piece went out twice in the last two
+//! seconds: ask another holder).
 //!
 //! - `STATUS`, the argument the first piece whose hash the asker wants: the length (8),
 //!   whether the blob is whole (1), the bitmap of present pieces, the hashes of the
@@ -52,6 +54,8 @@ const NOT_HELD: u8 = 1;
 const REFUSED: u8 = 2;
 /// Not held yet, but this node's origin pull of it is under way.
 const PULLING: u8 = 3;
+/// This piece went out enough lately: the members that got it serve it now.
+const BUSY: u8 = 4;
 
 const REQUEST_LEN: usize = 39;
 /// The longest a server waits for a blob to appear.
@@ -66,8 +70,13 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 const GOSSIP: usize = 8;
 /// Blobs whose recent askers a server remembers.
 const ASKED_BLOBS: usize = 4096;
-/// Piece answers a server builds at once: each holds a piece in memory.
-const SERVING: usize = 32;
+/// Pieces a server sends at once (each held in memory until it is written).
+const SERVING: usize = 8;
+/// Each piece goes out at most this many times per window from one server, so that a
+/// new piece spreads as a tree (its first receivers serve the rest) instead of every
+/// receiver's taking it from the one uplink that has it.
+const FAN_OUT: u8 = 2;
+const FAN_WINDOW: Duration = Duration::from_secs(2);
 
 /// Peers one fetch asks, at most.
 const MAX_PEERS: usize = 16;
@@ -102,6 +111,8 @@ enum AskError {
     NotHeld,
     #[error("not held yet: its pull is under way")]
     Pulling,
+    #[error("that piece went out enough lately")]
+    Busy,
     #[error("refused")]
     Refused,
     #[error("stream: {0}")]
@@ -154,6 +165,33 @@ impl Askers {
 /// Whether this node's own origin pull of a digest is under way.
 pub type Pulling = Arc<dyn Fn(&Digest) -> bool + Send + Sync>;
 
+/// How often each piece went out lately, per blob.
+#[derive(Clone)]
+struct Sent(Arc<Mutex<LruCache<Digest, HashMap<u32, (Instant, u8)>>>>);
+
+impl Sent {
+    /// Whether piece `index` may go out once more now; if so it counts.
+    fn take(&self, digest: &Digest, index: u32) -> bool {
+        let mut sent = self.0.lock();
+        if sent.get(digest).is_none() {
+            sent.insert(*digest, HashMap::new());
+        }
+        let Some(pieces) = sent.get_mut(digest) else {
+            return true;
+        };
+        let now = Instant::now();
+        let entry = pieces.entry(index).or_insert((now, 0));
+        if now.duration_since(entry.0) >= FAN_WINDOW {
+            *entry = (now, 0);
+        }
+        if entry.1 >= FAN_OUT {
+            return false;
+        }
+        entry.1 += 1;
+        true
+    }
+}
+
 /// Serves pieces to members until the control's streams end.
 pub async fn serve(
     mut control: libp2p_stream::Control,
@@ -166,10 +204,15 @@ pub async fn serve(
     };
     let askers = Askers(Arc::new(Mutex::new(LruCache::new(ASKED_BLOBS))));
     let serving = Arc::new(tokio::sync::Semaphore::new(SERVING));
+    let sent = Sent(Arc::new(Mutex::new(LruCache::new(ASKED_BLOBS))));
     while let Some((peer, stream)) = incoming.next().await {
         let (store, membership, askers) = (store.clone(), membership.clone(), askers.clone());
-        let (pulling, serving) = (pulling.clone(), serving.clone());
+        let (pulling, serving, sent) = (pulling.clone(), serving.clone(), sent.clone());
         tokio::spawn(async move {
+            let limits = Limits {
+                serving: &serving,
+                sent: &sent,
+            };
             let served = serve_one(
                 peer,
                 stream,
@@ -177,7 +220,7 @@ pub async fn serve(
                 &*membership,
                 &askers,
                 &*pulling,
-                &serving,
+                limits,
             );
             if let Err(error) = served.await {
                 tracing::debug!(%peer, %error, "piece request not served");
@@ -193,7 +236,7 @@ async fn serve_one(
     membership: &dyn Membership,
     askers: &Askers,
     pulling: &(dyn Fn(&Digest) -> bool + Send + Sync),
-    serving: &tokio::sync::Semaphore,
+    limits: Limits<'_>,
 ) -> io::Result<()> {
     let mut request = [0u8; REQUEST_LEN];
     tokio::time::timeout(ANSWER_TIMEOUT, stream.read_exact(&mut request))
@@ -217,16 +260,27 @@ async fn serve_one(
             let answer = status_answer(store, &digest, arg, wait, others, pulling).await?;
             (answer, None)
         }
-        PIECE => {
-            let permit = serving.acquire().await.map_err(io::Error::other)?;
-            (piece_answer(store, &digest, arg).await?, Some(permit))
-        }
+        PIECE if !limits.sent.take(&digest, arg) => (vec![BUSY], None),
+        // An uplink that sends a few pieces at once finishes each sooner, so that its
+        // receivers serve them sooner; a member that asks beyond that asks another
+        // holder.
+        PIECE => match limits.serving.try_acquire() {
+            Ok(permit) => (piece_answer(store, &digest, arg).await?, Some(permit)),
+            Err(_) => (vec![BUSY], None),
+        },
         _ => return Err(io::ErrorKind::InvalidData.into()),
     };
     tokio::time::timeout(IDLE_TIMEOUT, stream.write_all(&answer))
         .await
         .map_err(|_| io::ErrorKind::TimedOut)??;
     stream.close().await
+}
+
+/// What bounds a server's piece answers.
+#[derive(Clone, Copy)]
+struct Limits<'a> {
+    serving: &'a tokio::sync::Semaphore,
+    sent: &'a Sent,
 }
 
 /// Where a blob a member asks about stands here.
@@ -395,6 +449,7 @@ async fn ask(
         SERVED => Ok(stream),
         REFUSED => Err(AskError::Refused),
         PULLING => Err(AskError::Pulling),
+        BUSY => Err(AskError::Busy),
         _ => Err(AskError::NotHeld),
     }
 }
@@ -639,10 +694,13 @@ impl Fetch<'_, '_> {
             .push(async move { Answer::Status(peer, ask.await) }.boxed());
     }
 
+    /// A broken stream or a timeout. A member found through gossip is dropped after a
+    /// few in a row; a seed is kept (its hashes are the only ones taken), and the fetch
+    /// ends if it stays silent past the idle bound.
     fn fail(&mut self, peer: PeerId) {
         if let Some(state) = self.peers.get_mut(&peer) {
             state.failures += 1;
-            if state.failures >= MAX_FAILURES {
+            if state.failures >= MAX_FAILURES && !state.seed {
                 state.dropped = true;
             }
         }
@@ -661,9 +719,17 @@ impl Fetch<'_, '_> {
             Ok(status) => status,
             // Asked again at the next refresh, until the fetch counts as stalled.
             Err(AskError::Pulling) => return Ok(()),
+            // Not held and not pulling: nothing to wait for.
+            Err(error @ (AskError::NotHeld | AskError::Refused)) => {
+                tracing::debug!(%peer, digest = %self.digest, %error, "status: nothing to get");
+                state.dropped = true;
+                return Ok(());
+            }
+            // A broken stream, a timeout: asked again at the next refresh, a few times.
             Err(error) => {
                 tracing::debug!(%peer, digest = %self.digest, %error, "status not had");
-                state.dropped = true;
+                state.refreshed = None;
+                self.fail(peer);
                 return Ok(());
             }
         };
@@ -711,6 +777,8 @@ impl Fetch<'_, '_> {
                 }
             }
         }
+        tracing::debug!(%peer, digest = %self.digest, present = status.have.present(), whole = status.whole, others = status.others.len(), "status");
+        state.failures = 0;
         state.whole = status.whole;
         state.have = Some(status.have);
         for other in status.others {
@@ -731,6 +799,13 @@ impl Fetch<'_, '_> {
         }
         let bytes = match bytes {
             Ok(bytes) => bytes,
+            // Taken from another holder, or from this one after its next status.
+            Err(AskError::Busy) => {
+                if let Some(theirs) = self.peers.get_mut(&peer).and_then(|s| s.have.as_mut()) {
+                    theirs.remove(index);
+                }
+                return Ok(());
+            }
             Err(error) => {
                 tracing::debug!(%peer, digest = %self.digest, index, %error, "piece not had");
                 self.fail(peer);
@@ -751,7 +826,9 @@ impl Fetch<'_, '_> {
         }
         if let Some(state) = self.peers.get_mut(&peer) {
             state.delivered += 1;
+            state.failures = 0;
         }
+        tracing::debug!(%peer, digest = %self.digest, index, "piece");
         self.last_progress = Instant::now();
         Ok(())
     }
@@ -879,8 +956,11 @@ impl Fetch<'_, '_> {
                         .peers
                         .iter()
                         .filter(|(_, s)| {
+                            // A whole holder is asked again only if it turned
+                            // pieces away (their bits were cleared here).
+                            let partial = !s.whole || s.have.as_ref().is_some_and(|h| !h.is_full());
                             !s.dropped
-                                && !s.whole
+                                && partial
                                 && !s.refreshing
                                 && s.refreshed.is_none_or(|t| t.elapsed() >= REFRESH)
                         })

@@ -37,21 +37,26 @@ pub fn agent_binary() -> PathBuf {
     if let Some(built) = option_env!("CARGO_BIN_EXE_gantry-agent") {
         return PathBuf::from(built);
     }
-    let mut path = std::env::current_exe().unwrap();
-    path.pop();
-    if path.ends_with("deps") || path.ends_with("examples") {
-        path.pop();
-    }
-    path.push(format!("gantry-agent{}", std::env::consts::EXE_SUFFIX));
-    if !path.exists() {
-        let mut build = Command::new(env!("CARGO"));
-        build.args(["build", "-p", "gantry-agent", "--bin", "gantry-agent"]);
-        if !cfg!(debug_assertions) {
-            build.arg("--release");
-        }
-        assert!(build.status().unwrap().success(), "building the agent");
-    }
-    path
+    // Built once per run (a stale binary would measure old code), before any agent
+    // starts.
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let mut path = std::env::current_exe().unwrap();
+            path.pop();
+            if path.ends_with("deps") || path.ends_with("examples") {
+                path.pop();
+            }
+            path.push(format!("gantry-agent{}", std::env::consts::EXE_SUFFIX));
+            let mut build = Command::new(env!("CARGO"));
+            build.args(["build", "-p", "gantry-agent", "--bin", "gantry-agent"]);
+            if !cfg!(debug_assertions) {
+                build.arg("--release");
+            }
+            assert!(build.status().unwrap().success(), "building the agent");
+            path
+        })
+        .clone()
 }
 
 /// One scenario at a time: each starts a registry and six or more agents.
@@ -61,6 +66,8 @@ pub const REGISTRY_HOST: u8 = 254;
 pub const REPOSITORY: &str = "demo";
 /// The registry's egress: 40 Mbit/s, so one copy of the image takes a few seconds.
 pub const ORIGIN_RATE: &str = "40mbit";
+/// The longest a packet waits in a shaped node's uplink queue.
+pub const NODE_QUEUE: &str = "20ms";
 pub const USER: &str = "gantry";
 pub const PASSWORD: &str = "s3cret-pass";
 
@@ -193,13 +200,14 @@ impl Lab {
     }
 }
 
-/// Limits the egress of the namespace's `eth0` to `rate` (a `tc` rate, e.g. `40mbit`).
-pub fn shape(ns: &str, rate: &str) {
+/// Limits the egress of the namespace's `eth0` to `rate` (a `tc` rate, e.g. `40mbit`),
+/// with a queue of at most `queue` (a `tc` time: how long a packet may wait).
+pub fn shape(ns: &str, rate: &str, queue: &str) {
     run(
         "ip",
         &[
             "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", rate,
-            "burst", "64kb", "latency", "400ms",
+            "burst", "64kb", "latency", queue,
         ],
     )
     .unwrap();
@@ -389,7 +397,7 @@ impl Registry {
         assert_eq!(code, "201", "manifest upload");
         bytes.insert(manifest, manifest_bytes);
         // From now on the origin is slow, as a real upstream is.
-        shape(&self.ns, ORIGIN_RATE);
+        shape(&self.ns, ORIGIN_RATE, "400ms");
         Image {
             manifest,
             config,
@@ -611,8 +619,11 @@ impl Cluster {
             Some(earlier) => earlier.ns.clone(),
             None => {
                 let ns = self.lab.host(index);
+                // A node's uplink queues as a switch port or a cloud NIC does, briefly:
+                // one that uploads at its link's rate still gets the acknowledgements of
+                // its own downloads out.
                 if let Some(rate) = &self.node_rate {
-                    shape(&ns, rate);
+                    shape(&ns, rate, NODE_QUEUE);
                 }
                 ns
             }
