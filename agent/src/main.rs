@@ -908,7 +908,15 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
                         swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
                         swarm.add_peer_address(peer, addr.clone());
                         if !swarm.is_connected(&peer) {
-                            let _ = swarm.dial(addr);
+                            // From a port of its own: two members that start together
+                            // and dial each other from their listening ports would
+                            // otherwise meet in one TCP simultaneous open, which neither
+                            // handshake survives.
+                            let dial = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+                                .addresses(vec![addr])
+                                .allocate_new_port()
+                                .build();
+                            let _ = swarm.dial(dial);
                         }
                     }
                     let _ = swarm.behaviour_mut().kad.bootstrap();

@@ -2,16 +2,17 @@
 //! serves what it has while it still receives the rest: the cluster's uplinks share the
 //! fan-out instead of one holder's carrying N − 1 copies.
 //!
-//! A piece is at least 1 MiB, and a power of two large enough that a blob has at most
-//! 1,024 of them. 1 MiB moves in about 80 ms at 100 Mbit/s, so a request's round trip
-//! is small beside it and a few in flight keep a link full, while a layer of a few MiB
-//! still splits into pieces that different members can serve; the cap keeps a blob's
-//! hash list at 32 KiB and its availability bitmap at 128 bytes whatever its size.
+//! A piece is at least 256 KiB, and a power of two large enough that a blob has at most
+//! 1,024 of them. A receiver serves a piece only once it has all of it, so the piece
+//! size is the delay each hop of the fan-out adds: 256 KiB is 50 ms at 40 Mbit/s, while
+//! a request's round trip stays small beside it and a few in flight keep a link full.
+//! Layers of a few MiB split into pieces many members can serve at once; the cap keeps a
+//! blob's hash list at 32 KiB and its availability bitmap at 128 bytes whatever its size.
 
 use std::hash::Hasher;
 
 /// The least piece size.
-pub const MIN_PIECE: u64 = 1 << 20;
+pub const MIN_PIECE: u64 = 256 << 10;
 /// The most pieces a blob has.
 pub const MAX_PIECES: u64 = 1024;
 
@@ -196,15 +197,17 @@ mod tests {
         assert_eq!((small.piece, small.count()), (MIN_PIECE, 1));
         assert_eq!(small.span(0), (0, 10));
         assert_eq!(Geometry::of(0).count(), 0);
-        let exact = Geometry::of(3 << 20);
+        const P: u64 = MIN_PIECE;
+        let exact = Geometry::of(3 * P);
         assert_eq!(exact.count(), 3);
-        assert_eq!(exact.span(2), (2 << 20, 1 << 20));
-        let odd = Geometry::of((5 << 20) + 7);
+        assert_eq!(exact.span(2), (2 * P, P));
+        let odd = Geometry::of(5 * P + 7);
         assert_eq!(odd.count(), 6);
-        assert_eq!(odd.span(5), (5 << 20, 7));
-        assert_eq!(odd.piece_at((5 << 20) + 3), 5);
-        let large = Geometry::of(5 << 30);
-        assert_eq!(large.piece, 8 << 20);
+        assert_eq!(odd.span(5), (5 * P, 7));
+        assert_eq!(odd.piece_at(5 * P + 3), 5);
+        // Past 1,024 pieces of the least size, pieces grow by powers of two.
+        let large = Geometry::of(5 * P * MAX_PIECES);
+        assert_eq!(large.piece, 8 * P);
         assert_eq!(large.count(), 640);
         for len in [1u64, MIN_PIECE * MAX_PIECES + 1, 64 << 30, u64::MAX / 2] {
             let g = Geometry::of(len);

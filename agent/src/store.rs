@@ -501,6 +501,7 @@ impl Drop for BlobWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pieces::MIN_PIECE as P;
 
     fn dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("agent-store-{name}-{}", std::process::id()));
@@ -562,7 +563,7 @@ mod tests {
     async fn pieces_written_in_order_are_published_as_they_complete() {
         let root = dir("progress");
         let store = BlobDir::open(&root).unwrap();
-        let bytes: Vec<u8> = (0..(2 << 20) + 100).map(|i| (i % 251) as u8).collect();
+        let bytes: Vec<u8> = (0..2 * P + 100).map(|i| (i % 251) as u8).collect();
         let digest = digest_of(&bytes);
         let mut writer = store
             .writer(&digest, Some(bytes.len() as u64), u64::MAX)
@@ -573,19 +574,19 @@ mod tests {
             store.writer(&digest, None, 10).await,
             Err(StoreError::Busy)
         ));
-        writer.write(&bytes[..(1 << 20) + 1]).await.unwrap();
+        writer.write(&bytes[..P as usize + 1]).await.unwrap();
         {
             let p = progress.borrow();
-            assert_eq!(p.contiguous, (1 << 20) + 1);
+            assert_eq!(p.contiguous, P + 1);
             assert_eq!(p.have.iter().collect::<Vec<_>>(), vec![0]);
             assert_eq!(
                 p.hashes[0],
-                <[u8; 32]>::from(Sha256::digest(&bytes[..1 << 20]))
+                <[u8; 32]>::from(Sha256::digest(&bytes[..P as usize]))
             );
         }
         let receiving = store.receiving(&digest).unwrap();
         assert_eq!(receiving.read_at(10, 5).await.unwrap(), &bytes[10..15]);
-        writer.write(&bytes[(1 << 20) + 1..]).await.unwrap();
+        writer.write(&bytes[P as usize + 1..]).await.unwrap();
         assert_eq!(progress.borrow().have.present(), 3);
         writer.finish().await.unwrap();
         assert_eq!(progress.borrow().end, Some(End::Whole));
@@ -595,7 +596,7 @@ mod tests {
         assert_eq!(hashes.len(), 3);
         assert_eq!(
             hashes[2],
-            <[u8; 32]>::from(Sha256::digest(&bytes[2 << 20..]))
+            <[u8; 32]>::from(Sha256::digest(&bytes[2 * P as usize..]))
         );
         let _ = std::fs::remove_dir_all(&root);
     }
@@ -604,7 +605,7 @@ mod tests {
     async fn pieces_in_any_order_commit_only_whole_and_matching() {
         let root = dir("pieces");
         let store = BlobDir::open(&root).unwrap();
-        let bytes: Vec<u8> = (0..(3 << 20) - 7).map(|i| (i % 241) as u8).collect();
+        let bytes: Vec<u8> = (0..3 * P - 7).map(|i| (i % 241) as u8).collect();
         let digest = digest_of(&bytes);
         let geometry = Geometry::of(bytes.len() as u64);
         let piece = |i: u32| {
@@ -619,7 +620,7 @@ mod tests {
         writer.put_piece(2, piece(2), [2; 32]).await.unwrap();
         assert_eq!(progress.borrow().contiguous, 0, "nothing in order yet");
         writer.put_piece(0, piece(0), [0; 32]).await.unwrap();
-        assert_eq!(progress.borrow().contiguous, 1 << 20);
+        assert_eq!(progress.borrow().contiguous, P);
         assert!(matches!(
             writer.put_piece(1, vec![0; 3], [1; 32]).await,
             Err(StoreError::NoSuchPiece(1))

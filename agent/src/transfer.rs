@@ -81,9 +81,9 @@ const FAN_WINDOW: Duration = Duration::from_secs(2);
 /// Peers one fetch asks, at most.
 const MAX_PEERS: usize = 16;
 /// Pieces asked of one peer at once.
-const PER_PEER: usize = 2;
+const PER_PEER: usize = 3;
 /// Pieces asked for at once, over all peers.
-const IN_FLIGHT: usize = 8;
+const IN_FLIGHT: usize = 16;
 /// How far past the first missing piece the picker looks.
 const WINDOW: u32 = 16;
 /// How often a peer that is still receiving is asked for its status.
@@ -167,7 +167,10 @@ pub type Pulling = Arc<dyn Fn(&Digest) -> bool + Send + Sync>;
 
 /// How often each piece went out lately, per blob.
 #[derive(Clone)]
-struct Sent(Arc<Mutex<LruCache<Digest, HashMap<u32, (Instant, u8)>>>>);
+struct Sent(Arc<Mutex<LruCache<Digest, HashMap<u32, Window>>>>);
+
+/// When a piece's window began, and how often it went out in it.
+type Window = (Instant, u8);
 
 impl Sent {
     /// Whether piece `index` may go out once more now; if so it counts.
@@ -801,6 +804,7 @@ impl Fetch<'_, '_> {
             Ok(bytes) => bytes,
             // Taken from another holder, or from this one after its next status.
             Err(AskError::Busy) => {
+                tracing::debug!(%peer, digest = %self.digest, index, "busy");
                 if let Some(theirs) = self.peers.get_mut(&peer).and_then(|s| s.have.as_mut()) {
                     theirs.remove(index);
                 }
@@ -983,6 +987,7 @@ mod tests {
     use libp2p::{noise, swarm::SwarmEvent, tcp, yamux, Multiaddr, Swarm};
 
     use super::*;
+    use crate::pieces::MIN_PIECE as P;
 
     struct Node {
         peer: PeerId,
@@ -1117,7 +1122,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_bad_piece_drops_its_sender_and_is_fetched_elsewhere() {
-        let (bytes, digest) = blob((6 << 20) + 123);
+        let (bytes, digest) = blob(6 * P as usize + 123);
         let mut nodes = vec![
             node("honest").await,
             node("liar").await,
@@ -1152,7 +1157,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_piece_that_does_not_match_its_hash_drops_its_sender_only() {
-        let (bytes, digest) = blob((2 << 20) + 10);
+        let (bytes, digest) = blob(2 * P as usize + 10);
         let fetcher = node("checker").await;
         let anyone = |_: &PeerId| true;
         let net = Net {
@@ -1235,7 +1240,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn pieces_come_from_a_pull_under_way() {
-        let (bytes, digest) = blob(5 << 20);
+        let (bytes, digest) = blob(5 * P as usize);
         let mut nodes = vec![
             node("puller").await,
             node("first").await,
@@ -1255,7 +1260,7 @@ mod tests {
         let pull = {
             let bytes = bytes.clone();
             tokio::spawn(async move {
-                for chunk in bytes.chunks(256 << 10) {
+                for chunk in bytes.chunks(P as usize / 4) {
                     writer.write(chunk).await.unwrap();
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
@@ -1278,6 +1283,18 @@ mod tests {
             assert!(fetched.bad.is_empty());
             assert_eq!(fetched.pieces_from.iter().map(|(_, n)| n).sum::<u32>(), 5);
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_piece_goes_out_twice_per_window_then_others_serve_it() {
+        let sent = Sent(Arc::new(Mutex::new(LruCache::new(4))));
+        let (_, digest) = blob(10);
+        assert!(sent.take(&digest, 0));
+        assert!(sent.take(&digest, 0));
+        assert!(!sent.take(&digest, 0), "a third copy within the window");
+        assert!(sent.take(&digest, 1), "each piece counts apart");
+        tokio::time::advance(FAN_WINDOW).await;
+        assert!(sent.take(&digest, 0), "a new window");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
