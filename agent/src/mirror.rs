@@ -470,32 +470,29 @@ fn stream_arriving(
         let chunks = futures::stream::unfold(
             state,
             |(mut follow, at, end, mut hasher, over)| async move {
-                if over {
+                if over || at == end {
                     return None;
                 }
-                if at == end {
-                    let matches = hasher
-                        .take()
-                        .is_none_or(|h| Digest::from_sha256(h.finalize().into()) == follow.digest);
-                    if matches {
-                        return None;
-                    }
-                    tracing::warn!(digest = %follow.digest, "streamed bytes did not match; response cut");
-                    return Some((Err(Cut::Mismatch), (follow, at, end, hasher, true)));
-                }
-                match follow.next_at(at, end).await {
+                let cut = match follow.next_at(at, end).await {
                     Ok(bytes) => {
-                        if let Some(hasher) = hasher.as_mut() {
-                            hasher.update(&bytes);
-                        }
                         let next = at + bytes.len() as u64;
-                        Some((Ok(bytes), (follow, next, end, hasher, false)))
+                        if let Some(h) = hasher.as_mut() {
+                            h.update(&bytes);
+                        }
+                        // The last bytes go out only once the whole digest matched.
+                        let verified = next < end
+                            || hasher.take().is_none_or(|h| {
+                                Digest::from_sha256(h.finalize().into()) == follow.digest
+                            });
+                        if verified {
+                            return Some((Ok(bytes), (follow, next, end, hasher, false)));
+                        }
+                        Cut::Mismatch
                     }
-                    Err(cut) => {
-                        tracing::info!(digest = %follow.digest, %cut, "streamed response cut");
-                        Some((Err(cut), (follow, at, end, hasher, true)))
-                    }
-                }
+                    Err(cut) => cut,
+                };
+                tracing::info!(digest = %follow.digest, %cut, "streamed response cut");
+                Some((Err(cut), (follow, at, end, hasher, true)))
             },
         );
         Body::from_stream(chunks.boxed())
@@ -675,5 +672,146 @@ mod tests {
             media_type(bare),
             "application/vnd.oci.image.manifest.v1+json"
         );
+    }
+
+    /// A node whose obtain never ends on its own: what arrives is what a test writes.
+    struct Arriving(BlobDir);
+
+    impl Obtain for Arriving {
+        fn store(&self) -> &BlobDir {
+            &self.0
+        }
+
+        fn obtain(&self, _: &str, _: Wanted) -> BoxFuture<'static, Result<(), FailureClass>> {
+            Box::pin(futures::future::pending())
+        }
+    }
+
+    async fn mirror_on(store: &BlobDir) -> SocketAddr {
+        let mirror = Mirror {
+            obtain: Arc::new(Arriving(store.clone())),
+            upstreams: vec!["origin.test".into()],
+            ready: Arc::new(AtomicBool::new(true)),
+            draining: Arc::new(AtomicBool::new(false)),
+            wait: Duration::from_secs(5),
+        };
+        let (addr, _) = serve(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(mirror),
+            futures::future::pending(),
+        )
+        .await
+        .unwrap();
+        addr
+    }
+
+    /// Sends a GET and returns the stream, with the response head and whatever body
+    /// bytes came with it.
+    async fn get(addr: SocketAddr, digest: &Digest) -> (tokio::net::TcpStream, String, Vec<u8>) {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!(
+            "GET /v2/demo/blobs/{digest}?ns=origin.test HTTP/1.1\r\nHost: mirror\r\nConnection: close\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        loop {
+            let mut buf = [0u8; 4096];
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+                .await
+                .expect("the head within 5 s")
+                .unwrap();
+            got.extend_from_slice(&buf[..n]);
+            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&got[..end]).to_string();
+                return (stream, head, got[end + 4..].to_vec());
+            }
+            assert!(n > 0, "closed before the head");
+        }
+    }
+
+    /// Reads until `want` body bytes are in or the connection ends.
+    async fn read_body(stream: &mut tokio::net::TcpStream, body: &mut Vec<u8>, want: usize) {
+        while body.len() < want {
+            let mut buf = vec![0u8; 64 << 10];
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+                .await
+                .expect("bytes within 5 s")
+                .unwrap_or(0);
+            if n == 0 {
+                return;
+            }
+            body.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    fn blob_of(len: usize, seed: u8) -> (Vec<u8>, Digest) {
+        let bytes: Vec<u8> = (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect();
+        let digest = Digest::from_sha256(Sha256::digest(&bytes).into());
+        (bytes, digest)
+    }
+
+    fn store(name: &str) -> (BlobDir, std::path::PathBuf) {
+        let root = std::env::temp_dir().join(format!("agent-mirror-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        (BlobDir::open(&root).unwrap(), root)
+    }
+
+    #[tokio::test]
+    async fn a_blob_under_way_is_streamed_as_it_arrives() {
+        let (store, root) = store("stream");
+        let (bytes, digest) = blob_of(3 << 20, 7);
+        let mut writer = store
+            .writer(&digest, Some(bytes.len() as u64), u64::MAX)
+            .await
+            .unwrap();
+        writer.write(&bytes[..1 << 20]).await.unwrap();
+        let addr = mirror_on(&store).await;
+        let (mut stream, head, mut body) = get(addr, &digest).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains(&format!("content-length: {}", bytes.len())),
+            "{head}"
+        );
+        // The first MiB comes before the rest exists.
+        read_body(&mut stream, &mut body, 1 << 20).await;
+        assert_eq!(body, &bytes[..1 << 20]);
+        writer.write(&bytes[1 << 20..]).await.unwrap();
+        writer.finish().await.unwrap();
+        read_body(&mut stream, &mut body, bytes.len() + 1).await;
+        assert_eq!(body, bytes);
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[tokio::test]
+    async fn bytes_that_do_not_match_their_digest_never_end_cleanly() {
+        let (store, root) = store("mismatch");
+        let (bytes, digest) = blob_of(1 << 20, 3);
+        let mut writer = store
+            .writer(&digest, Some(bytes.len() as u64), u64::MAX)
+            .await
+            .unwrap();
+        let wrong: Vec<u8> = bytes.iter().map(|b| b ^ 0x55).collect();
+        writer.write(&wrong[..1000]).await.unwrap();
+        let addr = mirror_on(&store).await;
+        let (mut stream, head, mut body) = get(addr, &digest).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        writer.write(&wrong[1000..]).await.unwrap();
+        read_body(&mut stream, &mut body, bytes.len() + 1).await;
+        // The connection ends short of the length: the client sees a broken transfer.
+        assert!(
+            body.len() < bytes.len(),
+            "{} of {} bytes",
+            body.len(),
+            bytes.len()
+        );
+        assert!(matches!(
+            writer.finish().await,
+            Err(crate::store::StoreError::Mismatch { .. })
+        ));
+        let _ = std::fs::remove_dir_all(&root);
     }
 }
