@@ -58,8 +58,22 @@ fn healthy_cluster_pulls_each_blob_once_and_a_late_joiner_only_from_peers() {
 
 /// The designated puller of the largest layer fails mid-pull (`fault`): every other
 /// node still ends with every blob; blobs it was to pull reach the origin at most twice.
-fn puller_fault(name: &str, fault: impl FnOnce(&mut Cluster, u8)) {
+fn puller_fault(name: &str, node_rate: Option<&str>, fault: impl FnOnce(&mut Cluster, u8)) {
     let mut cluster = Cluster::new(name, NODES, false, &LAYERS);
+    cluster.node_rate = node_rate.map(str::to_owned);
+    // The fault is the largest layer's pull alone. A victim that also pulls the config
+    // could be cut off during that pull too, and a designated puller that keeps failing
+    // fast is honoured and asked again (rule 4, then 7), not taken over: another
+    // scenario.
+    let only_the_layer = |c: &Cluster| {
+        let puller = c.designated(c.image.largest_layer(), NODES);
+        puller != c.designated(&c.image.manifest, NODES)
+            && puller != c.designated(&c.image.config, NODES)
+    };
+    assert!(
+        cluster.rename_until(only_the_layer),
+        "no fitting node ids in fifty tries"
+    );
     let largest = *cluster.image.largest_layer();
     let victim = cluster.designated(&largest, NODES);
     cluster.start_nodes(NODES, "members.json");
@@ -101,7 +115,22 @@ fn a_killed_puller_is_replaced() {
     let Some(_turn) = lab_turn() else {
         return;
     };
-    puller_fault("kill", |cluster, victim| cluster.kill(victim));
+    puller_fault("kill", None, |cluster, victim| cluster.kill(victim));
+}
+
+#[test]
+#[cfg_attr(
+    not(lab),
+    ignore = "needs root, ip netns, docker-registry and htpasswd (apt-get install docker-registry apache2-utils)"
+)]
+fn a_killed_puller_is_replaced_when_every_uplink_is_as_slow_as_the_origin() {
+    let Some(_turn) = lab_turn() else {
+        return;
+    };
+    // Its receivers hold pieces of what it was pulling, and lose them with the fetch.
+    puller_fault("kills", Some(lab::ORIGIN_RATE), |cluster, victim| {
+        cluster.kill(victim)
+    });
 }
 
 #[test]
@@ -113,13 +142,29 @@ fn a_puller_cut_off_from_the_origin_is_taken_over_after_the_stall_threshold() {
     let Some(_turn) = lab_turn() else {
         return;
     };
-    puller_fault("hole", |cluster, victim| {
-        let ns = cluster.agent(victim).ns.clone();
-        let registry = format!("{}/32", ip_of(REGISTRY_HOST));
-        cluster
-            .lab
-            .ip(&["-n", &ns, "route", "add", "blackhole", &registry]);
-    });
+    puller_fault("hole", None, cut_off);
+}
+
+#[test]
+#[cfg_attr(
+    not(lab),
+    ignore = "needs root, ip netns, docker-registry and htpasswd (apt-get install docker-registry apache2-utils)"
+)]
+fn a_puller_cut_off_is_taken_over_when_every_uplink_is_as_slow_as_the_origin() {
+    let Some(_turn) = lab_turn() else {
+        return;
+    };
+    puller_fault("holes", Some(lab::ORIGIN_RATE), cut_off);
+}
+
+/// Blackholes the registry from the victim's namespace: its pull stalls, its streams to
+/// members stay up.
+fn cut_off(cluster: &mut Cluster, victim: u8) {
+    let ns = cluster.agent(victim).ns.clone();
+    let registry = format!("{}/32", ip_of(REGISTRY_HOST));
+    cluster
+        .lab
+        .ip(&["-n", &ns, "route", "add", "blackhole", &registry]);
 }
 
 #[test]
