@@ -601,22 +601,7 @@ pub struct Order<'a> {
 /// Fetches a blob in pieces from the seeds and the members they name; says who
 /// delivered what once it is stored.
 pub async fn fetch(net: &Net<'_>, wanted: Order<'_>) -> Result<Fetched, FetchError> {
-    let mut fetch = Fetch {
-        net,
-        digest: wanted.digest,
-        max_len: wanted.max_len,
-        idle: wanted.idle,
-        peers: HashMap::new(),
-        asks: FuturesUnordered::new(),
-        geometry: None,
-        hashes: Vec::new(),
-        hashed: PieceSet::default(),
-        asked: PieceSet::default(),
-        writer: None,
-        salt: salt_of(&net.local),
-        last_progress: Instant::now(),
-        bad: HashSet::new(),
-    };
+    let mut fetch = Fetch::new(net, &wanted);
     for seed in wanted.seeds {
         fetch.add(*seed, wanted.pulling, true);
     }
@@ -648,7 +633,27 @@ struct Fetch<'n, 'a> {
     bad: HashSet<PeerId>,
 }
 
-impl Fetch<'_, '_> {
+impl<'n, 'a> Fetch<'n, 'a> {
+    /// Nothing known yet: no peer, no length, no writer.
+    fn new(net: &'n Net<'a>, order: &Order<'_>) -> Self {
+        Fetch {
+            net,
+            digest: order.digest,
+            max_len: order.max_len,
+            idle: order.idle,
+            peers: HashMap::new(),
+            asks: FuturesUnordered::new(),
+            geometry: None,
+            hashes: Vec::new(),
+            hashed: PieceSet::default(),
+            asked: PieceSet::default(),
+            writer: None,
+            salt: salt_of(&net.local),
+            last_progress: Instant::now(),
+            bad: HashSet::new(),
+        }
+    }
+
     fn add(&mut self, peer: PeerId, pulling: bool, seed: bool) {
         if peer == self.net.local
             || self.peers.len() >= MAX_PEERS
@@ -1172,22 +1177,14 @@ mod tests {
             bytes[start as usize..(start + len) as usize].to_vec()
         };
         let (seed, liar) = (PeerId::random(), PeerId::random());
-        let mut fetch = Fetch {
-            net: &net,
+        let order = Order {
             digest,
             max_len: 1 << 30,
+            seeds: &[],
+            pulling: false,
             idle: Duration::from_secs(5),
-            peers: HashMap::new(),
-            asks: FuturesUnordered::new(),
-            geometry: None,
-            hashes: Vec::new(),
-            hashed: PieceSet::default(),
-            asked: PieceSet::default(),
-            writer: None,
-            salt: 1,
-            last_progress: Instant::now(),
-            bad: HashSet::new(),
         };
+        let mut fetch = Fetch::new(&net, &order);
         for (peer, seed) in [(seed, true), (liar, false)] {
             fetch.peers.insert(
                 peer,

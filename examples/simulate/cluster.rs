@@ -974,27 +974,8 @@ impl Simulation {
             return;
         };
         let id = self.next_request;
-        if !self.knows_peer(from, to) {
-            // No peer id to dial: the call fails at once, nothing is sent.
-            self.next_request += 1;
-            self.requests.insert(
-                id,
-                InFlightRequest {
-                    task,
-                    round,
-                    from,
-                    to,
-                    to_id,
-                    request,
-                    sent: self.now,
-                    watch,
-                },
-            );
-            self.schedule(self.now, Event::Expire { id });
-            return;
-        }
         self.next_request += 1;
-        self.messages += 1;
+        let known = self.knows_peer(from, to);
         self.requests.insert(
             id,
             InFlightRequest {
@@ -1008,6 +989,12 @@ impl Simulation {
                 watch,
             },
         );
+        if !known {
+            // No peer id to dial: the call fails at once, nothing is sent.
+            self.schedule(self.now, Event::Expire { id });
+            return;
+        }
+        self.messages += 1;
         // The requester's one budget, as the Go client's.
         self.schedule(self.now + 2 * SECOND, Event::Expire { id });
         if self.nodes[to].dead || self.lost() {
