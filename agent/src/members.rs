@@ -6,7 +6,10 @@ use std::{path::PathBuf, time::Duration};
 
 use gantry_coord::{Member, StaticMembership};
 use libp2p::{Multiaddr, PeerId};
-use notify::{RecursiveMode, Watcher};
+use notify::{
+    event::{AccessKind, AccessMode, EventKind, ModifyKind},
+    RecursiveMode, Watcher,
+};
 use tokio::sync::mpsc;
 
 use super::Control;
@@ -43,6 +46,19 @@ pub fn read_members(path: &PathBuf) -> Result<(Vec<Member>, Addresses), String> 
     Ok((members, addresses))
 }
 
+/// Whether `event` may have changed the file called `name`. Opening and reading it (as
+/// the re-read itself does) are events too: counted, they would have every node that
+/// watches the directory read the file again, and again, without end.
+fn changes_file(event: &notify::Event, name: Option<&std::ffi::OsStr>) -> bool {
+    let kind = match event.kind {
+        EventKind::Modify(kind) => !matches!(kind, ModifyKind::Metadata(_)),
+        // A writer done with it.
+        EventKind::Access(kind) => kind == AccessKind::Close(AccessMode::Write),
+        EventKind::Create(_) | EventKind::Remove(_) | EventKind::Any | EventKind::Other => true,
+    };
+    kind && event.paths.iter().any(|p| p.file_name() == name)
+}
+
 /// Re-reads `path` whenever its directory reports a change to it (a write in place or a
 /// rename over it, as a Kubernetes volume does), and every [`POLL`] in case an event was
 /// missed; a list other than `known` (what the node runs with) goes to `membership`
@@ -61,12 +77,7 @@ pub async fn follow(
         .filter(|p| !p.as_os_str().is_empty())
         .map_or_else(|| PathBuf::from("."), PathBuf::from);
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let ours = event.is_ok_and(|e| {
-            e.paths
-                .iter()
-                .any(|p| p.file_name().map(|n| n.to_owned()) == name)
-        });
-        if ours {
+        if event.is_ok_and(|e| changes_file(&e, name.as_deref())) {
             // One pending wake-up is enough: the read sees the latest content.
             let _ = changed.try_send(());
         }
@@ -95,6 +106,46 @@ pub async fn follow(
             }
             Ok(_) => {}
             Err(error) => tracing::debug!(%error, "members file not read (yet)"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use notify::event::{CreateKind, DataChange, MetadataKind, RenameMode};
+
+    use super::*;
+
+    fn event(kind: EventKind, file: &str) -> notify::Event {
+        notify::Event::new(kind).add_path(PathBuf::from("/etc/gantry").join(file))
+    }
+
+    #[test]
+    fn only_a_change_to_the_members_file_is_one() {
+        let name = Some(std::ffi::OsStr::new("members.json"));
+        let changes = [
+            EventKind::Create(CreateKind::File),
+            EventKind::Modify(ModifyKind::Data(DataChange::Content)),
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+            EventKind::Remove(notify::event::RemoveKind::File),
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+        ];
+        for kind in changes {
+            assert!(changes_file(&event(kind, "members.json"), name), "{kind:?}");
+            assert!(!changes_file(&event(kind, "agent.log"), name), "{kind:?}");
+        }
+        // The node's own re-read opens, reads and closes the file.
+        let reads = [
+            EventKind::Access(AccessKind::Open(AccessMode::Read)),
+            EventKind::Access(AccessKind::Read),
+            EventKind::Access(AccessKind::Close(AccessMode::Read)),
+            EventKind::Modify(ModifyKind::Metadata(MetadataKind::AccessTime)),
+        ];
+        for kind in reads {
+            assert!(
+                !changes_file(&event(kind, "members.json"), name),
+                "{kind:?}"
+            );
         }
     }
 }
