@@ -519,6 +519,8 @@ pub struct Cluster {
     pub with_image: bool,
     /// Every node's egress limited to this rate (a `tc` rate), as the origin's is.
     pub node_rate: Option<String>,
+    /// Each node's namespace, once made.
+    hosts: HashMap<u8, String>,
 }
 
 impl Cluster {
@@ -536,6 +538,7 @@ impl Cluster {
             agent_args: Vec::new(),
             with_image: true,
             node_rate: None,
+            hosts: HashMap::new(),
         };
         for i in 1..=members {
             cluster.keygen(i);
@@ -613,21 +616,25 @@ impl Cluster {
         self.keys.iter().position(|(n, _, _)| *n == top).unwrap() as u8 + 1
     }
 
+    /// Node `index`'s namespace, made (and shaped) on first use; a restart reuses it.
+    pub fn host(&mut self, index: u8) -> String {
+        if let Some(ns) = self.hosts.get(&index) {
+            return ns.clone();
+        }
+        let ns = self.lab.host(index);
+        // A node's uplink queues as a switch port or a cloud NIC does, briefly: one that
+        // uploads at its link's rate still gets the acknowledgements of its own
+        // downloads out.
+        if let Some(rate) = &self.node_rate {
+            shape(&ns, rate, NODE_QUEUE);
+        }
+        self.hosts.insert(index, ns.clone());
+        ns
+    }
+
     /// Starts node `index`'s agent; a restart reuses its namespace (and store).
     pub fn start(&mut self, index: u8, members_file: &str, credentials: Option<&str>) {
-        let ns = match self.agents.iter().rev().find(|a| a.index == index) {
-            Some(earlier) => earlier.ns.clone(),
-            None => {
-                let ns = self.lab.host(index);
-                // A node's uplink queues as a switch port or a cloud NIC does, briefly:
-                // one that uploads at its link's rate still gets the acknowledgements of
-                // its own downloads out.
-                if let Some(rate) = &self.node_rate {
-                    shape(&ns, rate, NODE_QUEUE);
-                }
-                ns
-            }
-        };
+        let ns = self.host(index);
         let (node_id, _, key) = self.keys[usize::from(index) - 1].clone();
         let store = self.lab.path(&format!("store{index}"));
         let listen = format!("/ip4/{}/tcp/4001", ip_of(index));
