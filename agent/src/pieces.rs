@@ -155,6 +155,8 @@ pub struct Picker<'a> {
     /// How far past the first missing piece to look: the bytes a reader waits for in
     /// order come first, and within the window the rarest.
     pub window: u32,
+    /// Past the window too, once nothing in it is left to ask.
+    pub beyond: bool,
     /// Breaks ties differently on every node, so that nodes that start together ask
     /// for different pieces and soon have something to give each other.
     pub salt: u64,
@@ -166,17 +168,25 @@ impl Picker<'_> {
     pub fn pick(&self, theirs: &PieceSet) -> Option<u32> {
         let first = self.have.first_missing();
         let end = first.saturating_add(self.window).min(self.have.count());
-        (first..end)
-            .filter(|&i| {
-                !self.have.contains(i)
-                    && !self.asked.contains(i)
-                    && self.hashed.contains(i)
-                    && theirs.contains(i)
-            })
-            .min_by_key(|&i| {
+        let wanted = |i: &u32| {
+            !self.have.contains(*i)
+                && !self.asked.contains(*i)
+                && self.hashed.contains(*i)
+                && theirs.contains(*i)
+        };
+        let rarest = |range: std::ops::Range<u32>| {
+            range.filter(wanted).min_by_key(|&i| {
                 let rarity = self.availability.get(i as usize).copied().unwrap_or(0);
                 (rarity, tie_break(self.salt, i))
             })
+        };
+        rarest(first..end).or_else(|| {
+            if self.beyond {
+                rarest(end..self.have.count())
+            } else {
+                None
+            }
+        })
     }
 }
 
@@ -257,12 +267,13 @@ mod tests {
             hashed,
             availability,
             window: 4,
+            beyond: false,
             salt,
         }
     }
 
     #[test]
-    fn the_picker_takes_the_rarest_checkable_piece_in_the_window() {
+    fn the_picker_takes_the_rarest_checkable_piece_in_the_window_then_past_it() {
         let count = 8;
         let mut have = PieceSet::new(count);
         have.insert(0);
@@ -273,13 +284,22 @@ mod tests {
         let availability = [5, 3, 3, 1, 3, 0, 0, 0];
         let w = picker(&have, &asked, &hashed, &availability, 7);
         assert_eq!(w.pick(&theirs), Some(3));
-        // Pieces past the window wait, however rare.
+        // Pieces past the window wait, however rare, unless the picker looks beyond;
+        // then the rarest there.
         let mut asked = PieceSet::new(count);
         for i in 1..5 {
             asked.insert(i);
         }
-        let w = picker(&have, &asked, &hashed, &availability, 7);
+        let mut w = picker(&have, &asked, &hashed, &availability, 7);
         assert_eq!(w.pick(&theirs), None);
+        let availability = [5, 3, 3, 1, 3, 2, 1, 2];
+        w.availability = &availability;
+        w.beyond = true;
+        assert_eq!(w.pick(&theirs), Some(6));
+        let mut fewer = asked.clone();
+        fewer.remove(2);
+        let w = Picker { asked: &fewer, ..w };
+        assert_eq!(w.pick(&theirs), Some(2), "the window first, however common");
         // Not what they lack, nor what cannot be checked.
         let asked = PieceSet::new(count);
         let mut theirs = PieceSet::new(count);

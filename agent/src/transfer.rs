@@ -9,11 +9,18 @@
 //! sends as many pieces as it will at once, or that piece went out twice in the last two
 //! seconds: ask another holder).
 //!
-//! - `STATUS`, the argument the first piece whose hash the asker wants: the length (8),
-//!   whether the blob is whole (1), the bitmap of present pieces, the hashes of the
-//!   present pieces from that index on (a count, 4, then 32 each), and up to 8 members
-//!   that asked for the blob lately (a count, 1, then a length byte and a peer id each),
-//!   so that the nodes receiving one blob find each other without a tracker.
+//! - `STATUS`, the argument the first piece whose hash the asker wants: a watch. Frames
+//!   follow on the stream, one at once and one whenever pieces arrived since (at most
+//!   one per 20 ms), until the blob is whole (that frame is the last), it is gone, or
+//!   30 s passed. A frame: the length (8), whether the blob is whole (1), the bitmap of
+//!   present pieces, the hashes of the present pieces from that index on not sent before
+//!   on this stream (a count, 4, then an index, 4, and a hash, 32, each), and up to 8
+//!   members that asked for the blob lately and were not named before on it (a count,
+//!   1, then a length byte and a peer id each), so that the nodes receiving one blob
+//!   find each other without a tracker. A piece is announced to its watchers as it
+//!   arrives, not at their next poll: a hop of the fan-out costs a round trip, not a
+//!   polling period. A server holds at most 256 watches open; past that it sends one
+//!   frame and ends, and the asker asks again.
 //! - `PIECE`, the argument the piece's index: its bytes. A piece not there yet is
 //!   waited for while the blob is still arriving, at most 10 s.
 //!
@@ -41,7 +48,7 @@ use tokio::time::Instant;
 
 use crate::{
     pieces::{Geometry, Picker, PieceHash, PieceSet, MAX_PIECES},
-    store::{BlobDir, BlobWriter, End, StoreError},
+    store::{BlobDir, BlobWriter, End, Progress, StoreError},
 };
 
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/gantry/pieces/1.0.0");
@@ -62,6 +69,12 @@ const REQUEST_LEN: usize = 39;
 const MAX_APPEAR_WAIT: Duration = Duration::from_secs(5);
 /// The longest a server waits for a piece of a blob it is receiving.
 const PIECE_WAIT: Duration = Duration::from_secs(10);
+/// How long a watch stays open; the asker opens another if it still wants the blob.
+const WATCH_FOR: Duration = Duration::from_secs(30);
+/// Frames of a watch at most this often: pieces that arrive together are told together.
+const FRAME_GAP: Duration = Duration::from_millis(20);
+/// Watches a server holds open at once.
+const WATCHES: usize = 256;
 /// How long a peer may take to start answering.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a transfer may sit without a byte moving.
@@ -76,6 +89,8 @@ const SERVING: usize = 8;
 /// new piece spreads as a tree (its first receivers serve the rest) instead of every
 /// receiver's taking it from the one uplink that has it.
 const FAN_OUT: u8 = 2;
+/// A piece this node receives from the origin now goes out once per window.
+const FAN_OUT_PULLING: u8 = 1;
 const FAN_WINDOW: Duration = Duration::from_secs(2);
 
 /// Peers one fetch asks, at most.
@@ -84,12 +99,16 @@ const MAX_PEERS: usize = 16;
 const PER_PEER: usize = 3;
 /// Pieces asked for at once, over all peers.
 const IN_FLIGHT: usize = 16;
-/// How far past the first missing piece the picker looks.
+/// How far past the first missing piece the picker looks first (then further).
 const WINDOW: u32 = 16;
 /// How often a peer that is still receiving is asked for its status.
 const REFRESH: Duration = Duration::from_millis(250);
 /// Failures after which a peer is asked nothing more in this fetch.
 const MAX_FAILURES: u32 = 3;
+/// How long a piece a peer turned away is not asked of it again, and how many such
+/// pieces are remembered per peer.
+const TURNED_AWAY_FOR: Duration = Duration::from_millis(500);
+const TURNED_AWAY: usize = 64;
 
 /// Why a fetch did not deliver a blob.
 #[derive(Debug, thiserror::Error)]
@@ -123,17 +142,29 @@ enum AskError {
     Timeout,
     #[error("malformed answer")]
     Malformed,
+    #[error("the watch ended")]
+    Ended,
+    /// Dropped before its answer began: a server takes in streams one at a time and
+    /// drops those that come while it is busy with one, which says nothing of the peer.
+    #[error("dropped unanswered: {0}")]
+    Dropped(io::Error),
 }
 
-/// What a member says of a blob.
+/// What a member says of a blob: one frame of its watch.
 #[derive(Debug, Clone)]
 struct Status {
     geometry: Geometry,
     whole: bool,
     have: PieceSet,
-    /// Hashes of the present pieces from the index asked for on, in order.
-    hashes: Vec<PieceHash>,
+    /// Hashes of present pieces not told before, by index.
+    hashes: Vec<(u32, PieceHash)>,
     others: Vec<PeerId>,
+}
+
+/// A watch the asker holds open; frames follow as the member's pieces arrive.
+struct Watch {
+    stream: libp2p::Stream,
+    max_len: u64,
 }
 
 /// The members that asked lately for each blob: receivers, who will soon serve it too.
@@ -141,8 +172,8 @@ struct Status {
 struct Askers(Arc<Mutex<LruCache<Digest, VecDeque<PeerId>>>>);
 
 impl Askers {
-    /// Records `peer` and names the others.
-    fn note(&self, digest: &Digest, peer: PeerId) -> Vec<PeerId> {
+    /// Records `peer` as asking for `digest`.
+    fn note(&self, digest: &Digest, peer: PeerId) {
         let mut askers = self.0.lock();
         let known = match askers.get_mut(digest) {
             Some(known) => known,
@@ -151,14 +182,20 @@ impl Askers {
                 askers.get_mut(digest).expect("just inserted")
             }
         };
-        let others = known.iter().filter(|p| **p != peer).copied().collect();
         if !known.contains(&peer) {
             if known.len() == GOSSIP {
                 known.pop_front();
             }
             known.push_back(peer);
         }
-        others
+    }
+
+    /// The members that asked lately for `digest`, but `peer`.
+    fn others(&self, digest: &Digest, peer: &PeerId) -> Vec<PeerId> {
+        let mut askers = self.0.lock();
+        askers.get(digest).map_or_else(Vec::new, |known| {
+            known.iter().filter(|p| *p != peer).copied().collect()
+        })
     }
 }
 
@@ -174,7 +211,7 @@ type Window = (Instant, u8);
 
 impl Sent {
     /// Whether piece `index` may go out once more now; if so it counts.
-    fn take(&self, digest: &Digest, index: u32) -> bool {
+    fn take(&self, digest: &Digest, index: u32, most: u8) -> bool {
         let mut sent = self.0.lock();
         if sent.get(digest).is_none() {
             sent.insert(*digest, HashMap::new());
@@ -187,7 +224,7 @@ impl Sent {
         if now.duration_since(entry.0) >= FAN_WINDOW {
             *entry = (now, 0);
         }
-        if entry.1 >= FAN_OUT {
+        if entry.1 >= most {
             return false;
         }
         entry.1 += 1;
@@ -207,13 +244,16 @@ pub async fn serve(
     };
     let askers = Askers(Arc::new(Mutex::new(LruCache::new(ASKED_BLOBS))));
     let serving = Arc::new(tokio::sync::Semaphore::new(SERVING));
+    let watches = Arc::new(tokio::sync::Semaphore::new(WATCHES));
     let sent = Sent(Arc::new(Mutex::new(LruCache::new(ASKED_BLOBS))));
     while let Some((peer, stream)) = incoming.next().await {
         let (store, membership, askers) = (store.clone(), membership.clone(), askers.clone());
         let (pulling, serving, sent) = (pulling.clone(), serving.clone(), sent.clone());
+        let watches = watches.clone();
         tokio::spawn(async move {
             let limits = Limits {
                 serving: &serving,
+                watches: &watches,
                 sent: &sent,
             };
             let served = serve_one(
@@ -256,14 +296,34 @@ async fn serve_one(
     let arg = u32::from_be_bytes(request[33..37].try_into().expect("4 bytes"));
     let wait = Duration::from_millis(u64::from(u16::from_be_bytes([request[37], request[38]])))
         .min(MAX_APPEAR_WAIT);
+    if op == STATUS {
+        askers.note(&digest, peer);
+        let watch = Watcher {
+            peer,
+            digest,
+            hashes_from: arg,
+            store,
+            askers,
+        };
+        return watch.run(stream, wait, pulling, limits.watches).await;
+    }
     // A piece answer holds its piece until it is written: their number is capped.
     let (answer, _permit) = match op {
-        STATUS => {
-            let others = askers.note(&digest, peer);
-            let answer = status_answer(store, &digest, arg, wait, others, pulling).await?;
-            (answer, None)
+        // The puller's uplink is the only one with the pieces it receives from the
+        // origin: each goes out once, and its receivers pass it on.
+        PIECE
+            if !limits.sent.take(
+                &digest,
+                arg,
+                if pulling(&digest) {
+                    FAN_OUT_PULLING
+                } else {
+                    FAN_OUT
+                },
+            ) =>
+        {
+            (vec![BUSY], None)
         }
-        PIECE if !limits.sent.take(&digest, arg) => (vec![BUSY], None),
         // An uplink that sends a few pieces at once finishes each sooner, so that its
         // receivers serve them sooner; a member that asks beyond that asks another
         // holder.
@@ -283,6 +343,7 @@ async fn serve_one(
 #[derive(Clone, Copy)]
 struct Limits<'a> {
     serving: &'a tokio::sync::Semaphore,
+    watches: &'a tokio::sync::Semaphore,
     sent: &'a Sent,
 }
 
@@ -331,60 +392,135 @@ async fn appeared(
     }
 }
 
-async fn status_answer(
-    store: &BlobDir,
-    digest: &Digest,
+/// One member's watch of one blob here, and what it was told already.
+struct Watcher<'a> {
+    peer: PeerId,
+    digest: Digest,
     hashes_from: u32,
-    wait: Duration,
-    others: Vec<PeerId>,
-    pulling: &(dyn Fn(&Digest) -> bool + Send + Sync),
-) -> io::Result<Vec<u8>> {
-    match appeared(store, digest, wait, pulling).await {
-        Here::Servable => {}
-        Here::Pulling => return Ok(vec![PULLING]),
-        Here::NotHeld => return Ok(vec![NOT_HELD]),
+    store: &'a BlobDir,
+    askers: &'a Askers,
+}
+
+/// What a watcher was told already on its stream.
+#[derive(Default)]
+struct Told {
+    hashes: HashSet<u32>,
+    others: HashSet<PeerId>,
+}
+
+impl Watcher<'_> {
+    /// Answers the status byte, then frames until the blob is whole or gone, the watch
+    /// is old, or the asker went away.
+    async fn run(
+        &self,
+        mut stream: libp2p::Stream,
+        wait: Duration,
+        pulling: &(dyn Fn(&Digest) -> bool + Send + Sync),
+        watches: &tokio::sync::Semaphore,
+    ) -> io::Result<()> {
+        let code = match appeared(self.store, &self.digest, wait, pulling).await {
+            Here::Servable => SERVED,
+            Here::Pulling => PULLING,
+            Here::NotHeld => NOT_HELD,
+        };
+        stream.write_all(&[code]).await?;
+        if code != SERVED {
+            return stream.close().await;
+        }
+        // Without room for one more watch: one frame, and the asker asks again.
+        let held = watches.try_acquire().ok();
+        let until = Instant::now() + WATCH_FOR;
+        let mut told = Told::default();
+        loop {
+            let Some((frame, whole, progress)) = self.frame(&mut told).await? else {
+                break;
+            };
+            tokio::time::timeout(IDLE_TIMEOUT, stream.write_all(&frame))
+                .await
+                .map_err(|_| io::ErrorKind::TimedOut)??;
+            let Some(mut progress) = progress.filter(|_| !whole && held.is_some()) else {
+                break;
+            };
+            // The next piece, the end of this receiving (whole, or failed: looked at
+            // again either way), or the watch's age.
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => break,
+                _ = progress.changed() => {}
+            }
+            tokio::time::sleep(FRAME_GAP).await;
+        }
+        stream.close().await
     }
-    let (geometry, whole, have, hashes): (Geometry, bool, PieceSet, Vec<PieceHash>) =
-        if store.has(digest) {
-            let hashes = store.piece_hashes(digest).await?;
-            let len = std::fs::metadata(store.path(digest))?.len();
+
+    /// The frame for what is here now, whether it is whole, and the progress to wait
+    /// on for the next; `None` when the blob is gone.
+    #[allow(clippy::type_complexity)]
+    async fn frame(
+        &self,
+        told: &mut Told,
+    ) -> io::Result<
+        Option<(
+            Vec<u8>,
+            bool,
+            Option<tokio::sync::watch::Receiver<Progress>>,
+        )>,
+    > {
+        let digest = &self.digest;
+        let (geometry, whole, have, fresh, progress) = if self.store.has(digest) {
+            let hashes = self.store.piece_hashes(digest).await?;
+            let len = std::fs::metadata(self.store.path(digest))?.len();
             let geometry = Geometry::of(len);
             let have = PieceSet::full(geometry.count());
-            let from = (hashes_from as usize).min(hashes.len());
-            (geometry, true, have, hashes[from..].to_vec())
-        } else {
-            let Some(receiving) = store.receiving(digest) else {
-                return Ok(vec![NOT_HELD]);
-            };
-            let progress = receiving.progress();
-            let p = progress.borrow();
-            let Some(geometry) = p.geometry else {
-                return Ok(vec![NOT_HELD]);
-            };
-            let hashes = p
-                .have
-                .iter()
-                .filter(|&i| i >= hashes_from)
-                .map(|i| p.hashes[i as usize])
+            let fresh: Vec<(u32, PieceHash)> = (self.hashes_from..geometry.count())
+                .filter(|i| !told.hashes.contains(i))
+                .filter_map(|i| Some((i, *hashes.get(i as usize)?)))
                 .collect();
-            (geometry, false, p.have.clone(), hashes)
+            (geometry, true, have, fresh, None)
+        } else {
+            let Some(receiving) = self.store.receiving(digest) else {
+                return Ok(None);
+            };
+            let mut progress = receiving.progress();
+            let (geometry, have, fresh) = {
+                let p = progress.borrow_and_update();
+                let Some(geometry) = p.geometry else {
+                    return Ok(None);
+                };
+                let fresh: Vec<(u32, PieceHash)> = p
+                    .have
+                    .iter()
+                    .filter(|&i| i >= self.hashes_from && !told.hashes.contains(&i))
+                    .map(|i| (i, p.hashes[i as usize]))
+                    .collect();
+                (geometry, p.have.clone(), fresh)
+            };
+            (geometry, false, have, fresh, Some(progress))
         };
-    let mut out = Vec::with_capacity(14 + have.as_bytes().len() + hashes.len() * 32 + 400);
-    out.push(SERVED);
-    out.extend_from_slice(&geometry.len.to_be_bytes());
-    out.push(u8::from(whole));
-    out.extend_from_slice(have.as_bytes());
-    out.extend_from_slice(&(hashes.len() as u32).to_be_bytes());
-    for hash in &hashes {
-        out.extend_from_slice(hash);
+        // A set no larger than the blob's pieces, and the members that ask for it.
+        told.hashes.extend(fresh.iter().map(|(i, _)| *i));
+        let others: Vec<PeerId> = self
+            .askers
+            .others(digest, &self.peer)
+            .into_iter()
+            .filter(|p| told.others.insert(*p))
+            .collect();
+        let mut out = Vec::with_capacity(14 + have.as_bytes().len() + fresh.len() * 36 + 400);
+        out.extend_from_slice(&geometry.len.to_be_bytes());
+        out.push(u8::from(whole));
+        out.extend_from_slice(have.as_bytes());
+        out.extend_from_slice(&(fresh.len() as u32).to_be_bytes());
+        for (index, hash) in &fresh {
+            out.extend_from_slice(&index.to_be_bytes());
+            out.extend_from_slice(hash);
+        }
+        out.push(others.len() as u8);
+        for peer in others {
+            let bytes = peer.to_bytes();
+            out.push(bytes.len() as u8);
+            out.extend_from_slice(&bytes);
+        }
+        Ok(Some((out, whole, progress)))
     }
-    out.push(others.len() as u8);
-    for peer in others {
-        let bytes = peer.to_bytes();
-        out.push(bytes.len() as u8);
-        out.extend_from_slice(&bytes);
-    }
-    Ok(out)
 }
 
 async fn piece_answer(store: &BlobDir, digest: &Digest, index: u32) -> io::Result<Vec<u8>> {
@@ -443,11 +579,12 @@ async fn ask(
         .await
         .map_err(|_| AskError::Timeout)?
         .map_err(|e| AskError::Open(e.to_string()))?;
-    stream.write_all(request).await?;
+    stream.write_all(request).await.map_err(AskError::Dropped)?;
     let mut code = [0u8];
     tokio::time::timeout(answer_within, stream.read_exact(&mut code))
         .await
-        .map_err(|_| AskError::Timeout)??;
+        .map_err(|_| AskError::Timeout)?
+        .map_err(AskError::Dropped)?;
     match code[0] {
         SERVED => Ok(stream),
         REFUSED => Err(AskError::Refused),
@@ -472,57 +609,80 @@ async fn read_full(stream: &mut libp2p::Stream, buf: &mut [u8]) -> Result<(), As
     Ok(())
 }
 
-async fn ask_status(
+/// Opens a watch of `digest` on `peer` and reads its first frame.
+async fn open_watch(
     mut control: libp2p_stream::Control,
     peer: PeerId,
     digest: Digest,
     hashes_from: u32,
     wait: Duration,
     max_len: u64,
-) -> Result<Status, AskError> {
+) -> Result<(Status, Watch), AskError> {
     let req = request(STATUS, &digest, hashes_from, wait);
-    let mut stream = ask(&mut control, peer, &req, ANSWER_TIMEOUT + wait).await?;
+    let stream = ask(&mut control, peer, &req, ANSWER_TIMEOUT + wait).await?;
+    next_frame(Watch { stream, max_len }, ANSWER_TIMEOUT).await
+}
+
+/// The watch's next frame, which begins within `within`.
+async fn next_frame(mut watch: Watch, within: Duration) -> Result<(Status, Watch), AskError> {
+    let stream = &mut watch.stream;
     let mut head = [0u8; 9];
-    read_full(&mut stream, &mut head).await?;
+    let first = tokio::time::timeout(within, stream.read(&mut head[..1]))
+        .await
+        .map_err(|_| AskError::Timeout)??;
+    if first == 0 {
+        return Err(AskError::Ended);
+    }
+    read_full(stream, &mut head[1..]).await?;
     let len = u64::from_be_bytes(head[..8].try_into().expect("8 bytes"));
-    if len > max_len {
+    if len > watch.max_len {
         return Err(AskError::Malformed);
     }
     let geometry = Geometry::of(len);
     let count = geometry.count();
     let mut bitmap = vec![0u8; count.div_ceil(8) as usize];
-    read_full(&mut stream, &mut bitmap).await?;
+    read_full(stream, &mut bitmap).await?;
     let have = PieceSet::from_bytes(&bitmap, count).ok_or(AskError::Malformed)?;
     let mut n = [0u8; 4];
-    read_full(&mut stream, &mut n).await?;
+    read_full(stream, &mut n).await?;
     let n = u32::from_be_bytes(n);
     // Never more hashes than pieces: the length was capped, so is this.
     if u64::from(n) > MAX_PIECES || n > have.present() {
         return Err(AskError::Malformed);
     }
-    let mut hashes = vec![[0u8; 32]; n as usize];
-    for hash in &mut hashes {
-        read_full(&mut stream, hash).await?;
+    let mut hashes = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let mut entry = [0u8; 36];
+        read_full(stream, &mut entry).await?;
+        let index = u32::from_be_bytes(entry[..4].try_into().expect("4 bytes"));
+        if !have.contains(index) {
+            return Err(AskError::Malformed);
+        }
+        hashes.push((index, entry[4..].try_into().expect("32 bytes")));
     }
     let mut others_len = [0u8];
-    read_full(&mut stream, &mut others_len).await?;
+    read_full(stream, &mut others_len).await?;
+    if usize::from(others_len[0]) > GOSSIP {
+        return Err(AskError::Malformed);
+    }
     let mut others = Vec::new();
-    for _ in 0..usize::from(others_len[0]).min(GOSSIP) {
+    for _ in 0..others_len[0] {
         let mut l = [0u8];
-        read_full(&mut stream, &mut l).await?;
+        read_full(stream, &mut l).await?;
         let mut raw = vec![0u8; usize::from(l[0])];
-        read_full(&mut stream, &mut raw).await?;
+        read_full(stream, &mut raw).await?;
         if let Ok(peer) = PeerId::from_bytes(&raw) {
             others.push(peer);
         }
     }
-    Ok(Status {
+    let status = Status {
         geometry,
         whole: head[8] == 1,
         have,
         hashes,
         others,
-    })
+    };
+    Ok((status, watch))
 }
 
 async fn ask_piece(
@@ -547,8 +707,8 @@ struct Peer {
     asked: usize,
     failures: u32,
     dropped: bool,
-    /// A status request is out.
-    refreshing: bool,
+    /// A watch is open, or being opened.
+    watching: bool,
     refreshed: Option<Instant>,
     /// Named as pulling the blob now: asked again while it has not started.
     pulling: bool,
@@ -557,10 +717,12 @@ struct Peer {
     seed: bool,
     /// Pieces it delivered.
     delivered: u32,
+    /// Pieces it turned away lately, oldest first: asked of others meanwhile.
+    turned_away: VecDeque<(u32, Instant)>,
 }
 
 enum Answer {
-    Status(PeerId, Result<Status, AskError>),
+    Status(PeerId, Box<Result<(Status, Watch), AskError>>),
     Piece(PeerId, u32, Result<Vec<u8>, AskError>),
 }
 
@@ -678,7 +840,7 @@ impl<'n, 'a> Fetch<'n, 'a> {
         let Some(state) = self.peers.get_mut(&peer) else {
             return;
         };
-        state.refreshing = true;
+        state.watching = true;
         state.refreshed = Some(Instant::now());
         let wait = if state.pulling && state.have.is_none() {
             Duration::from_secs(3)
@@ -690,7 +852,7 @@ impl<'n, 'a> Fetch<'n, 'a> {
         } else {
             u32::MAX
         };
-        let ask = ask_status(
+        let ask = open_watch(
             self.net.control.clone(),
             peer,
             self.digest,
@@ -699,7 +861,7 @@ impl<'n, 'a> Fetch<'n, 'a> {
             self.max_len,
         );
         self.asks
-            .push(async move { Answer::Status(peer, ask.await) }.boxed());
+            .push(async move { Answer::Status(peer, Box::new(ask.await)) }.boxed());
     }
 
     /// A broken stream or a timeout. A member found through gossip is dropped after a
@@ -722,15 +884,19 @@ impl<'n, 'a> Fetch<'n, 'a> {
         let Some(state) = self.peers.get_mut(&peer) else {
             return Ok(());
         };
-        state.refreshing = false;
         let status = match status {
             Ok(status) => status,
             // Asked again at the next refresh, until the fetch counts as stalled.
-            Err(AskError::Pulling) => return Ok(()),
+            Err(AskError::Pulling | AskError::Ended) => return Ok(()),
             // Not held and not pulling: nothing to wait for.
             Err(error @ (AskError::NotHeld | AskError::Refused)) => {
                 tracing::debug!(%peer, digest = %self.digest, %error, "status: nothing to get");
                 state.dropped = true;
+                return Ok(());
+            }
+            Err(AskError::Dropped(error)) => {
+                tracing::debug!(%peer, digest = %self.digest, %error, "status request dropped");
+                state.refreshed = None;
                 return Ok(());
             }
             // A broken stream, a timeout: asked again at the next refresh, a few times.
@@ -775,13 +941,10 @@ impl<'n, 'a> Fetch<'n, 'a> {
         // A seed's hashes are those of its present pieces from the first one not known
         // here when it was asked.
         if state.seed {
-            let from = self.hashed.first_missing();
-            let mut known = status.hashes.iter();
-            for index in status.have.iter().filter(|&i| i >= from) {
-                let Some(hash) = known.next() else { break };
-                if !self.hashed.contains(index) {
-                    self.hashes[index as usize] = *hash;
-                    self.hashed.insert(index);
+            for (index, hash) in &status.hashes {
+                if !self.hashed.contains(*index) {
+                    self.hashes[*index as usize] = *hash;
+                    self.hashed.insert(*index);
                 }
             }
         }
@@ -791,6 +954,33 @@ impl<'n, 'a> Fetch<'n, 'a> {
         state.have = Some(status.have);
         for other in status.others {
             self.add(other, false, false);
+        }
+        Ok(())
+    }
+
+    /// A frame of a watch, or why there is none; the watch is followed while the peer
+    /// is not whole and still asked.
+    async fn on_frame(
+        &mut self,
+        peer: PeerId,
+        answer: Result<(Status, Watch), AskError>,
+    ) -> Result<(), FetchError> {
+        let (status, watch) = match answer {
+            Ok((status, watch)) => (Ok(status), Some(watch)),
+            Err(error) => (Err(error), None),
+        };
+        let whole = status.as_ref().is_ok_and(|s| s.whole);
+        self.on_status(peer, status).await?;
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return Ok(());
+        };
+        match watch {
+            Some(watch) if !whole && !state.dropped => {
+                let next = next_frame(watch, WATCH_FOR + ANSWER_TIMEOUT);
+                self.asks
+                    .push(async move { Answer::Status(peer, Box::new(next.await)) }.boxed());
+            }
+            _ => state.watching = false,
         }
         Ok(())
     }
@@ -810,9 +1000,17 @@ impl<'n, 'a> Fetch<'n, 'a> {
             // Taken from another holder, or from this one after its next status.
             Err(AskError::Busy) => {
                 tracing::debug!(%peer, digest = %self.digest, index, "busy");
-                if let Some(theirs) = self.peers.get_mut(&peer).and_then(|s| s.have.as_mut()) {
-                    theirs.remove(index);
+                if let Some(state) = self.peers.get_mut(&peer) {
+                    state.turned_away.push_back((index, Instant::now()));
+                    if state.turned_away.len() > TURNED_AWAY {
+                        state.turned_away.pop_front();
+                    }
                 }
+                return Ok(());
+            }
+            // Asked again, of whoever has it, at once.
+            Err(AskError::Dropped(error)) => {
+                tracing::debug!(%peer, digest = %self.digest, index, %error, "piece request dropped");
                 return Ok(());
             }
             Err(error) => {
@@ -871,12 +1069,29 @@ impl<'n, 'a> Fetch<'n, 'a> {
                     break;
                 }
                 let Some(theirs) = &state.have else { break };
+                let mut theirs = theirs.clone();
+                // A puller is asked only for what no other known member has: its
+                // uplink is for the pieces it is the first to have.
+                if state.pulling && !state.whole {
+                    for i in 0..theirs.count() {
+                        if availability[i as usize] > 1 {
+                            theirs.remove(i);
+                        }
+                    }
+                }
+                for (index, at) in &state.turned_away {
+                    if at.elapsed() < TURNED_AWAY_FOR {
+                        theirs.remove(*index);
+                    }
+                }
+                let theirs = &theirs;
                 let picker = Picker {
                     have: &have,
                     asked: &self.asked,
                     hashed: &self.hashed,
                     availability: &availability,
                     window: WINDOW,
+                    beyond: true,
                     salt: self.salt,
                 };
                 let Some(index) = picker.pick(theirs) else {
@@ -957,7 +1172,7 @@ impl<'n, 'a> Fetch<'n, 'a> {
                     return Err(FetchError::Preempted);
                 }
                 Some(answer) = self.asks.next() => match answer {
-                    Answer::Status(peer, status) => self.on_status(peer, status).await?,
+                    Answer::Status(peer, answer) => self.on_frame(peer, *answer).await?,
                     Answer::Piece(peer, index, bytes) => self.on_piece(peer, index, bytes).await?,
                 },
                 _ = tick.tick() => {
@@ -970,7 +1185,7 @@ impl<'n, 'a> Fetch<'n, 'a> {
                             let partial = !s.whole || s.have.as_ref().is_some_and(|h| !h.is_full());
                             !s.dropped
                                 && partial
-                                && !s.refreshing
+                                && !s.watching
                                 && s.refreshed.is_none_or(|t| t.elapsed() >= REFRESH)
                         })
                         .map(|(p, _)| *p)
@@ -1102,6 +1317,16 @@ mod tests {
         writer.finish().await.unwrap();
     }
 
+    /// A watch of `digest` from `asker` on `holder`, every hash from the first piece.
+    async fn watch(
+        asker: &Node,
+        holder: PeerId,
+        digest: &Digest,
+    ) -> Result<(Status, Watch), AskError> {
+        let control = asker.control.clone();
+        open_watch(control, holder, *digest, 0, Duration::ZERO, 1 << 30).await
+    }
+
     async fn fetch_into(
         node: &Node,
         seeds: &[PeerId],
@@ -1140,16 +1365,7 @@ mod tests {
         let members: Vec<PeerId> = nodes.iter().map(|n| n.peer).collect();
         start(&mut nodes, &members).await;
         // The liar asked the honest holder lately, so the holder names it to the fetcher.
-        ask_status(
-            nodes[1].control.clone(),
-            nodes[0].peer,
-            digest,
-            0,
-            Duration::ZERO,
-            1 << 30,
-        )
-        .await
-        .unwrap();
+        watch(&nodes[1], nodes[0].peer, &digest).await.unwrap();
         let fetched = fetch_into(&nodes[2], &[nodes[0].peer], &digest, false)
             .await
             .unwrap();
@@ -1199,7 +1415,7 @@ mod tests {
             geometry,
             whole: true,
             have: PieceSet::full(3),
-            hashes,
+            hashes: (0..).zip(hashes).collect(),
             others: vec![],
         };
         // The gossiped member's hashes are not taken; the seed's are.
@@ -1282,16 +1498,75 @@ mod tests {
         }
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_watch_tells_each_piece_as_it_arrives_and_each_hash_once() {
+        let (bytes, digest) = blob(4 * P as usize);
+        let mut nodes = vec![node("arriving").await, node("watcher").await];
+        let members: Vec<PeerId> = nodes.iter().map(|n| n.peer).collect();
+        start(&mut nodes, &members).await;
+        let mut writer = nodes[0]
+            .store
+            .writer(&digest, Some(bytes.len() as u64), u64::MAX)
+            .await
+            .unwrap();
+        writer.write(&bytes[..P as usize]).await.unwrap();
+        let (first, mut watch) = watch(&nodes[1], nodes[0].peer, &digest).await.unwrap();
+        assert_eq!((first.have.present(), first.whole), (1, false));
+        assert_eq!(first.hashes.len(), 1);
+        let mut told: HashSet<u32> = first.hashes.iter().map(|(i, _)| *i).collect();
+        let pull = {
+            let bytes = bytes.clone();
+            tokio::spawn(async move {
+                for piece in bytes[P as usize..].chunks(P as usize) {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    writer.write(piece).await.unwrap();
+                }
+                writer.finish().await.unwrap()
+            })
+        };
+        let mut frames = 1;
+        let mut present = 1;
+        loop {
+            let (status, next) = next_frame(watch, Duration::from_secs(5)).await.unwrap();
+            frames += 1;
+            assert!(status.have.present() >= present, "never fewer pieces");
+            present = status.have.present();
+            for (index, hash) in &status.hashes {
+                assert!(told.insert(*index), "piece {index}'s hash told twice");
+                let (start, len) = Geometry::of(bytes.len() as u64).span(*index);
+                let piece = &bytes[start as usize..(start + len) as usize];
+                assert_eq!(*hash, <[u8; 32]>::from(Sha256::digest(piece)));
+            }
+            watch = next;
+            if status.whole {
+                break;
+            }
+        }
+        assert_eq!(present, 4);
+        assert!(
+            frames >= 3,
+            "pieces told as they came, not at the end: {frames} frames"
+        );
+        let ended = next_frame(watch, Duration::from_secs(5))
+            .await
+            .map(|(s, _)| s);
+        assert!(matches!(ended, Err(AskError::Ended)), "{ended:?}");
+        assert_eq!(pull.await.unwrap(), bytes.len() as u64);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_piece_goes_out_twice_per_window_then_others_serve_it() {
         let sent = Sent(Arc::new(Mutex::new(LruCache::new(4))));
         let (_, digest) = blob(10);
-        assert!(sent.take(&digest, 0));
-        assert!(sent.take(&digest, 0));
-        assert!(!sent.take(&digest, 0), "a third copy within the window");
-        assert!(sent.take(&digest, 1), "each piece counts apart");
+        assert!(sent.take(&digest, 0, FAN_OUT));
+        assert!(sent.take(&digest, 0, FAN_OUT));
+        assert!(
+            !sent.take(&digest, 0, FAN_OUT),
+            "a third copy within the window"
+        );
+        assert!(sent.take(&digest, 1, FAN_OUT), "each piece counts apart");
         tokio::time::advance(FAN_WINDOW).await;
-        assert!(sent.take(&digest, 0), "a new window");
+        assert!(sent.take(&digest, 0, FAN_OUT), "a new window");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1313,16 +1588,12 @@ mod tests {
         store_whole(&nodes[0].store, &digest, &bytes).await;
         let holder = nodes[0].peer;
         start(&mut nodes, &[holder]).await;
-        let answer = ask_status(
-            nodes[1].control.clone(),
-            holder,
-            digest,
-            0,
-            Duration::ZERO,
-            1 << 30,
-        )
-        .await;
-        assert!(matches!(answer, Err(AskError::Refused)), "{answer:?}");
+        let answer = watch(&nodes[1], holder, &digest).await;
+        assert!(
+            matches!(answer, Err(AskError::Refused)),
+            "{:?}",
+            answer.map(|a| a.0)
+        );
         let result = fetch_into(&nodes[1], &[holder], &digest, false).await;
         assert!(matches!(result, Err(FetchError::NotHeld)), "{result:?}");
     }
