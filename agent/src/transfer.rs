@@ -61,14 +61,18 @@ const NOT_HELD: u8 = 1;
 const REFUSED: u8 = 2;
 /// Not held yet, but this node's origin pull of it is under way.
 const PULLING: u8 = 3;
-/// This piece went out enough lately: the members that got it serve it now.
+/// Too many pieces go out at once: ask another holder.
 const BUSY: u8 = 4;
+/// This piece went out enough lately; it went to the members named, which serve it
+/// as soon as they have it.
+const SENT_TO: u8 = 5;
 
 const REQUEST_LEN: usize = 39;
 /// The longest a server waits for a blob to appear.
 const MAX_APPEAR_WAIT: Duration = Duration::from_secs(5);
-/// The longest a server waits for a piece of a blob it is receiving.
-const PIECE_WAIT: Duration = Duration::from_secs(10);
+/// How long a piece asked of a member it was sent to may be waited for there: it is
+/// on its way, or it is not coming.
+const PROMISE_WAIT: Duration = Duration::from_secs(1);
 /// How long a watch stays open; the asker opens another if it still wants the blob.
 const WATCH_FOR: Duration = Duration::from_secs(30);
 /// Frames of a watch at most this often: pieces that arrive together are told together.
@@ -83,6 +87,8 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 const GOSSIP: usize = 8;
 /// Blobs whose recent askers a server remembers.
 const ASKED_BLOBS: usize = 4096;
+/// Blobs whose pieces' recipients a server remembers: those it serves now.
+const SENT_BLOBS: usize = 64;
 /// Pieces a server sends at once (each held in memory until it is written).
 const SERVING: usize = 8;
 /// Each piece goes out at most this many times per window from one server, so that a
@@ -130,8 +136,10 @@ enum AskError {
     NotHeld,
     #[error("not held yet: its pull is under way")]
     Pulling,
-    #[error("that piece went out enough lately")]
+    #[error("too many pieces go out at once")]
     Busy,
+    #[error("that piece went out enough lately, to {0:?}")]
+    SentTo(Vec<PeerId>),
     #[error("refused")]
     Refused,
     #[error("stream: {0}")]
@@ -202,33 +210,50 @@ impl Askers {
 /// Whether this node's own origin pull of a digest is under way.
 pub type Pulling = Arc<dyn Fn(&Digest) -> bool + Send + Sync>;
 
-/// How often each piece went out lately, per blob.
+/// Where each piece went lately, per blob.
 #[derive(Clone)]
 struct Sent(Arc<Mutex<LruCache<Digest, HashMap<u32, Window>>>>);
 
-/// When a piece's window began, and how often it went out in it.
-type Window = (Instant, u8);
+/// When a piece's window began, and whom it went to in it (at most [`FAN_OUT`]).
+type Window = (Instant, Vec<PeerId>);
 
 impl Sent {
-    /// Whether piece `index` may go out once more now; if so it counts.
-    fn take(&self, digest: &Digest, index: u32, most: u8) -> bool {
+    fn new() -> Self {
+        Sent(Arc::new(Mutex::new(LruCache::new(SENT_BLOBS))))
+    }
+
+    /// Whether piece `index` may go out to `peer` now (then it counts), or the members
+    /// it went to in this window.
+    fn take(&self, digest: &Digest, index: u32, most: u8, peer: PeerId) -> Result<(), Vec<PeerId>> {
         let mut sent = self.0.lock();
         if sent.get(digest).is_none() {
             sent.insert(*digest, HashMap::new());
         }
         let Some(pieces) = sent.get_mut(digest) else {
-            return true;
+            return Ok(());
         };
         let now = Instant::now();
-        let entry = pieces.entry(index).or_insert((now, 0));
+        let entry = pieces.entry(index).or_insert((now, Vec::new()));
         if now.duration_since(entry.0) >= FAN_WINDOW {
-            *entry = (now, 0);
+            *entry = (now, Vec::new());
         }
-        if entry.1 >= most {
-            return false;
+        if entry.1.len() >= usize::from(most) {
+            return Err(entry.1.clone());
         }
-        entry.1 += 1;
-        true
+        entry.1.push(peer);
+        Ok(())
+    }
+
+    /// Piece `index` did not reach `peer` after all: it is not named as a holder.
+    fn forget(&self, digest: &Digest, index: u32, peer: &PeerId) {
+        if let Some(entry) = self
+            .0
+            .lock()
+            .get_mut(digest)
+            .and_then(|p| p.get_mut(&index))
+        {
+            entry.1.retain(|p| p != peer);
+        }
     }
 }
 
@@ -245,7 +270,7 @@ pub async fn serve(
     let askers = Askers(Arc::new(Mutex::new(LruCache::new(ASKED_BLOBS))));
     let serving = Arc::new(tokio::sync::Semaphore::new(SERVING));
     let watches = Arc::new(tokio::sync::Semaphore::new(WATCHES));
-    let sent = Sent(Arc::new(Mutex::new(LruCache::new(ASKED_BLOBS))));
+    let sent = Sent::new();
     while let Some((peer, stream)) = incoming.next().await {
         let (store, membership, askers) = (store.clone(), membership.clone(), askers.clone());
         let (pulling, serving, sent) = (pulling.clone(), serving.clone(), sent.clone());
@@ -307,35 +332,34 @@ async fn serve_one(
         };
         return watch.run(stream, wait, pulling, limits.watches).await;
     }
-    // A piece answer holds its piece until it is written: their number is capped.
-    let (answer, _permit) = match op {
-        // The puller's uplink is the only one with the pieces it receives from the
-        // origin: each goes out once, and its receivers pass it on.
-        PIECE
-            if !limits.sent.take(
-                &digest,
-                arg,
-                if pulling(&digest) {
-                    FAN_OUT_PULLING
-                } else {
-                    FAN_OUT
-                },
-            ) =>
-        {
-            (vec![BUSY], None)
-        }
-        // An uplink that sends a few pieces at once finishes each sooner, so that its
-        // receivers serve them sooner; a member that asks beyond that asks another
-        // holder.
-        PIECE => match limits.serving.try_acquire() {
-            Ok(permit) => (piece_answer(store, &digest, arg).await?, Some(permit)),
-            Err(_) => (vec![BUSY], None),
-        },
-        _ => return Err(io::ErrorKind::InvalidData.into()),
+    if op != PIECE {
+        return Err(io::ErrorKind::InvalidData.into());
+    }
+    // The puller's uplink is the only one with the pieces it receives from the origin:
+    // each goes out once, and its receivers pass it on. An asker beyond the fan-out
+    // hears where the piece went, and asks there.
+    let most = if pulling(&digest) {
+        FAN_OUT_PULLING
+    } else {
+        FAN_OUT
     };
-    tokio::time::timeout(IDLE_TIMEOUT, stream.write_all(&answer))
-        .await
-        .map_err(|_| io::ErrorKind::TimedOut)??;
+    let (answer, _permit) = match limits.sent.take(&digest, arg, most, peer) {
+        Ok(()) => match piece_answer(store, &digest, arg, wait, limits.serving).await {
+            Ok(answer) => answer,
+            Err(error) => {
+                limits.sent.forget(&digest, arg, &peer);
+                return Err(error);
+            }
+        },
+        Err(to) => (sent_to(&to), None),
+    };
+    let written = tokio::time::timeout(IDLE_TIMEOUT, stream.write_all(&answer)).await;
+    // Whoever hears where a piece went is not sent to a member that lacks it.
+    let delivered = answer[0] == SERVED && matches!(written, Ok(Ok(())));
+    if !delivered && answer[0] != SENT_TO {
+        limits.sent.forget(&digest, arg, &peer);
+    }
+    written.map_err(|_| io::ErrorKind::TimedOut)??;
     stream.close().await
 }
 
@@ -523,22 +547,47 @@ impl Watcher<'_> {
     }
 }
 
-async fn piece_answer(store: &BlobDir, digest: &Digest, index: u32) -> io::Result<Vec<u8>> {
-    let not_held = || Ok(vec![NOT_HELD]);
-    let bytes = if store.has(digest) {
+/// The answer naming the members a piece went to.
+fn sent_to(to: &[PeerId]) -> Vec<u8> {
+    let mut out = vec![SENT_TO, to.len() as u8];
+    for peer in to {
+        let bytes = peer.to_bytes();
+        out.push(bytes.len() as u8);
+        out.extend_from_slice(&bytes);
+    }
+    out
+}
+
+/// A piece, waited for at most `wait` while the blob is arriving, and the permit it
+/// holds until it is written. An uplink that sends a few pieces at once finishes each
+/// sooner, so that its receivers serve them sooner; a member that asks beyond that
+/// asks another holder.
+async fn piece_answer<'s>(
+    store: &BlobDir,
+    digest: &Digest,
+    index: u32,
+    wait: Duration,
+    serving: &'s tokio::sync::Semaphore,
+) -> io::Result<(Vec<u8>, Option<tokio::sync::SemaphorePermit<'s>>)> {
+    let not_held = || Ok((vec![NOT_HELD], None));
+    let busy = || Ok((vec![BUSY], None));
+    let (bytes, permit) = if store.has(digest) {
         let geometry = Geometry::of(std::fs::metadata(store.path(digest))?.len());
         if index >= geometry.count() {
             return not_held();
         }
+        let Ok(permit) = serving.try_acquire() else {
+            return busy();
+        };
         let (start, len) = geometry.span(index);
-        store.read_at(digest, start, len).await?
+        (store.read_at(digest, start, len).await?, permit)
     } else {
         let Some(receiving) = store.receiving(digest) else {
             return not_held();
         };
         let mut progress = receiving.progress();
         let geometry = match tokio::time::timeout(
-            PIECE_WAIT,
+            wait,
             progress.wait_for(|p| p.have.contains(index) || p.end.is_some()),
         )
         .await
@@ -549,13 +598,17 @@ async fn piece_answer(store: &BlobDir, digest: &Digest, index: u32) -> io::Resul
         let Some(geometry) = geometry else {
             return not_held();
         };
+        // Waited for without a permit: a piece on its way holds no uplink.
+        let Ok(permit) = serving.try_acquire() else {
+            return busy();
+        };
         let (start, len) = geometry.span(index);
-        receiving.read_at(start, len).await?
+        (receiving.read_at(start, len).await?, permit)
     };
     let mut out = Vec::with_capacity(bytes.len() + 1);
     out.push(SERVED);
     out.extend_from_slice(&bytes);
-    Ok(out)
+    Ok((out, Some(permit)))
 }
 
 fn request(op: u8, digest: &Digest, arg: u32, wait: Duration) -> [u8; REQUEST_LEN] {
@@ -590,8 +643,29 @@ async fn ask(
         REFUSED => Err(AskError::Refused),
         PULLING => Err(AskError::Pulling),
         BUSY => Err(AskError::Busy),
+        SENT_TO => Err(AskError::SentTo(read_peers(&mut stream, FAN_OUT).await?)),
         _ => Err(AskError::NotHeld),
     }
+}
+
+/// A count, then at most `most` peer ids, each after its length.
+async fn read_peers(stream: &mut libp2p::Stream, most: u8) -> Result<Vec<PeerId>, AskError> {
+    let mut count = [0u8];
+    read_full(stream, &mut count).await?;
+    if count[0] > most {
+        return Err(AskError::Malformed);
+    }
+    let mut peers = Vec::new();
+    for _ in 0..count[0] {
+        let mut len = [0u8];
+        read_full(stream, &mut len).await?;
+        let mut raw = vec![0u8; usize::from(len[0])];
+        read_full(stream, &mut raw).await?;
+        if let Ok(peer) = PeerId::from_bytes(&raw) {
+            peers.push(peer);
+        }
+    }
+    Ok(peers)
 }
 
 /// Reads exactly `buf.len()` bytes, failing when nothing arrives for the idle timeout.
@@ -660,21 +734,7 @@ async fn next_frame(mut watch: Watch, within: Duration) -> Result<(Status, Watch
         }
         hashes.push((index, entry[4..].try_into().expect("32 bytes")));
     }
-    let mut others_len = [0u8];
-    read_full(stream, &mut others_len).await?;
-    if usize::from(others_len[0]) > GOSSIP {
-        return Err(AskError::Malformed);
-    }
-    let mut others = Vec::new();
-    for _ in 0..others_len[0] {
-        let mut l = [0u8];
-        read_full(stream, &mut l).await?;
-        let mut raw = vec![0u8; usize::from(l[0])];
-        read_full(stream, &mut raw).await?;
-        if let Ok(peer) = PeerId::from_bytes(&raw) {
-            others.push(peer);
-        }
-    }
+    let others = read_peers(stream, GOSSIP as u8).await?;
     let status = Status {
         geometry,
         whole: head[8] == 1,
@@ -691,9 +751,10 @@ async fn ask_piece(
     digest: Digest,
     index: u32,
     len: u64,
+    wait: Duration,
 ) -> Result<Vec<u8>, AskError> {
-    let req = request(PIECE, &digest, index, Duration::ZERO);
-    let mut stream = ask(&mut control, peer, &req, ANSWER_TIMEOUT + PIECE_WAIT).await?;
+    let req = request(PIECE, &digest, index, wait);
+    let mut stream = ask(&mut control, peer, &req, ANSWER_TIMEOUT + wait).await?;
     let mut bytes = vec![0u8; usize::try_from(len).map_err(|_| AskError::Malformed)?];
     read_full(&mut stream, &mut bytes).await?;
     Ok(bytes)
@@ -719,6 +780,41 @@ struct Peer {
     delivered: u32,
     /// Pieces it turned away lately, oldest first: asked of others meanwhile.
     turned_away: VecDeque<(u32, Instant)>,
+    /// Pieces a holder said it sent it lately, oldest first: asked of it, to be
+    /// waited for there a little.
+    promised: VecDeque<(u32, Instant)>,
+}
+
+impl Peer {
+    /// The pieces to ask it for now: those it has or was sent, not those it turned
+    /// away lately.
+    fn offers(&self, count: u32) -> PieceSet {
+        let mut offers = self.have.clone().unwrap_or_else(|| PieceSet::new(count));
+        for (index, at) in &self.promised {
+            if at.elapsed() < FAN_WINDOW {
+                offers.insert(*index);
+            }
+        }
+        for (index, at) in &self.turned_away {
+            if at.elapsed() < TURNED_AWAY_FOR {
+                offers.remove(*index);
+            }
+        }
+        offers
+    }
+
+    fn promised(&self, index: u32) -> bool {
+        !self.have.as_ref().is_some_and(|h| h.contains(index))
+            && self.promised.iter().any(|(i, _)| *i == index)
+    }
+}
+
+/// Appends `index` to a per-peer memory, forgetting the oldest past its bound.
+fn remember(memory: &mut VecDeque<(u32, Instant)>, index: u32) {
+    memory.push_back((index, Instant::now()));
+    if memory.len() > TURNED_AWAY {
+        memory.pop_front();
+    }
 }
 
 enum Answer {
@@ -992,6 +1088,7 @@ impl<'n, 'a> Fetch<'n, 'a> {
         bytes: Result<Vec<u8>, AskError>,
     ) -> Result<(), FetchError> {
         self.asked.remove(index);
+        let promised = self.peers.get(&peer).is_some_and(|s| s.promised(index));
         if let Some(state) = self.peers.get_mut(&peer) {
             state.asked = state.asked.saturating_sub(1);
         }
@@ -1001,10 +1098,28 @@ impl<'n, 'a> Fetch<'n, 'a> {
             Err(AskError::Busy) => {
                 tracing::debug!(%peer, digest = %self.digest, index, "busy");
                 if let Some(state) = self.peers.get_mut(&peer) {
-                    state.turned_away.push_back((index, Instant::now()));
-                    if state.turned_away.len() > TURNED_AWAY {
-                        state.turned_away.pop_front();
+                    remember(&mut state.turned_away, index);
+                }
+                return Ok(());
+            }
+            // Asked of those it went to, who serve it once they have it.
+            Err(AskError::SentTo(to)) => {
+                tracing::debug!(%peer, digest = %self.digest, index, ?to, "sent to others");
+                if let Some(state) = self.peers.get_mut(&peer) {
+                    remember(&mut state.turned_away, index);
+                }
+                for other in to {
+                    self.add(other, false, false);
+                    if let Some(state) = self.peers.get_mut(&other) {
+                        remember(&mut state.promised, index);
                     }
+                }
+                return Ok(());
+            }
+            // Promised, it did not come in time: no fault of the member's.
+            Err(AskError::NotHeld) if promised => {
+                if let Some(state) = self.peers.get_mut(&peer) {
+                    state.promised.retain(|(i, _)| *i != index);
                 }
                 return Ok(());
             }
@@ -1046,13 +1161,17 @@ impl<'n, 'a> Fetch<'n, 'a> {
             return;
         };
         let have = writer.progress().borrow().have.clone();
-        let count = geometry.count() as usize;
-        let mut availability = vec![0u16; count];
-        for state in self.peers.values().filter(|s| !s.dropped) {
-            if let Some(theirs) = &state.have {
-                for index in theirs.iter() {
-                    availability[index as usize] += 1;
-                }
+        let count = geometry.count();
+        let offers: HashMap<PeerId, PieceSet> = self
+            .peers
+            .iter()
+            .filter(|(_, s)| !s.dropped)
+            .map(|(p, s)| (*p, s.offers(count)))
+            .collect();
+        let mut availability = vec![0u16; count as usize];
+        for theirs in offers.values() {
+            for index in theirs.iter() {
+                availability[index as usize] += 1;
             }
         }
         let mut in_flight = self.asked.present() as usize;
@@ -1068,23 +1187,22 @@ impl<'n, 'a> Fetch<'n, 'a> {
                 if state.dropped || state.asked >= PER_PEER {
                     break;
                 }
-                let Some(theirs) = &state.have else { break };
-                let mut theirs = theirs.clone();
+                let Some(theirs) = offers.get(&peer) else {
+                    break;
+                };
                 // A puller is asked only for what no other known member has: its
                 // uplink is for the pieces it is the first to have.
-                if state.pulling && !state.whole {
-                    for i in 0..theirs.count() {
-                        if availability[i as usize] > 1 {
-                            theirs.remove(i);
-                        }
+                let sole;
+                let theirs = if state.pulling && !state.whole {
+                    let mut only = theirs.clone();
+                    for i in theirs.iter().filter(|&i| availability[i as usize] > 1) {
+                        only.remove(i);
                     }
-                }
-                for (index, at) in &state.turned_away {
-                    if at.elapsed() < TURNED_AWAY_FOR {
-                        theirs.remove(*index);
-                    }
-                }
-                let theirs = &theirs;
+                    sole = only;
+                    &sole
+                } else {
+                    theirs
+                };
                 let picker = Picker {
                     have: &have,
                     asked: &self.asked,
@@ -1103,7 +1221,13 @@ impl<'n, 'a> Fetch<'n, 'a> {
                     state.asked += 1;
                 }
                 let (_, len) = geometry.span(index);
-                let ask = ask_piece(self.net.control.clone(), peer, self.digest, index, len);
+                let wait = if self.peers[&peer].promised(index) {
+                    PROMISE_WAIT
+                } else {
+                    MAX_APPEAR_WAIT
+                };
+                let control = self.net.control.clone();
+                let ask = ask_piece(control, peer, self.digest, index, len, wait);
                 self.asks
                     .push(async move { Answer::Piece(peer, index, ask.await) }.boxed());
             }
@@ -1555,18 +1679,25 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_piece_goes_out_twice_per_window_then_others_serve_it() {
-        let sent = Sent(Arc::new(Mutex::new(LruCache::new(4))));
+    async fn a_piece_goes_out_twice_per_window_then_its_askers_hear_where_it_went() {
+        let sent = Sent::new();
         let (_, digest) = blob(10);
-        assert!(sent.take(&digest, 0, FAN_OUT));
-        assert!(sent.take(&digest, 0, FAN_OUT));
-        assert!(
-            !sent.take(&digest, 0, FAN_OUT),
+        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        assert_eq!(sent.take(&digest, 0, FAN_OUT, a), Ok(()));
+        assert_eq!(sent.take(&digest, 0, FAN_OUT, b), Ok(()));
+        assert_eq!(
+            sent.take(&digest, 0, FAN_OUT, c),
+            Err(vec![a, b]),
             "a third copy within the window"
         );
-        assert!(sent.take(&digest, 1, FAN_OUT), "each piece counts apart");
+        assert_eq!(
+            sent.take(&digest, 1, FAN_OUT, c),
+            Ok(()),
+            "each piece apart"
+        );
+        assert_eq!(sent.take(&digest, 1, 1, a), Err(vec![c]), "a puller's once");
         tokio::time::advance(FAN_WINDOW).await;
-        assert!(sent.take(&digest, 0, FAN_OUT), "a new window");
+        assert_eq!(sent.take(&digest, 0, FAN_OUT, c), Ok(()), "a new window");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
