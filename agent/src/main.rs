@@ -384,6 +384,7 @@ impl Node {
         pulling: bool,
         idle: Duration,
     ) -> bool {
+        tracing::debug!(%digest, ?peers, pulling, "fetch from members");
         let is_member = |peer: &PeerId| self.membership.check_peer(peer).is_ok();
         let net = transfer::Net {
             control: &self.blobs,

@@ -3,11 +3,13 @@
 //! it has, also while it still receives the rest.
 //!
 //! One request per stream, 39 bytes: an operation (1), the digest (32), an argument (4,
-//! big endian) and how long the server may wait for the blob to appear (2, ms, at most
-//! 5 s). The answer starts with a status byte (served, not held, refused, pulling: not
-//! held yet, but the server's own origin pull of it is under way; or busy: the server
-//! sends as many pieces as it will at once, or that piece went out twice in the last two
-//! seconds: ask another holder).
+//! big endian) and how long the server may wait (2, ms, at most 5 s): for the blob to
+//! appear, or for the piece asked while the blob arrives. The answer starts with a status
+//! byte: served; not held; refused; pulling (not held yet, but the server's own origin
+//! pull of it is under way); busy (the server sends as many pieces as it will at once:
+//! ask another holder); or sent to (that piece went out enough in the last two seconds,
+//! once from its puller, twice from any other member: a count, 1, then a length byte and
+//! a peer id each, the members it went to, which serve it as soon as they have it).
 //!
 //! - `STATUS`, the argument the first piece whose hash the asker wants: a watch. Frames
 //!   follow on the stream, one at once and one whenever pieces arrived since (at most
@@ -22,12 +24,14 @@
 //!   polling period. A server holds at most 256 watches open; past that it sends one
 //!   frame and ends, and the asker asks again.
 //! - `PIECE`, the argument the piece's index: its bytes. A piece not there yet is
-//!   waited for while the blob is still arriving, at most 10 s.
+//!   waited for while the blob is still arriving, as long as the asker said.
 //!
-//! The fetcher checks each piece against its hash on arrival; a member that sends a bad
-//! one is asked nothing more, one that stalls loses only the piece it owed. The whole
-//! digest is checked before the blob is committed. Only members are served, only
-//! members are asked.
+//! A new piece spreads as a tree: its puller sends it once, and whoever asks it after
+//! hears where it went and asks there; a receiver asks a puller only for what no other
+//! member it knows has. The fetcher checks each piece against its hash on arrival; a
+//! member that sends a bad one is asked nothing more, one that stalls loses only the
+//! piece it owed. The whole digest is checked before the blob is committed. Only
+//! members are served, only members are asked.
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -89,8 +93,10 @@ const GOSSIP: usize = 8;
 const ASKED_BLOBS: usize = 4096;
 /// Blobs whose pieces' recipients a server remembers: those it serves now.
 const SENT_BLOBS: usize = 64;
-/// Pieces a server sends at once (each held in memory until it is written).
-const SERVING: usize = 8;
+/// Pieces a server sends at once (each held in memory until it is written): few, so
+/// that each is whole at its receiver, and servable there, soon; three keep an uplink
+/// busy between requests.
+const SERVING: usize = 3;
 /// Each piece goes out at most this many times per window from one server, so that a
 /// new piece spreads as a tree (its first receivers serve the rest) instead of every
 /// receiver's taking it from the one uplink that has it.
@@ -1044,7 +1050,7 @@ impl<'n, 'a> Fetch<'n, 'a> {
                 }
             }
         }
-        tracing::debug!(%peer, digest = %self.digest, present = status.have.present(), whole = status.whole, others = status.others.len(), "status");
+        tracing::trace!(%peer, digest = %self.digest, present = status.have.present(), whole = status.whole, others = status.others.len(), "status");
         state.failures = 0;
         state.whole = status.whole;
         state.have = Some(status.have);
