@@ -40,17 +40,22 @@ struct Args {
     containerd: bool,
     /// Limit every node's egress to this rate too (a `tc` rate: `40mbit` is the
     /// origin's), so that the nodes' own links are the limit; prints
-    /// `ratio coldstart_vs_limit_shaped` and skips the origin-only run.
+    /// `ratio coldstart_vs_limit_shaped` (`containerd_coldstart_vs_limit_shaped` with
+    /// `--containerd`) and skips the origin-only run.
     #[arg(long)]
     node_rate: Option<String>,
 }
 
 /// Every node's containerd pulls at once, through its agent's mirror, then (its content
-/// forgotten) straight from the origin: each node's time until its `ctr image pull`
-/// returned, for both, and the bytes one pull fetches.
-fn containerd_everywhere(nodes: u8) -> (Vec<Duration>, Vec<Duration>, u64) {
+/// forgotten, and unless every node's uplink is shaped) straight from the origin: each
+/// node's time until its `ctr image pull` returned, and the bytes one pull fetches.
+fn containerd_everywhere(
+    nodes: u8,
+    node_rate: Option<&str>,
+) -> (Vec<Duration>, Option<Vec<Duration>>, u64) {
     let mut cluster = Cluster::new("bctr", nodes, false, &[64 << 10]);
     cluster.with_image = false;
+    cluster.node_rate = node_rate.map(str::to_owned);
     let image = cluster.registry.push_index(&cluster.lab, 8 << 20, 20 << 20);
     cluster.start_nodes(nodes, "members.json");
     let mut runtimes = Vec::new();
@@ -87,10 +92,12 @@ fn containerd_everywhere(nodes: u8) -> (Vec<Duration>, Vec<Duration>, u64) {
         })
     };
     let through_agents = timed(false);
-    for c in &runtimes {
-        c.forget(&reference);
-    }
-    let direct = timed(true);
+    let direct = node_rate.is_none().then(|| {
+        for c in &runtimes {
+            c.forget(&reference);
+        }
+        timed(true)
+    });
     (through_agents, direct, image.amd64_bytes())
 }
 
@@ -167,6 +174,9 @@ fn plot(coldstart: &[Duration], origin_only: &[Duration], limit: Duration) -> St
         (coldstart, "#1f77b4", "cascade", 0.0),
         (origin_only, "#d62728", "origin only", 1.0),
     ] {
+        if times.is_empty() {
+            continue;
+        }
         let mut sorted = times.to_vec();
         sorted.sort();
         for (rank, t) in sorted.iter().enumerate() {
@@ -202,14 +212,15 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let nodes = args.nodes;
+    let rate = args.node_rate.as_deref();
     let (coldstart, origin_only, image_bytes) = if args.containerd {
         println!("containerd: {nodes} nodes, one registry behind a 40 Mbit/s link");
-        containerd_everywhere(nodes)
-    } else if let Some(rate) = args.node_rate.as_deref() {
+        containerd_everywhere(nodes, rate)
+    } else if let Some(rate) = rate {
         println!("cascade: {nodes} agents, the registry's and every node's egress at {rate}");
         let (coldstart, image_bytes) =
             pull_everywhere("shaped", nodes, Some(rate), |_, _| "members.json".into());
-        (coldstart.clone(), coldstart, image_bytes)
+        (coldstart, None, image_bytes)
     } else {
         println!("cascade: {nodes} agents, one registry behind a 40 Mbit/s link");
         let (coldstart, image_bytes) =
@@ -217,46 +228,61 @@ fn main() -> ExitCode {
         println!("origin only: the same {nodes} agents, each on its own");
         let (origin_only, _) =
             pull_everywhere("solo", nodes, None, |cluster, i| cluster.write_solo(i));
-        (coldstart, origin_only, image_bytes)
+        (coldstart, Some(origin_only), image_bytes)
     };
     let limit = Duration::from_secs_f64(image_bytes as f64 / ORIGIN_BYTES_PER_SEC);
+    let last = |times: &[Duration]| times.iter().max().copied().unwrap_or_default();
+    let cascade = last(&coldstart);
+    let seconds = |t: &Duration| format!("{:.2}", t.as_secs_f64());
 
     println!();
-    println!("| node | cascade s | origin only s |");
-    println!("|---:|---:|---:|");
-    for (i, (a, b)) in coldstart.iter().zip(&origin_only).enumerate() {
-        println!(
-            "| {} | {:.2} | {:.2} |",
-            i + 1,
-            a.as_secs_f64(),
-            b.as_secs_f64()
-        );
+    match &origin_only {
+        Some(origin_only) => {
+            println!("| node | cascade s | origin only s |");
+            println!("|---:|---:|---:|");
+            for (i, (a, b)) in coldstart.iter().zip(origin_only).enumerate() {
+                println!("| {} | {} | {} |", i + 1, seconds(a), seconds(b));
+            }
+        }
+        None => {
+            println!("| node | cascade s |");
+            println!("|---:|---:|");
+            for (i, a) in coldstart.iter().enumerate() {
+                println!("| {} | {} |", i + 1, seconds(a));
+            }
+        }
     }
-    let last = |times: &[Duration]| times.iter().max().copied().unwrap_or_default();
-    let (cascade, solo) = (last(&coldstart), last(&origin_only));
     println!();
-    println!(
-        "image {:.1} MiB; limit {:.2} s; cascade done in {:.2} s; origin only in {:.2} s",
+    print!(
+        "image {:.1} MiB; limit {:.2} s; cascade done in {:.2} s",
         image_bytes as f64 / f64::from(1 << 20),
         limit.as_secs_f64(),
         cascade.as_secs_f64(),
-        solo.as_secs_f64()
     );
-    if let Err(error) = std::fs::write(&args.svg, plot(&coldstart, &origin_only, limit)) {
+    match &origin_only {
+        Some(origin_only) => println!("; origin only in {:.2} s", last(origin_only).as_secs_f64()),
+        None => println!(),
+    }
+    let svg = plot(
+        &coldstart,
+        origin_only.as_deref().unwrap_or_default(),
+        limit,
+    );
+    if let Err(error) = std::fs::write(&args.svg, svg) {
         eprintln!("{}: {error}", args.svg.display());
     }
     println!("plot: {}", args.svg.display());
-    if args.node_rate.is_some() {
+    let prefix = if args.containerd { "containerd_" } else { "" };
+    let Some(origin_only) = origin_only else {
         println!(
-            "ratio coldstart_vs_limit_shaped {:.2}",
+            "ratio {prefix}coldstart_vs_limit_shaped {:.2}",
             cascade.as_secs_f64() / limit.as_secs_f64()
         );
         return ExitCode::SUCCESS;
-    }
-    let prefix = if args.containerd { "containerd_" } else { "" };
+    };
     println!(
         "ratio {prefix}coldstart_vs_origin_only {:.2}",
-        cascade.as_secs_f64() / solo.as_secs_f64()
+        cascade.as_secs_f64() / last(&origin_only).as_secs_f64()
     );
     println!(
         "ratio {prefix}coldstart_vs_limit {:.2}",
