@@ -7,6 +7,11 @@
 //! and `ratio coldstart_vs_origin_only VALUE` and `ratio coldstart_vs_limit VALUE`, where
 //! the limit is the image's bytes over the origin's rate: one copy through its link.
 //! Writes the per-node completion times as an SVG plot.
+//!
+//! With every node's uplink shaped like the origin's, at several cluster sizes, each
+//! run several times (the figures of the pieces' section in `BENCHMARKS.md`):
+//! `cargo run --release -p gantry-agent --example coldstart_bench -- --node-rate 40mbit
+//! --sizes 4,8,12 --runs 5 --svg docs/coldstart_shaped.svg`.
 
 #[path = "../tests/lab/mod.rs"]
 mod lab;
@@ -44,6 +49,15 @@ struct Args {
     /// `--containerd`) and skips the origin-only run.
     #[arg(long)]
     node_rate: Option<String>,
+    /// With `--node-rate`: cluster sizes to run instead of `--nodes` (`4,8,12`), each
+    /// `--runs` times; prints each size's median ratio and the spread from the smallest
+    /// to the largest, and plots each size's median run.
+    #[arg(long, value_delimiter = ',', requires = "node_rate", conflicts_with = "containerd",
+          value_parser = clap::value_parser!(u8).range(2..=60))]
+    sizes: Vec<u8>,
+    /// Runs of each size in `--sizes`.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=20))]
+    runs: u8,
 }
 
 /// Every node's containerd pulls at once, through its agent's mirror, then (its content
@@ -206,10 +220,102 @@ fn plot(coldstart: &[Duration], origin_only: &[Duration], limit: Duration) -> St
     svg
 }
 
+/// Each size's runs with every uplink shaped: their ratios, the median's, the spread,
+/// and the median runs' per-node times plotted by size.
+fn by_size(args: &Args, rate: &str) -> ExitCode {
+    let mut medians = Vec::new();
+    for &nodes in &args.sizes {
+        let mut runs: Vec<(f64, Vec<Duration>)> = (0..args.runs)
+            .map(|_| {
+                let (times, bytes) =
+                    pull_everywhere("shaped", nodes, Some(rate), |_, _| "members.json".into());
+                let limit = bytes as f64 / ORIGIN_BYTES_PER_SEC;
+                let last = times.iter().max().copied().unwrap_or_default();
+                (last.as_secs_f64() / limit, times)
+            })
+            .collect();
+        runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let ratios: Vec<String> = runs.iter().map(|(r, _)| format!("{r:.2}")).collect();
+        let (median, times) = runs.swap_remove(runs.len() / 2);
+        println!("{nodes} nodes: {} (median {median:.2})", ratios.join(", "));
+        println!("ratio coldstart_vs_limit_shaped_{nodes} {median:.2}");
+        medians.push((nodes, median, times));
+    }
+    if let (Some(first), Some(last)) = (medians.first(), medians.last()) {
+        println!("ratio coldstart_shaped_spread {:.2}", last.1 - first.1);
+    }
+    let limit = Duration::from_secs_f64(LAYERS.iter().sum::<usize>() as f64 / ORIGIN_BYTES_PER_SEC);
+    if let Err(error) = std::fs::write(&args.svg, plot_by_size(&medians, limit)) {
+        eprintln!("{}: {error}", args.svg.display());
+    }
+    println!("plot: {}", args.svg.display());
+    ExitCode::SUCCESS
+}
+
+/// Each size's per-node completion times, sorted, in a band of its own.
+fn plot_by_size(sizes: &[(u8, f64, Vec<Duration>)], limit: Duration) -> String {
+    let (width, height, left, right, top, bottom) = (720.0, 380.0, 70.0, 20.0, 40.0, 50.0);
+    let max = sizes
+        .iter()
+        .flat_map(|(_, _, times)| times)
+        .chain([&limit.mul_f64(1.5)])
+        .map(Duration::as_secs_f64)
+        .fold(1.0, f64::max)
+        * 1.05;
+    let x = |s: f64| left + s / max * (width - left - right);
+    let mut svg = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="{left}" y="24" font-size="14">Per-node completion, every uplink shaped like the origin's, by cluster size (s)</text>
+"#
+    );
+    for tick in 0..=(max as u64) {
+        let tx = x(tick as f64);
+        svg += &format!(
+            r##"<line x1="{tx:.1}" y1="{top}" x2="{tx:.1}" y2="{:.1}" stroke="#ddd"/><text x="{tx:.1}" y="{:.1}" text-anchor="middle">{tick}</text>
+"##,
+            height - bottom,
+            height - bottom + 16.0
+        );
+    }
+    for (factor, label) in [(1.0, "limit"), (1.5, "1.5x")] {
+        let lx = x(limit.as_secs_f64() * factor);
+        svg += &format!(
+            r##"<line x1="{lx:.1}" y1="{top}" x2="{lx:.1}" y2="{:.1}" stroke="#888" stroke-dasharray="4 3"/><text x="{lx:.1}" y="{:.1}" fill="#555">{label}</text>
+"##,
+            height - bottom,
+            top - 4.0
+        );
+    }
+    let colors = ["#2ca02c", "#1f77b4", "#d62728", "#9467bd", "#ff7f0e"];
+    let band = (height - top - bottom) / sizes.len().max(1) as f64;
+    for (i, (nodes, _, times)) in sizes.iter().enumerate() {
+        let y0 = top + i as f64 * band;
+        svg += &format!(
+            "<text x=\"8\" y=\"{:.1}\">N={nodes}</text>\n",
+            y0 + band / 2.0
+        );
+        let mut sorted = times.clone();
+        sorted.sort();
+        for (rank, t) in sorted.iter().enumerate() {
+            svg += &format!(
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3.5\" fill=\"{}\"/>\n",
+                x(t.as_secs_f64()),
+                y0 + (rank as f64 + 0.5) / sorted.len() as f64 * band,
+                colors[i % colors.len()]
+            );
+        }
+    }
+    svg + "</svg>\n"
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     if !lab_available() {
         return ExitCode::FAILURE;
+    }
+    if let (false, Some(rate)) = (args.sizes.is_empty(), args.node_rate.as_deref()) {
+        return by_size(&args, rate);
     }
     let nodes = args.nodes;
     let rate = args.node_rate.as_deref();
