@@ -990,6 +990,9 @@ impl<'n, 'a> Fetch<'n, 'a> {
             Ok(status) => status,
             // Asked again at the next refresh, until the fetch counts as stalled.
             Err(AskError::Pulling | AskError::Ended) => return Ok(()),
+            // A member named by gossip may not have begun receiving yet: asked again at
+            // the next refresh.
+            Err(AskError::NotHeld) if !state.seed => return Ok(()),
             // Not held and not pulling: nothing to wait for.
             Err(error @ (AskError::NotHeld | AskError::Refused)) => {
                 tracing::debug!(%peer, digest = %self.digest, %error, "status: nothing to get");
@@ -1116,8 +1119,11 @@ impl<'n, 'a> Fetch<'n, 'a> {
                 }
                 for other in to {
                     self.add(other, false, false);
+                    // It has the piece, or soon: asked again even if it said earlier
+                    // it had nothing (a member that sent a bad piece stays dropped).
                     if let Some(state) = self.peers.get_mut(&other) {
                         remember(&mut state.promised, index);
+                        state.dropped &= self.bad.contains(&other);
                     }
                 }
                 return Ok(());
@@ -1579,6 +1585,66 @@ mod tests {
         let writer = fetch.writer.take().unwrap();
         assert_eq!(writer.finish().await.unwrap(), bytes.len() as u64);
         assert_eq!(std::fs::read(fetcher.store.path(&digest)).unwrap(), bytes);
+    }
+
+    #[tokio::test]
+    async fn a_member_that_had_nothing_yet_is_asked_where_a_piece_went() {
+        let fetcher = node("redirected").await;
+        let anyone = |_: &PeerId| true;
+        let net = Net {
+            control: &fetcher.control,
+            store: &fetcher.store,
+            is_member: &anyone,
+            local: fetcher.peer,
+        };
+        let order = Order {
+            digest: blob(10).1,
+            max_len: 1 << 30,
+            seeds: &[],
+            pulling: true,
+            idle: Duration::from_secs(5),
+        };
+        let mut fetch = Fetch::new(&net, &order);
+        let (puller, receiver) = (PeerId::random(), PeerId::random());
+        for (peer, seed) in [(puller, true), (receiver, false)] {
+            let state = Peer {
+                seed,
+                pulling: seed,
+                ..Peer::default()
+            };
+            fetch.peers.insert(peer, state);
+        }
+        // Asked before it began receiving, a member named by gossip stays in the fetch.
+        fetch
+            .on_status(receiver, Err(AskError::NotHeld))
+            .await
+            .unwrap();
+        assert!(!fetch.peers[&receiver].dropped);
+        fetch
+            .on_status(puller, Err(AskError::NotHeld))
+            .await
+            .unwrap();
+        assert!(fetch.peers[&puller].dropped, "a seed without it is done");
+        fetch.peers.get_mut(&puller).unwrap().dropped = false;
+        fetch.peers.get_mut(&receiver).unwrap().dropped = true;
+        // The puller sent piece 3 to it: asked of it there, for a short wait.
+        fetch.asked = PieceSet::new(8);
+        fetch.asked.insert(3);
+        fetch
+            .on_piece(puller, 3, Err(AskError::SentTo(vec![receiver])))
+            .await
+            .unwrap();
+        let state = &fetch.peers[&receiver];
+        assert!(!state.dropped && state.promised(3));
+        assert!(state.offers(8).contains(3));
+        assert!(!fetch.peers[&puller].offers(8).contains(3), "turned away");
+        // The wait there runs out: the member is not at fault.
+        fetch
+            .on_piece(receiver, 3, Err(AskError::NotHeld))
+            .await
+            .unwrap();
+        let state = &fetch.peers[&receiver];
+        assert_eq!((state.failures, state.promised(3)), (0, false));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
