@@ -168,22 +168,8 @@ fn plot(coldstart: &[Duration], origin_only: &[Duration], limit: Duration) -> St
         31..=80 => 5,
         _ => 10,
     };
-    for tick in (0..=(max as u64)).step_by(step) {
-        let tx = x(tick as f64);
-        svg += &format!(
-            r##"<line x1="{tx:.1}" y1="{top}" x2="{tx:.1}" y2="{:.1}" stroke="#ddd"/><text x="{tx:.1}" y="{:.1}" text-anchor="middle">{tick}</text>
-"##,
-            height - bottom,
-            height - bottom + 16.0
-        );
-    }
-    let lx = x(limit.as_secs_f64());
-    svg += &format!(
-        r##"<line x1="{lx:.1}" y1="{top}" x2="{lx:.1}" y2="{:.1}" stroke="#888" stroke-dasharray="4 3"/><text x="{lx:.1}" y="{:.1}" fill="#555">limit</text>
-"##,
-        height - bottom,
-        top - 4.0
-    );
+    svg += &grid(&x, max, step, top, height - bottom);
+    svg += &marker(x(limit.as_secs_f64()), "limit", top, height - bottom);
     for (times, color, label, row) in [
         (coldstart, "#1f77b4", "cascade", 0.0),
         (origin_only, "#d62728", "origin only", 1.0),
@@ -218,6 +204,30 @@ fn plot(coldstart: &[Duration], origin_only: &[Duration], limit: Duration) -> St
         height / 2.0
     );
     svg
+}
+
+/// A vertical line every `step` seconds up to `max`, labelled below `floor`.
+fn grid(x: &dyn Fn(f64) -> f64, max: f64, step: usize, top: f64, floor: f64) -> String {
+    (0..=(max as u64))
+        .step_by(step)
+        .map(|tick| {
+            let tx = x(tick as f64);
+            format!(
+                r##"<line x1="{tx:.1}" y1="{top}" x2="{tx:.1}" y2="{floor:.1}" stroke="#ddd"/><text x="{tx:.1}" y="{:.1}" text-anchor="middle">{tick}</text>
+"##,
+                floor + 16.0
+            )
+        })
+        .collect()
+}
+
+/// A dashed line at `lx`, labelled above `top`.
+fn marker(lx: f64, label: &str, top: f64, floor: f64) -> String {
+    format!(
+        r##"<line x1="{lx:.1}" y1="{top}" x2="{lx:.1}" y2="{floor:.1}" stroke="#888" stroke-dasharray="4 3"/><text x="{lx:.1}" y="{:.1}" fill="#555">{label}</text>
+"##,
+        top - 4.0
+    )
 }
 
 /// Each size's runs with every uplink shaped: their ratios, the median's, the spread,
@@ -269,23 +279,9 @@ fn plot_by_size(sizes: &[(u8, f64, Vec<Duration>)], limit: Duration) -> String {
 <text x="{left}" y="24" font-size="14">Per-node completion, every uplink shaped like the origin's, by cluster size (s)</text>
 "#
     );
-    for tick in 0..=(max as u64) {
-        let tx = x(tick as f64);
-        svg += &format!(
-            r##"<line x1="{tx:.1}" y1="{top}" x2="{tx:.1}" y2="{:.1}" stroke="#ddd"/><text x="{tx:.1}" y="{:.1}" text-anchor="middle">{tick}</text>
-"##,
-            height - bottom,
-            height - bottom + 16.0
-        );
-    }
+    svg += &grid(&x, max, 1, top, height - bottom);
     for (factor, label) in [(1.0, "limit"), (1.5, "1.5x")] {
-        let lx = x(limit.as_secs_f64() * factor);
-        svg += &format!(
-            r##"<line x1="{lx:.1}" y1="{top}" x2="{lx:.1}" y2="{:.1}" stroke="#888" stroke-dasharray="4 3"/><text x="{lx:.1}" y="{:.1}" fill="#555">{label}</text>
-"##,
-            height - bottom,
-            top - 4.0
-        );
+        svg += &marker(x(limit.as_secs_f64() * factor), label, top, height - bottom);
     }
     let colors = ["#2ca02c", "#1f77b4", "#d62728", "#9467bd", "#ff7f0e"];
     let band = (height - top - bottom) / sizes.len().max(1) as f64;

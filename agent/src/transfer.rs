@@ -1453,6 +1453,20 @@ mod tests {
         writer.finish().await.unwrap();
     }
 
+    fn anyone(_: &PeerId) -> bool {
+        true
+    }
+
+    /// A fetch's view of `node`, to which every peer is a member.
+    fn net_of(node: &Node) -> Net<'_> {
+        Net {
+            control: &node.control,
+            store: &node.store,
+            is_member: &anyone,
+            local: node.peer,
+        }
+    }
+
     /// A watch of `digest` from `asker` on `holder`, every hash from the first piece.
     async fn watch(
         asker: &Node,
@@ -1469,13 +1483,7 @@ mod tests {
         digest: &Digest,
         pulling: bool,
     ) -> Result<Fetched, FetchError> {
-        let anyone = |_: &PeerId| true;
-        let net = Net {
-            control: &node.control,
-            store: &node.store,
-            is_member: &anyone,
-            local: node.peer,
-        };
+        let net = net_of(node);
         let order = Order {
             digest: *digest,
             max_len: 1 << 30,
@@ -1516,13 +1524,7 @@ mod tests {
     async fn a_piece_that_does_not_match_its_hash_drops_its_sender_only() {
         let (bytes, digest) = blob(2 * P as usize + 10);
         let fetcher = node("checker").await;
-        let anyone = |_: &PeerId| true;
-        let net = Net {
-            control: &fetcher.control,
-            store: &fetcher.store,
-            is_member: &anyone,
-            local: fetcher.peer,
-        };
+        let net = net_of(&fetcher);
         let geometry = Geometry::of(bytes.len() as u64);
         let piece = |i: u32| {
             let (start, len) = geometry.span(i);
@@ -1590,13 +1592,7 @@ mod tests {
     #[tokio::test]
     async fn a_member_that_had_nothing_yet_is_asked_where_a_piece_went() {
         let fetcher = node("redirected").await;
-        let anyone = |_: &PeerId| true;
-        let net = Net {
-            control: &fetcher.control,
-            store: &fetcher.store,
-            is_member: &anyone,
-            local: fetcher.peer,
-        };
+        let net = net_of(&fetcher);
         let order = Order {
             digest: blob(10).1,
             max_len: 1 << 30,
