@@ -359,12 +359,7 @@ async fn arrival(
             }
             _ => {}
         }
-        let known = store.receiving(digest).and_then(|r| {
-            let progress = r.progress();
-            let len = progress.borrow().geometry.map(|g| g.len);
-            len.map(|len| (len, r))
-        });
-        if let Some((len, _)) = known {
+        if let Some(len) = store.receiving(digest).and_then(|r| r.known_len()) {
             return Arrival::Arriving(len);
         }
         // Wake on a blob that begins or ends, a length that becomes known, the obtain's

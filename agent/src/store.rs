@@ -99,6 +99,11 @@ impl Receiving {
         self.progress.subscribe()
     }
 
+    /// The blob's length, once known.
+    pub fn known_len(&self) -> Option<u64> {
+        self.progress.borrow().geometry.map(|g| g.len)
+    }
+
     /// `len` bytes at `offset`, which the caller has seen in place.
     pub async fn read_at(&self, offset: u64, len: u64) -> io::Result<Vec<u8>> {
         read_at(self.file.clone(), offset, len).await
