@@ -7,7 +7,8 @@
 //! ```text
 //! gantry-agent keygen --out FILE
 //! gantry-agent run --key FILE --node-id NAME --listen MULTIADDR --members FILE --origin URL --store DIR
-//!           [--image REPO@sha256:HEX] [--stall-manifest DURATION] [--stall-layer-floor DURATION]
+//!           [--origin-ca PEM] [--allow-registry HOST] [--credentials CONFIG.JSON]
+//!           [--image [REGISTRY/]REPO@sha256:HEX] [--stall-manifest DURATION] [--stall-layer-floor DURATION]
 //!           [--fallback-bootstrap DURATION] [--fallback-per-minute N]
 //!           [--fallback-jitter-base DURATION] [--convergence-window DURATION]
 //!           [--metrics ADDR]
@@ -19,8 +20,9 @@
 //!
 //! Standard output is JSON lines (`listening`, one `blob` per blob stored, `error` for a
 //! blob that ends failed, `image` once every blob is stored); logs go to standard error.
-//! Registry credentials come from `AGENT_ORIGIN_AUTH` (`user:password`) and are
-//! delegated in please_pull to the peer asked to pull.
+//! Registry credentials come from `--credentials` (a docker config.json) or
+//! `AGENT_ORIGIN_AUTH` (`user:password`) and are delegated in please_pull to the peer
+//! asked to pull.
 
 mod config;
 mod members;
@@ -30,6 +32,7 @@ mod origin;
 mod pieces;
 mod store;
 mod transfer;
+mod upstream;
 
 use std::{
     collections::HashMap,
@@ -55,9 +58,10 @@ use parking_lot::Mutex;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use config::Credentials;
+use config::{Credential, Credentials};
 use origin::Origin;
 use store::BlobDir;
+use upstream::Upstreams;
 
 /// The command line; other tools rely on its spelling.
 #[derive(Debug, Parser)]
@@ -83,10 +87,22 @@ struct RunArgs {
     /// JSON array of {"node_id", "peer_id", "addrs"}; re-read when it changes.
     #[arg(long)]
     members: PathBuf,
-    /// An upstream registry, http://HOST:PORT; repeat for several (containerd's `?ns=`
-    /// names one by its HOST:PORT). Pulls of the `--image` go to the first.
+    /// An upstream registry: https://HOST[:PORT][/PREFIX] (http:// for labs), or
+    /// NAME=URL for a cache that answers for the registry NAME (e.g.
+    /// docker.io=https://cache.example.com/hub); repeat for several (containerd's `?ns=`
+    /// names one by its host). `_default`: every registry by its own name over HTTPS
+    /// (docker.io at registry-1.docker.io). An `--image` without a registry comes from
+    /// the first.
     #[arg(long, required = true)]
     origin: Vec<String>,
+    /// A PEM file of CA certificates trusted for upstreams beside the system's roots;
+    /// repeat for several.
+    #[arg(long)]
+    origin_ca: Vec<PathBuf>,
+    /// Mirror only these registries (by name, e.g. docker.io); repeat for several.
+    /// Without it, every listed upstream (or, with `_default`, every registry).
+    #[arg(long)]
+    allow_registry: Vec<String>,
     /// Where containerd reaches the mirror (its hosts.toml names it).
     #[arg(long, default_value = "127.0.0.1:5001")]
     mirror: std::net::SocketAddr,
@@ -94,13 +110,15 @@ struct RunArgs {
     /// 503, so that containerd goes on to the origin (default 60s).
     #[arg(long, value_parser = parse_duration)]
     mirror_wait: Option<Duration>,
-    /// Registry credentials as a docker config.json ("auths", per registry host: a
-    /// Kubernetes dockerconfigjson secret); never on the command line.
+    /// Registry credentials as a docker config.json ("auths", per registry: a
+    /// Kubernetes dockerconfigjson secret); never on the command line. A file that does
+    /// not exist means anonymous pulls, with a warning.
     #[arg(long)]
     credentials: Option<PathBuf>,
     #[arg(long)]
     store: PathBuf,
-    /// The manifest to cold-start, REPO@sha256:HEX.
+    /// The manifest to cold-start, [REGISTRY/]REPO@sha256:HEX (without a registry, from
+    /// the first upstream).
     #[arg(long)]
     image: Option<String>,
     /// A manifest pull counts as stalled after this long (default 5s).
@@ -210,17 +228,28 @@ struct PullJob {
 /// Hands each pull order to the pulling task; never waits.
 struct OriginPump {
     jobs: mpsc::UnboundedSender<PullJob>,
-    /// This node's own credentials, per registry host.
+    /// This node's own credentials, per registry.
     own: Arc<Credentials>,
+    origin: Arc<Origin>,
 }
 
 impl PullerPump for OriginPump {
     fn start(&self, order: PullOrder<'_>) -> PumpDecision {
+        // A registry this node has no upstream for is not pulled from anywhere else
+        // (with the asker's credentials, at another registry).
+        if !self.origin.serves(order.registry) {
+            tracing::debug!(
+                registry = order.registry,
+                "please_pull declined: no upstream"
+            );
+            return PumpDecision::Declined;
+        }
         // Delegated credentials serve this pull only; without them the node's own.
-        let auth = match order.authorization {
-            Some(auth) => origin::basic_auth(Some(auth.expose_secret())),
-            None => origin::basic_auth(self.own.get(order.registry)),
+        let credential = match order.authorization {
+            Some(auth) => Credential::from_delegated(auth.expose_secret()),
+            None => self.own.get(order.registry).cloned(),
         };
+        let auth = credential.map_or(RegistryAuth::Anonymous, |c| c.auth());
         let job = PullJob {
             registry: order.registry.to_owned(),
             repository: order.repository.to_owned(),
@@ -316,8 +345,8 @@ struct Node {
     resolver: ColdStart,
     control: mpsc::UnboundedSender<Control>,
     blobs: libp2p_stream::Control,
-    /// The upstreams; the first is the `--image`'s.
-    origins: Vec<Origin>,
+    /// The upstreams, and the clients kept for them.
+    origin: Arc<Origin>,
     credentials: Arc<Credentials>,
     stored: Mutex<HashMap<Digest, Stored>>,
     /// Members this node is connected to, kept by the swarm loop.
@@ -354,16 +383,11 @@ impl Node {
     fn upstream(&self, registry: &str, repository: &str) -> Option<gantry_coord::Origin> {
         let upstream = gantry_coord::Origin::new(registry, repository).ok()?;
         Some(match self.credentials.get(registry) {
-            Some(credentials) => {
-                upstream.with_authorization(Authorization::new(credentials.to_owned()))
+            Some(credential) => {
+                upstream.with_authorization(Authorization::new(credential.delegated()))
             }
             None => upstream,
         })
-    }
-
-    /// The first upstream's host, where the `--image` comes from.
-    fn first_registry(&self) -> &str {
-        &self.origins[0].registry
     }
 
     fn peer_of(&self, node: &NodeId) -> Option<PeerId> {
@@ -529,23 +553,17 @@ impl Node {
         {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let Some((repository, digest)) = image
-            .split_once('@')
-            .and_then(|(r, d)| Some((r.to_owned(), Digest::parse(d).ok()?)))
-        else {
-            emit(
-                json!({"event": "error", "digest": image, "class": "not-found", "error": "--image must be REPO@sha256:HEX"}),
-            );
-            return;
+        let (registry, repository, digest) = match parse_image(&image, &self.origin.upstreams) {
+            Ok(parsed) => parsed,
+            Err(error) => {
+                emit(
+                    json!({"event": "error", "digest": image, "class": "not-found", "error": error}),
+                );
+                return;
+            }
         };
         let Ok(manifest_bytes) = self
-            .obtain(
-                self.first_registry(),
-                &repository,
-                &digest,
-                BlobKind::Manifest,
-                None,
-            )
+            .obtain(&registry, &repository, &digest, BlobKind::Manifest, None)
             .await
         else {
             return;
@@ -577,16 +595,18 @@ impl Node {
             .lock()
             .get(&digest)
             .is_some_and(|s| s.source == "origin");
-        if let Some(upstream) = self.upstream(self.first_registry(), &repository) {
+        if let Some(upstream) = self.upstream(&registry, &repository) {
             if new_to_cluster && !layers.is_empty() && layers.len() <= 256 {
                 self.resolver
                     .prefetch(&upstream, OriginRefKind::Blob, &layers)
                     .await;
             }
         }
-        let results = futures::future::join_all(blobs.iter().map(|(d, kind, size)| {
-            self.obtain(self.first_registry(), &repository, d, *kind, Some(*size))
-        }))
+        let results = futures::future::join_all(
+            blobs
+                .iter()
+                .map(|(d, kind, size)| self.obtain(&registry, &repository, d, *kind, Some(*size))),
+        )
         .await;
         if results.iter().all(Result::is_ok) {
             let bytes: u64 = manifest_bytes + results.iter().flatten().sum::<u64>();
@@ -596,6 +616,35 @@ impl Node {
             }));
         }
     }
+}
+
+/// `[REGISTRY/]REPO@sha256:HEX` as (registry, repository, digest): the first part of
+/// the name is a registry when it looks like a host (a dot, a port, `localhost`), as
+/// image references have it; otherwise the registry is the first upstream.
+fn parse_image(image: &str, upstreams: &Upstreams) -> Result<(String, String, Digest), String> {
+    let usage = "--image must be [REGISTRY/]REPO@sha256:HEX";
+    let (name, digest) = image.split_once('@').ok_or(usage)?;
+    let digest = Digest::parse(digest).map_err(|e| format!("{usage}: {e}"))?;
+    let (registry, repository) = match name.split_once('/') {
+        Some((first, rest))
+            if first.contains('.') || first.contains(':') || first == "localhost" =>
+        {
+            let registry = upstream::registry_name(first).ok_or(usage)?;
+            let repository = if registry == upstream::DOCKER_HUB && !rest.contains('/') {
+                format!("library/{rest}")
+            } else {
+                rest.to_owned()
+            };
+            (registry, repository)
+        }
+        _ => {
+            let first = upstreams.first().ok_or(
+                "--image needs a registry (REGISTRY/REPO@sha256:HEX) with --origin _default",
+            )?;
+            (first.name.clone(), name.to_owned())
+        }
+    };
+    Ok((registry, repository, digest))
 }
 
 /// The config and layers an image manifest names, with their sizes.
@@ -666,11 +715,8 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let started_with = (members.clone(), addresses.clone());
     let membership = StaticMembership::new(local.clone(), members);
     let store = BlobDir::open(&args.store)?;
-    let origins = args
-        .origin
-        .iter()
-        .map(|url| Origin::new(url))
-        .collect::<Result<Vec<_>, _>>()?;
+    let upstreams = Upstreams::new(&args.origin, &args.allow_registry)?;
+    let origin = Arc::new(Origin::new(upstreams, origin::read_roots(&args.origin_ca)?));
     let credentials = Arc::new(Credentials::load(args.credentials.as_deref())?);
     let (jobs, mut pulls) = mpsc::unbounded_channel::<PullJob>();
     let state = NodeState::builder(membership.clone())
@@ -678,6 +724,7 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         .pump(OriginPump {
             jobs,
             own: credentials.clone(),
+            origin: origin.clone(),
         })
         .build();
 
@@ -764,7 +811,7 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         resolver,
         control: control.clone(),
         blobs: swarm.behaviour().blobs.new_control(),
-        origins: origins.clone(),
+        origin: origin.clone(),
         credentials,
         stored: Mutex::default(),
         connected: Default::default(),
@@ -779,7 +826,7 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
             args.mirror,
             Arc::new(mirror::Mirror {
                 obtain: Arc::new(NodeObtain(node.clone())),
-                upstreams: origins.iter().map(|o| o.registry.clone()).collect(),
+                upstreams: origin.upstreams.clone(),
                 ready: ready.clone(),
                 draining: draining.clone(),
                 wait: args.mirror_wait.unwrap_or(Duration::from_secs(60)),
@@ -833,21 +880,14 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
             while let Some(job) = pulls.recv().await {
                 let (node, control) = (node.clone(), control.clone());
                 tokio::spawn(async move {
-                    let origin = node
-                        .origins
-                        .iter()
-                        .find(|o| o.registry == job.registry)
-                        .unwrap_or(&node.origins[0]);
                     let began = Instant::now();
-                    let result = origin
-                        .pull(
-                            &job.repository,
-                            &job.digest,
-                            job.kind,
-                            &job.auth,
-                            &node.store,
-                        )
-                        .await;
+                    let wanted = origin::Wanted {
+                        registry: &job.registry,
+                        repository: &job.repository,
+                        digest: &job.digest,
+                        kind: job.kind,
+                    };
+                    let result = node.origin.pull(wanted, &job.auth, &node.store).await;
                     match result {
                         Ok(bytes) => {
                             tracing::debug!(digest = %job.digest, bytes, ms = began.elapsed().as_millis() as u64, "origin pull done");

@@ -4,13 +4,16 @@
 //!
 //! | request | answer |
 //! | --- | --- |
-//! | `GET`/`HEAD /v2/` | 200 |
+//! | `GET`/`HEAD /v2/` | 200, `{}` |
 //! | `GET`/`HEAD /v2/<name>/manifests/<digest>`, `/v2/<name>/blobs/<digest>` | 200 / 206 with `Range`, 416 past the end; `Content-Length`, `Docker-Content-Digest`, a manifest's own media type |
 //! | a tag | 503: containerd goes on to the origin |
 //! | an `ns` no upstream has | 404 |
+//! | the origin refused it: auth, not found, rate-limited, anything else | 401, 404, 429 with `Retry-After`, 503 |
 //! | a malformed name, digest or path; another method | 400 / 404 / 405 |
 //! | before the node is ready, while it drains, a blob not had within the wait | 503 |
 //! | `/healthz`; `/readyz` | 200; 200 once ready, 503 before and while draining |
+//!
+//! Every answer says `Docker-Distribution-API-Version: registry/2.0`, as registries do.
 
 use std::{
     io::SeekFrom,
@@ -37,7 +40,10 @@ use tokio::{
     sync::watch,
 };
 
-use crate::store::{BlobDir, End};
+use crate::{
+    store::{BlobDir, End},
+    upstream::Upstreams,
+};
 
 /// A parsed by-digest request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -196,8 +202,8 @@ pub trait Obtain: Send + Sync + 'static {
 /// The mirror's state: what it serves from, and its gates.
 pub struct Mirror {
     pub obtain: Arc<dyn Obtain>,
-    /// `host[:port]` of each configured upstream, as containerd's `ns` names it.
-    pub upstreams: Vec<String>,
+    /// The registries mirrored, as containerd's `ns` names them.
+    pub upstreams: Upstreams,
     pub ready: Arc<AtomicBool>,
     pub draining: Arc<AtomicBool>,
     /// The longest a request waits for a blob the node lacks before it answers 503.
@@ -238,8 +244,12 @@ async fn handle(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    let response = answer(&mirror, &method, &uri, &headers).await;
+    let mut response = answer(&mirror, &method, &uri, &headers).await;
     tracing::debug!(%method, %uri, status = %response.status(), "mirror");
+    response.headers_mut().insert(
+        "docker-distribution-api-version",
+        HeaderValue::from_static("registry/2.0"),
+    );
     response
 }
 
@@ -258,15 +268,20 @@ async fn answer(mirror: &Mirror, method: &Method, uri: &Uri, headers: &HeaderMap
         return status(StatusCode::SERVICE_UNAVAILABLE);
     }
     let wanted = match route(uri.path()) {
-        Route::Base => return status(StatusCode::OK),
+        Route::Base => {
+            let mut ok = ([(header::CONTENT_TYPE, "application/json")], "{}").into_response();
+            if *method == Method::HEAD {
+                *ok.body_mut() = Body::empty();
+            }
+            return ok;
+        }
         Route::Tag => return status(StatusCode::SERVICE_UNAVAILABLE),
         Route::Invalid(code) => return status(code),
         Route::Object(wanted) => wanted,
     };
-    let registry = match namespace(uri.query()) {
-        Some(ns) if mirror.upstreams.contains(&ns) => ns,
-        None if mirror.upstreams.len() == 1 => mirror.upstreams[0].clone(),
-        _ => return status(StatusCode::NOT_FOUND),
+    let registry = match mirror.upstreams.resolve(namespace(uri.query()).as_deref()) {
+        Some(upstream) => upstream.name,
+        None => return status(StatusCode::NOT_FOUND),
     };
     let store = mirror.obtain.store().clone();
     if store.has(&wanted.digest) {
@@ -316,12 +331,22 @@ async fn answer(mirror: &Mirror, method: &Method, uri: &Uri, headers: &HeaderMap
     }
 }
 
-/// An obtain that ended refused: 404 for what the origin does not have, 502 otherwise;
-/// containerd moves on to the origin after either.
+/// How long a client is told to wait after the origin rate-limited the cluster: the
+/// cluster's first cooldown for the digest.
+const RETRY_AFTER_SECS: &str = "10";
+
+/// An obtain that ended refused, as the Go mirror answers it: containerd moves on to the
+/// origin after each.
 fn failed(class: FailureClass) -> Response {
     match class {
+        FailureClass::Auth => status(StatusCode::UNAUTHORIZED),
         FailureClass::NotFound => status(StatusCode::NOT_FOUND),
-        _ => status(StatusCode::BAD_GATEWAY),
+        FailureClass::RateLimited => (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, RETRY_AFTER_SECS)],
+        )
+            .into_response(),
+        _ => status(StatusCode::SERVICE_UNAVAILABLE),
     }
 }
 
@@ -685,7 +710,7 @@ mod tests {
     async fn mirror_on(store: &BlobDir) -> SocketAddr {
         let mirror = Mirror {
             obtain: Arc::new(Arriving(store.clone())),
-            upstreams: vec!["origin.test".into()],
+            upstreams: Upstreams::new(&["http://origin.test".into()], &[]).unwrap(),
             ready: Arc::new(AtomicBool::new(true)),
             draining: Arc::new(AtomicBool::new(false)),
             wait: Duration::from_secs(5),
