@@ -1003,6 +1003,36 @@ mod tests {
     }
 
     #[test]
+    fn an_image_names_its_registry_or_comes_from_the_first_upstream() {
+        let hex = "a".repeat(64);
+        let listed = Upstreams::new(&["http://10.0.0.1:5000".into()], &[]).unwrap();
+        let every = Upstreams::new(&["_default".into()], &[]).unwrap();
+        let parsed = |image: &str, upstreams: &Upstreams| {
+            parse_image(image, upstreams).map(|(r, repo, d)| (r, repo, d.to_string()))
+        };
+        let digest = format!("sha256:{hex}");
+        assert_eq!(
+            parsed(&format!("demo/app@{digest}"), &listed),
+            Ok(("10.0.0.1:5000".into(), "demo/app".into(), digest.clone()))
+        );
+        assert_eq!(
+            parsed(&format!("ghcr.io/org/app@{digest}"), &every),
+            Ok(("ghcr.io".into(), "org/app".into(), digest.clone()))
+        );
+        assert_eq!(
+            parsed(&format!("docker.io/nginx@{digest}"), &every),
+            Ok(("docker.io".into(), "library/nginx".into(), digest.clone()))
+        );
+        assert_eq!(
+            parsed(&format!("localhost/app@{digest}"), &every),
+            Ok(("localhost".into(), "app".into(), digest.clone()))
+        );
+        assert!(parsed(&format!("app@{digest}"), &every).is_err());
+        assert!(parsed("app:latest", &listed).is_err());
+        assert!(parsed("app@sha256:00", &listed).is_err());
+    }
+
+    #[test]
     fn a_manifest_names_its_config_then_its_layers() {
         let d = |c: char| format!("sha256:{}", c.to_string().repeat(64));
         let manifest = serde_json::json!({

@@ -728,11 +728,14 @@ mod tests {
     /// Sends a GET and returns the stream, with the response head and whatever body
     /// bytes came with it.
     async fn get(addr: SocketAddr, digest: &Digest) -> (tokio::net::TcpStream, String, Vec<u8>) {
+        request(addr, &format!("/v2/demo/blobs/{digest}?ns=origin.test")).await
+    }
+
+    /// As [`get`], for any path.
+    async fn request(addr: SocketAddr, path: &str) -> (tokio::net::TcpStream, String, Vec<u8>) {
         use tokio::io::AsyncWriteExt;
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let request = format!(
-            "GET /v2/demo/blobs/{digest}?ns=origin.test HTTP/1.1\r\nHost: mirror\r\nConnection: close\r\n\r\n"
-        );
+        let request = format!("GET {path} HTTP/1.1\r\nHost: mirror\r\nConnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await.unwrap();
         let mut got = Vec::new();
         loop {
@@ -777,6 +780,42 @@ mod tests {
         let root = std::env::temp_dir().join(format!("agent-mirror-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         (BlobDir::open(&root).unwrap(), root)
+    }
+
+    #[tokio::test]
+    async fn the_version_check_and_an_unknown_registry_are_answered_as_a_registry_would() {
+        let (store, root) = store("v2");
+        let addr = mirror_on(&store).await;
+        let (mut stream, head, mut body) = request(addr, "/v2/").await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let lower = head.to_ascii_lowercase();
+        assert!(
+            lower.contains("docker-distribution-api-version: registry/2.0"),
+            "{head}"
+        );
+        assert!(lower.contains("content-type: application/json"), "{head}");
+        read_body(&mut stream, &mut body, 2).await;
+        assert_eq!(body, b"{}");
+        let (digest, path) = (blob_of(10, 1).1, "/v2/demo/blobs");
+        let (_, head, _) = request(addr, &format!("{path}/{digest}?ns=other.test")).await;
+        assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+        let (_, head, _) = request(addr, "/v2/demo/manifests/latest?ns=origin.test").await;
+        assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn refusals_of_the_origin_are_answered_as_the_go_mirror_answers_them() {
+        let answer = |class| failed(class).status();
+        assert_eq!(answer(FailureClass::Auth), StatusCode::UNAUTHORIZED);
+        assert_eq!(answer(FailureClass::NotFound), StatusCode::NOT_FOUND);
+        assert_eq!(
+            answer(FailureClass::Transient),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        let limited = failed(FailureClass::RateLimited);
+        assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(limited.headers()[header::RETRY_AFTER], RETRY_AFTER_SECS);
     }
 
     #[tokio::test]
