@@ -23,7 +23,7 @@ use std::{
 };
 
 use clap::Parser;
-use lab::{containerd::Containerd, lab_available, Cluster};
+use lab::{containerd::Containerd, lab_available, Access, Cluster};
 
 /// The origin's link, as `lab::ORIGIN_RATE` shapes it: 40 Mbit/s.
 const ORIGIN_BYTES_PER_SEC: f64 = 40e6 / 8.0;
@@ -67,7 +67,7 @@ fn containerd_everywhere(
     nodes: u8,
     node_rate: Option<&str>,
 ) -> (Vec<Duration>, Option<Vec<Duration>>, u64) {
-    let mut cluster = Cluster::new("bctr", nodes, false, &[64 << 10]);
+    let mut cluster = Cluster::new("bctr", nodes, Access::Open, &[64 << 10]);
     cluster.with_image = false;
     cluster.node_rate = node_rate.map(str::to_owned);
     let image = cluster.registry.push_index(&cluster.lab, 8 << 20, 20 << 20);
@@ -123,7 +123,7 @@ fn pull_everywhere(
     node_rate: Option<&str>,
     members: impl Fn(&Cluster, u8) -> String,
 ) -> (Vec<Duration>, u64) {
-    let mut cluster = Cluster::new(name, nodes, false, &LAYERS);
+    let mut cluster = Cluster::new(name, nodes, Access::Open, &LAYERS);
     cluster.node_rate = node_rate.map(str::to_owned);
     let image_bytes: u64 = cluster.image.bytes.values().map(|b| b.len() as u64).sum();
     // The namespaces are the lab's, not the cold start's: made before the clock starts.

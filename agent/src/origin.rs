@@ -200,7 +200,9 @@ impl Origin {
         auth: &RegistryAuth,
     ) -> Result<([u8; 32], Arc<Session>), OriginError> {
         let key = session_key(upstream, auth);
-        if let Some(session) = self.clients.lock().get(&key) {
+        // Made under the lock: concurrent first pulls share one client, and one token.
+        let mut clients = self.clients.lock();
+        if let Some(session) = clients.get(&key) {
             return Ok((key, session.clone()));
         }
         let failed = |e: String| {
@@ -243,7 +245,7 @@ impl Origin {
             auth_timeout: self.auth_timeout,
             authorized: Default::default(),
         });
-        self.clients.lock().insert(key, session.clone());
+        clients.insert(key, session.clone());
         Ok((key, session))
     }
 }
@@ -741,7 +743,7 @@ mod registry_tests {
         origin.pull(wanted, auth, store).await
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn one_token_serves_every_blob_and_a_refused_one_is_asked_for_again_once() {
         let blobs: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 1000 + usize::from(i)]).collect();
         let manifest = br#"{"schemaVersion":2,"layers":[]}"#;
@@ -749,17 +751,19 @@ mod registry_tests {
         let origin = origin_of(&format!("http://{}", fake.addr.get().unwrap()), Vec::new());
         let (store, dir) = temp_store("token");
         let anonymous = RegistryAuth::Anonymous;
-        for blob in &blobs[..3] {
-            let len = pull(
-                &origin,
-                &store,
-                &digest_of(blob),
-                OriginRefKind::Blob,
-                &anonymous,
-            )
-            .await
-            .unwrap();
-            assert_eq!(len, blob.len() as u64);
+        // Three first pulls at once, as a puller asked for a batch makes them.
+        let origin = Arc::new(origin);
+        let pulls = blobs[..3].iter().map(|blob| {
+            let (origin, store, blob) = (origin.clone(), store.clone(), blob.clone());
+            tokio::spawn(async move {
+                let digest = digest_of(&blob);
+                let anonymous = RegistryAuth::Anonymous;
+                let len = pull(&origin, &store, &digest, OriginRefKind::Blob, &anonymous).await;
+                assert_eq!(len.unwrap(), blob.len() as u64);
+            })
+        });
+        for pulled in futures::future::join_all(pulls).await {
+            pulled.unwrap();
         }
         assert_eq!(fake.issued.load(Ordering::SeqCst), 1, "a token per blob");
 

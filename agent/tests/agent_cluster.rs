@@ -11,7 +11,7 @@ mod lab;
 use std::time::{Duration, Instant};
 
 use gantry_coord::Digest;
-use lab::{ip_of, lab_turn, Cluster, PASSWORD, REGISTRY_HOST, USER};
+use lab::{ip_of, lab_turn, Access, Cluster, PASSWORD, REGISTRY_HOST, USER};
 use serde_json::Value;
 
 const NODES: u8 = 6;
@@ -27,8 +27,57 @@ fn healthy_cluster_pulls_each_blob_once_and_a_late_joiner_only_from_peers() {
     let Some(_turn) = lab_turn() else {
         return;
     };
-    let mut cluster = Cluster::new("ok", NODES + 1, false, &LAYERS);
-    cluster.start_nodes(NODES, "members.json");
+    healthy("ok", Access::Open);
+}
+
+#[test]
+#[cfg_attr(
+    not(lab),
+    ignore = "needs root, ip netns, docker-registry, htpasswd and openssl (apt-get install docker-registry apache2-utils openssl)"
+)]
+fn healthy_cluster_over_https_pulls_each_blob_once() {
+    let Some(_turn) = lab_turn() else {
+        return;
+    };
+    healthy("oks", Access::Https);
+}
+
+#[test]
+#[cfg_attr(
+    not(lab),
+    ignore = "needs root, ip netns, docker-registry, htpasswd and openssl (apt-get install docker-registry apache2-utils openssl)"
+)]
+fn healthy_cluster_behind_bearer_tokens_pulls_each_blob_once_with_a_token_per_puller() {
+    let Some(_turn) = lab_turn() else {
+        return;
+    };
+    let cluster = healthy("okt", Access::Token);
+    // One token per node that pulled from the origin (one repository, one credential,
+    // tokens that outlast the run), not one per blob.
+    let pullers = (1..=NODES)
+        .filter(|&i| {
+            let agent = cluster.agents.iter().find(|a| a.index == i).unwrap();
+            agent.blobs().iter().any(|b| b["source"] == "origin")
+        })
+        .count();
+    let counts = &cluster.registry.tokens.as_ref().unwrap().counts;
+    let granted = counts.granted.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (1..=pullers).contains(&granted),
+        "{granted} tokens for {pullers} nodes that pulled"
+    );
+    assert_eq!(counts.refused.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
+/// Every node pulls the image, each blob from the origin once; a node that joins later
+/// (without credentials of its own) gets it from peers only; a node stops cleanly.
+fn healthy(name: &str, access: Access) -> Cluster {
+    let right = format!("{USER}:{PASSWORD}");
+    let credentials = access.private().then_some(right.as_str());
+    let mut cluster = Cluster::new(name, NODES + 1, access, &LAYERS);
+    for i in 1..=NODES {
+        cluster.start(i, "members.json", credentials);
+    }
     cluster.wait_first(NODES, WITHIN);
     for i in 1..=NODES {
         cluster.assert_store_complete(i, &[]);
@@ -54,12 +103,24 @@ fn healthy_cluster_pulls_each_blob_once_and_a_late_joiner_only_from_peers() {
 
     // Done, a node keeps serving until it is told to stop, and then exits cleanly.
     assert_eq!(cluster.terminate(1), Some(0), "node-1 on SIGTERM");
+    cluster
 }
 
 /// The designated puller of the largest layer fails mid-pull (`fault`): every other
 /// node still ends with every blob; blobs it was to pull reach the origin at most twice.
 fn puller_fault(name: &str, node_rate: Option<&str>, fault: impl FnOnce(&mut Cluster, u8)) {
-    let mut cluster = Cluster::new(name, NODES, false, &LAYERS);
+    puller_fault_with(name, Access::Open, node_rate, fault);
+}
+
+fn puller_fault_with(
+    name: &str,
+    access: Access,
+    node_rate: Option<&str>,
+    fault: impl FnOnce(&mut Cluster, u8),
+) {
+    let right = format!("{USER}:{PASSWORD}");
+    let credentials = access.private().then_some(right.as_str());
+    let mut cluster = Cluster::new(name, NODES, access, &LAYERS);
     cluster.node_rate = node_rate.map(str::to_owned);
     // The fault is the largest layer's pull alone. A victim that also pulls the config
     // could be cut off during that pull too, and a designated puller that keeps failing
@@ -76,7 +137,9 @@ fn puller_fault(name: &str, node_rate: Option<&str>, fault: impl FnOnce(&mut Clu
     );
     let largest = *cluster.image.largest_layer();
     let victim = cluster.designated(&largest, NODES);
-    cluster.start_nodes(NODES, "members.json");
+    for i in 1..=NODES {
+        cluster.start(i, "members.json", credentials);
+    }
     // Mid-pull: its manifest is in, so the batched please_pull for the layers has come.
     let deadline = Instant::now() + WITHIN;
     let manifest = cluster.image.manifest;
@@ -121,6 +184,34 @@ fn a_killed_puller_is_replaced() {
 #[test]
 #[cfg_attr(
     not(lab),
+    ignore = "needs root, ip netns, docker-registry, htpasswd and openssl (apt-get install docker-registry apache2-utils openssl)"
+)]
+fn a_killed_puller_is_replaced_over_https() {
+    let Some(_turn) = lab_turn() else {
+        return;
+    };
+    puller_fault_with("kills", Access::Https, None, |cluster, victim| {
+        cluster.kill(victim)
+    });
+}
+
+#[test]
+#[cfg_attr(
+    not(lab),
+    ignore = "needs root, ip netns, docker-registry, htpasswd and openssl (apt-get install docker-registry apache2-utils openssl)"
+)]
+fn a_killed_puller_is_replaced_behind_bearer_tokens() {
+    let Some(_turn) = lab_turn() else {
+        return;
+    };
+    puller_fault_with("killt", Access::Token, None, |cluster, victim| {
+        cluster.kill(victim)
+    });
+}
+
+#[test]
+#[cfg_attr(
+    not(lab),
     ignore = "needs root, ip netns, docker-registry and htpasswd (apt-get install docker-registry apache2-utils)"
 )]
 fn a_killed_puller_is_replaced_when_every_uplink_is_as_slow_as_the_origin() {
@@ -128,7 +219,7 @@ fn a_killed_puller_is_replaced_when_every_uplink_is_as_slow_as_the_origin() {
         return;
     };
     // Its receivers hold pieces of what it was pulling, and lose them with the fetch.
-    puller_fault("kills", Some(lab::ORIGIN_RATE), |cluster, victim| {
+    puller_fault("killr", Some(lab::ORIGIN_RATE), |cluster, victim| {
         cluster.kill(victim)
     });
 }
@@ -176,7 +267,7 @@ fn a_missing_layer_fails_everywhere_without_a_retry_storm() {
     let Some(_turn) = lab_turn() else {
         return;
     };
-    let mut cluster = Cluster::new("gone", NODES, false, &LAYERS);
+    let mut cluster = Cluster::new("gone", NODES, Access::Open, &LAYERS);
     let missing = cluster.image.layers[0];
     cluster.registry.delete_blob(&missing);
     cluster.start_nodes(NODES, "members.json");
@@ -223,8 +314,38 @@ fn credentials_are_delegated_and_wrong_ones_stop_every_node() {
     let Some(_turn) = lab_turn() else {
         return;
     };
+    credentials("auth", Access::Basic);
+}
+
+#[test]
+#[cfg_attr(
+    not(lab),
+    ignore = "needs root, ip netns, docker-registry, htpasswd and openssl (apt-get install docker-registry apache2-utils openssl)"
+)]
+fn credentials_over_https_are_delegated_and_wrong_ones_stop_every_node() {
+    let Some(_turn) = lab_turn() else {
+        return;
+    };
+    credentials("auths", Access::HttpsBasic);
+}
+
+#[test]
+#[cfg_attr(
+    not(lab),
+    ignore = "needs root, ip netns, docker-registry, htpasswd and openssl (apt-get install docker-registry apache2-utils openssl)"
+)]
+fn credentials_for_bearer_tokens_are_delegated_and_wrong_ones_stop_every_node() {
+    let Some(_turn) = lab_turn() else {
+        return;
+    };
+    credentials("autht", Access::Token);
+}
+
+/// A node without credentials pulls with those its requesters delegate; wrong ones end
+/// every node's pull with the class `auth`, without a storm of requests.
+fn credentials(name: &str, access: Access) {
     let right = format!("{USER}:{PASSWORD}");
-    let mut cluster = Cluster::new("auth", NODES, true, &LAYERS);
+    let mut cluster = Cluster::new(name, NODES, access, &LAYERS);
     // One node has no credentials of its own: the largest layer's designated puller, so
     // long as it is not the manifest's or the config's (which it would pull for itself
     // before anyone asks it). It can pull only with what the requesters delegate.
@@ -258,7 +379,7 @@ fn credentials_are_delegated_and_wrong_ones_stop_every_node() {
     );
     drop(cluster);
 
-    let mut cluster = Cluster::new("deny", NODES, true, &LAYERS);
+    let mut cluster = Cluster::new(&format!("{name}x"), NODES, access, &LAYERS);
     for i in 1..=NODES {
         cluster.start(i, "members.json", Some("gantry:wrong"));
     }
@@ -279,6 +400,21 @@ fn credentials_are_delegated_and_wrong_ones_stop_every_node() {
         refused < usize::from(NODES),
         "{refused} refused manifest requests from {NODES} nodes"
     );
+    if let Some(tokens) = &cluster.registry.tokens {
+        let refused = tokens
+            .counts
+            .refused
+            .load(std::sync::atomic::Ordering::SeqCst);
+        let granted = tokens
+            .counts
+            .granted
+            .load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(granted, 0);
+        assert!(
+            (1..usize::from(NODES)).contains(&refused),
+            "{refused} refused token requests from {NODES} nodes"
+        );
+    }
 }
 
 #[test]
@@ -290,7 +426,7 @@ fn an_outsider_gets_nothing_from_members() {
     let Some(_turn) = lab_turn() else {
         return;
     };
-    let mut cluster = Cluster::new("out", NODES + 1, false, &LAYERS);
+    let mut cluster = Cluster::new("out", NODES + 1, Access::Open, &LAYERS);
     // The members know six; the outsider knows their addresses and itself.
     cluster.write_members("members6.json", NODES);
     cluster.start_nodes(NODES, "members6.json");
@@ -337,7 +473,7 @@ fn a_member_announced_as_it_starts_is_served_by_peers_only() {
     let Some(_turn) = lab_turn() else {
         return;
     };
-    let mut cluster = Cluster::new("grow", NODES + 1, false, &LAYERS);
+    let mut cluster = Cluster::new("grow", NODES + 1, Access::Open, &LAYERS);
     cluster.write_members("members6.json", NODES);
     cluster.start_nodes(NODES, "members6.json");
     cluster.wait_first(NODES, WITHIN);
@@ -368,7 +504,7 @@ fn members_files_that_lag_by_a_second_still_pull_each_blob_once() {
     let Some(_turn) = lab_turn() else {
         return;
     };
-    let mut cluster = Cluster::new("lag", NODES, false, &LAYERS);
+    let mut cluster = Cluster::new("lag", NODES, Access::Open, &LAYERS);
     // Node-6 joins as the cluster starts, and the manifest's designated puller reads of
     // it a second late, refusing it meanwhile. Node-6 designates no blob, so the lagging
     // view names the same pullers as the others: only the refusals differ.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use lab::{
     containerd::{self, Containerd},
-    lab_turn, Cluster,
+    lab_turn, Access, Cluster,
 };
 
 const NODES: u8 = 6;
@@ -35,7 +35,7 @@ fn every_containerd_pulls_through_its_agent_and_the_origin_serves_each_object_on
     let Some(_turn) = containerd_turn() else {
         return;
     };
-    let mut cluster = Cluster::new("ctrd", NODES, false, &[64 << 10]);
+    let mut cluster = Cluster::new("ctrd", NODES, Access::Open, &[64 << 10]);
     cluster.with_image = false;
     let image = cluster.registry.push_index(&cluster.lab, 2 << 20, 6 << 20);
     cluster.start_nodes(NODES, "members.json");
@@ -133,7 +133,7 @@ fn a_killed_puller_costs_its_blobs_at_most_one_more_origin_pull_and_every_node_g
     let Some(_turn) = containerd_turn() else {
         return;
     };
-    let mut cluster = Cluster::new("ctrk", NODES, false, &[64 << 10]);
+    let mut cluster = Cluster::new("ctrk", NODES, Access::Open, &[64 << 10]);
     cluster.with_image = false;
     let image = cluster.registry.push_index(&cluster.lab, 1 << 20, 12 << 20);
     let (_, _, _, layers) = image.platforms[0].clone();

@@ -6,7 +6,7 @@ mod lab;
 
 use std::time::Duration;
 
-use lab::{digest_of, ip_of, lab_turn, run, Cluster, REGISTRY_HOST, REPOSITORY};
+use lab::{digest_of, ip_of, lab_turn, run, Access, Cluster, REGISTRY_HOST, REPOSITORY};
 
 /// Status, headers and body of one request to the mirror of the agent in `ns`.
 fn ask(ns: &str, method: &str, path: &str, extra: &[&str]) -> (u16, String, Vec<u8>) {
@@ -39,7 +39,7 @@ fn the_mirror_answers_as_a_registry_does_and_obtains_what_it_lacks() {
     let Some(_turn) = lab_turn() else {
         return;
     };
-    let mut cluster = Cluster::new("mirror", 3, false, &[1 << 20, 3 << 20]);
+    let mut cluster = Cluster::new("mirror", 3, Access::Open, &[1 << 20, 3 << 20]);
     cluster.start_nodes(3, "members.json");
     cluster.wait_first(3, Duration::from_secs(90));
     let ns = cluster.agent(1).ns.clone();

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod containerd;
+pub mod tokens;
 
 use std::{
     collections::HashMap,
@@ -17,6 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use base64::Engine as _;
 use gantry_coord::{hrw, Digest, Member};
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
@@ -254,15 +256,51 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// How the registry is reached, and whom it lets in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Plain HTTP, anyone.
+    Open,
+    /// Plain HTTP, basic auth (htpasswd).
+    Basic,
+    /// HTTPS with a certificate from the lab's CA, anyone.
+    Https,
+    /// HTTPS, basic auth.
+    HttpsBasic,
+    /// HTTPS, bearer tokens from the lab's token service (which checks basic
+    /// credentials).
+    Token,
+}
+
+impl Access {
+    pub fn tls(self) -> bool {
+        matches!(self, Access::Https | Access::HttpsBasic | Access::Token)
+    }
+
+    /// Whether a pull needs credentials.
+    pub fn private(self) -> bool {
+        matches!(self, Access::Basic | Access::HttpsBasic | Access::Token)
+    }
+}
+
 pub struct Registry {
     pub ns: String,
     pub log: PathBuf,
-    pub auth: bool,
+    pub access: Access,
+    /// The lab's CA and certificates, over HTTPS.
+    pub pki: Option<tokens::Pki>,
+    /// Signs the lab's own tokens (pushes), in token mode.
+    signer: Option<tokens::Signer>,
+    /// The token service, in token mode.
+    pub tokens: Option<tokens::TokenService>,
 }
 
 impl Registry {
-    pub fn start(lab: &mut Lab, auth: bool) -> Registry {
+    pub fn start(lab: &mut Lab, access: Access) -> Registry {
         let ns = lab.host(REGISTRY_HOST);
+        let pki = access
+            .tls()
+            .then(|| tokens::Pki::new(&lab.dir, &[&ip_of(REGISTRY_HOST), "127.0.0.1"]));
         let storage = lab.path("registry");
         std::fs::create_dir_all(&storage).unwrap();
         let mut config = format!(
@@ -271,7 +309,33 @@ impl Registry {
              http:\n  addr: 0.0.0.0:5000\n",
             storage.display()
         );
-        if auth {
+        if let Some(pki) = &pki {
+            config.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                pki.cert.display(),
+                pki.key.display()
+            ));
+        }
+        let (mut signer, mut token_service) = (None, None);
+        if access == Access::Token {
+            let pki = pki.as_ref().unwrap();
+            config.push_str(&format!(
+                "auth:\n  token:\n    realm: https://{}:{}/token\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+                ip_of(REGISTRY_HOST),
+                tokens::TOKEN_PORT,
+                tokens::SERVICE,
+                tokens::ISSUER,
+                pki.signer_cert.display()
+            ));
+            let ttl = Duration::from_secs(300);
+            token_service = Some(tokens::TokenService::start(
+                &ns,
+                pki,
+                tokens::Signer::new(pki, ttl),
+            ));
+            signer = Some(tokens::Signer::new(pki, ttl));
+        }
+        if matches!(access, Access::Basic | Access::HttpsBasic) {
             let line = run("htpasswd", &["-nbB", USER, PASSWORD]).unwrap();
             let file = lab.path("htpasswd");
             std::fs::write(&file, line.trim()).unwrap();
@@ -291,7 +355,14 @@ impl Registry {
             .spawn()
             .unwrap();
         lab.processes.push(Killed(child));
-        let registry = Registry { ns, log, auth };
+        let registry = Registry {
+            ns,
+            log,
+            access,
+            pki,
+            signer,
+            tokens: token_service,
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         while registry.status("GET", None, "/v2/") == "000" {
             assert!(Instant::now() < deadline, "the registry did not start");
@@ -300,16 +371,36 @@ impl Registry {
         registry
     }
 
+    /// The URL agents reach the registry at.
+    pub fn url(&self) -> String {
+        let scheme = if self.access.tls() { "https" } else { "http" };
+        format!("{scheme}://{}:5000", ip_of(REGISTRY_HOST))
+    }
+
     /// curl inside the registry's namespace, over its loopback (not rate-limited).
     pub fn curl(&self, args: &[&str]) -> String {
         let mut full = vec!["netns", "exec", &self.ns, "curl", "-s"];
         let credentials = format!("{USER}:{PASSWORD}");
-        if self.auth {
+        if matches!(self.access, Access::Basic | Access::HttpsBasic) {
             full.extend(["-u", &credentials]);
+        }
+        let ca = self.pki.as_ref().map(|p| p.ca.display().to_string());
+        if let Some(ca) = &ca {
+            full.extend(["--cacert", ca]);
+        }
+        let bearer = self.signer.as_ref().map(|s| {
+            format!(
+                "Authorization: Bearer {}",
+                s.token("lab", REPOSITORY, &["pull", "push", "delete"])
+            )
+        });
+        if let Some(bearer) = &bearer {
+            full.extend(["-H", bearer]);
         }
         let (last, rest) = args.split_last().unwrap();
         full.extend(rest);
-        let url = format!("http://127.0.0.1:5000{last}");
+        let scheme = if self.access.tls() { "https" } else { "http" };
+        let url = format!("{scheme}://127.0.0.1:5000{last}");
         full.push(&url);
         run("ip", &full).unwrap_or_default()
     }
@@ -357,6 +448,7 @@ impl Registry {
         let location = location.unwrap_or_else(|| panic!("no upload location: {headers}"));
         let path = location
             .strip_prefix("http://127.0.0.1:5000")
+            .or_else(|| location.strip_prefix("https://127.0.0.1:5000"))
             .unwrap_or(&location);
         let separator = if path.contains('?') { '&' } else { '?' };
         let target = format!("{path}{separator}digest={digest}");
@@ -525,9 +617,9 @@ pub struct Cluster {
 
 impl Cluster {
     /// A registry with the image and `members` keys; nothing runs yet.
-    pub fn new(name: &str, members: u8, auth: bool, layer_sizes: &[usize]) -> Cluster {
+    pub fn new(name: &str, members: u8, access: Access, layer_sizes: &[usize]) -> Cluster {
         let mut lab = Lab::new(name);
-        let registry = Registry::start(&mut lab, auth);
+        let registry = Registry::start(&mut lab, access);
         let image = registry.push_image(&lab, layer_sizes);
         let mut cluster = Cluster {
             lab,
@@ -638,7 +730,7 @@ impl Cluster {
         let (node_id, _, key) = self.keys[usize::from(index) - 1].clone();
         let store = self.lab.path(&format!("store{index}"));
         let listen = format!("/ip4/{}/tcp/4001", ip_of(index));
-        let origin = format!("http://{}:5000", ip_of(REGISTRY_HOST));
+        let origin = self.registry.url();
         let image = format!("{REPOSITORY}@{}", self.image.manifest);
         let mut command = Command::new("ip");
         command
@@ -650,6 +742,14 @@ impl Cluster {
             .arg(self.lab.path(members_file))
             .args(["--origin", &origin, "--store"])
             .arg(&store)
+            .args(
+                self.registry
+                    .pki
+                    .as_ref()
+                    .map(|p| ["--origin-ca".into(), p.ca.clone().into_os_string()])
+                    .into_iter()
+                    .flatten(),
+            )
             // Short enough that a takeover comes within the test, long enough that every
             // layer at once (18 MiB at 40 Mbit/s, about 4 s) is not taken for a stall.
             .args(["--stall-manifest", "2s", "--stall-layer-floor", "6s"])
@@ -666,9 +766,22 @@ impl Cluster {
             )
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(self.lab.path(&format!("agent{index}.err"))).unwrap());
+        // Over HTTPS, as a docker config.json (what a dockerconfigjson secret mounts);
+        // over plain HTTP, from the environment.
+        command.env_remove("AGENT_ORIGIN_AUTH");
         match credentials {
-            Some(c) => command.env("AGENT_ORIGIN_AUTH", c),
-            None => command.env_remove("AGENT_ORIGIN_AUTH"),
+            Some(c) if self.registry.access.tls() => {
+                let file = self.lab.path(&format!("config{index}.json"));
+                let auth = base64::engine::general_purpose::STANDARD.encode(c);
+                let key = format!("{}:5000", ip_of(REGISTRY_HOST));
+                let json = serde_json::json!({"auths": {key: {"auth": auth}}});
+                std::fs::write(&file, json.to_string()).unwrap();
+                command.arg("--credentials").arg(file);
+            }
+            Some(c) => {
+                command.env("AGENT_ORIGIN_AUTH", c);
+            }
+            None => {}
         };
         let mut child = command.spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
