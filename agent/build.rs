@@ -1,5 +1,5 @@
 //! Whether this machine can run the agent's namespace lab: root, network namespaces,
-//! CNCF Distribution and htpasswd (`cfg(lab)`), and containerd too (`cfg(containerd_lab)`).
+//! CNCF Distribution, htpasswd and openssl (`cfg(lab)`), and containerd too (`cfg(containerd_lab)`).
 //! Scenarios a machine cannot run are reported as ignored, with what they need; under
 //! `CI=true` they always run, and fail if the machine lacks something.
 
@@ -29,7 +29,8 @@ fn main() {
     let lab = root
         && succeeds("ip", &["netns", "list"])
         && succeeds("docker-registry", &["--version"])
-        && succeeds("htpasswd", &["-nbB", "a", "b"]);
+        && succeeds("htpasswd", &["-nbB", "a", "b"])
+        && succeeds("openssl", &["version"]);
     let containerd = succeeds("containerd", &["--version"]) && succeeds("ctr", &["--version"]);
     if ci || lab {
         println!("cargo::rustc-cfg=lab");

@@ -75,7 +75,12 @@ fn containerd_everywhere(
     let mut runtimes = Vec::new();
     for i in 1..=nodes {
         let ns = cluster.agent(i).ns.clone();
-        runtimes.push(Containerd::start(&mut cluster.lab, &ns, i));
+        runtimes.push(Containerd::start(
+            &mut cluster.lab,
+            &ns,
+            i,
+            &cluster.registry,
+        ));
     }
     for i in 1..=nodes {
         let ready = Instant::now() + Duration::from_secs(30);

@@ -21,7 +21,7 @@ const WITHIN: Duration = Duration::from_secs(90);
 #[test]
 #[cfg_attr(
     not(lab),
-    ignore = "needs root, ip netns, docker-registry and htpasswd (apt-get install docker-registry apache2-utils)"
+    ignore = "needs root, ip netns, docker-registry, htpasswd and openssl (apt-get install docker-registry apache2-utils openssl)"
 )]
 fn healthy_cluster_pulls_each_blob_once_and_a_late_joiner_only_from_peers() {
     let Some(_turn) = lab_turn() else {
@@ -172,7 +172,7 @@ fn puller_fault_with(
 #[test]
 #[cfg_attr(
     not(lab),
-    ignore = "needs root, ip netns, docker-registry and htpasswd (apt-get install docker-registry apache2-utils)"
+    ignore = "needs root, ip netns, docker-registry, htpasswd and openssl (apt-get install docker-registry apache2-utils openssl)"
 )]
 fn a_killed_puller_is_replaced() {
     let Some(_turn) = lab_turn() else {
@@ -212,7 +212,7 @@ fn a_killed_puller_is_replaced_behind_bearer_tokens() {
 #[test]
 #[cfg_attr(
     not(lab),
-    ignore = "needs root, ip netns, docker-registry and htpasswd (apt-get install docker-registry apache2-utils)"
+    ignore = "needs root, ip netns, docker-registry, htpasswd and openssl (apt-get install docker-registry apache2-utils openssl)"
 )]
 fn a_killed_puller_is_replaced_when_every_uplink_is_as_slow_as_the_origin() {
     let Some(_turn) = lab_turn() else {
@@ -227,7 +227,7 @@ fn a_killed_puller_is_replaced_when_every_uplink_is_as_slow_as_the_origin() {
 #[test]
 #[cfg_attr(
     not(lab),
-    ignore = "needs root, ip netns, docker-registry and htpasswd (apt-get install docker-registry apache2-utils)"
+    ignore = "needs root, ip netns, docker-registry, htpasswd and openssl (apt-get install docker-registry apache2-utils openssl)"
 )]
 fn a_puller_cut_off_from_the_origin_is_taken_over_after_the_stall_threshold() {
     let Some(_turn) = lab_turn() else {
@@ -239,7 +239,7 @@ fn a_puller_cut_off_from_the_origin_is_taken_over_after_the_stall_threshold() {
 #[test]
 #[cfg_attr(
     not(lab),
-    ignore = "needs root, ip netns, docker-registry and htpasswd (apt-get install docker-registry apache2-utils)"
+    ignore = "needs root, ip netns, docker-registry, htpasswd and openssl (apt-get install docker-registry apache2-utils openssl)"
 )]
 fn a_puller_cut_off_is_taken_over_when_every_uplink_is_as_slow_as_the_origin() {
     let Some(_turn) = lab_turn() else {
@@ -261,7 +261,7 @@ fn cut_off(cluster: &mut Cluster, victim: u8) {
 #[test]
 #[cfg_attr(
     not(lab),
-    ignore = "needs root, ip netns, docker-registry and htpasswd (apt-get install docker-registry apache2-utils)"
+    ignore = "needs root, ip netns, docker-registry, htpasswd and openssl (apt-get install docker-registry apache2-utils openssl)"
 )]
 fn a_missing_layer_fails_everywhere_without_a_retry_storm() {
     let Some(_turn) = lab_turn() else {
@@ -308,7 +308,7 @@ fn a_missing_layer_fails_everywhere_without_a_retry_storm() {
 #[test]
 #[cfg_attr(
     not(lab),
-    ignore = "needs root, ip netns, docker-registry and htpasswd (apt-get install docker-registry apache2-utils)"
+    ignore = "needs root, ip netns, docker-registry, htpasswd and openssl (apt-get install docker-registry apache2-utils openssl)"
 )]
 fn credentials_are_delegated_and_wrong_ones_stop_every_node() {
     let Some(_turn) = lab_turn() else {
@@ -420,7 +420,7 @@ fn credentials(name: &str, access: Access) {
 #[test]
 #[cfg_attr(
     not(lab),
-    ignore = "needs root, ip netns, docker-registry and htpasswd (apt-get install docker-registry apache2-utils)"
+    ignore = "needs root, ip netns, docker-registry, htpasswd and openssl (apt-get install docker-registry apache2-utils openssl)"
 )]
 fn an_outsider_gets_nothing_from_members() {
     let Some(_turn) = lab_turn() else {
@@ -467,7 +467,7 @@ fn an_outsider_gets_nothing_from_members() {
 #[test]
 #[cfg_attr(
     not(lab),
-    ignore = "needs root, ip netns, docker-registry and htpasswd (apt-get install docker-registry apache2-utils)"
+    ignore = "needs root, ip netns, docker-registry, htpasswd and openssl (apt-get install docker-registry apache2-utils openssl)"
 )]
 fn a_member_announced_as_it_starts_is_served_by_peers_only() {
     let Some(_turn) = lab_turn() else {
@@ -498,7 +498,7 @@ fn a_member_announced_as_it_starts_is_served_by_peers_only() {
 #[test]
 #[cfg_attr(
     not(lab),
-    ignore = "needs root, ip netns, docker-registry and htpasswd (apt-get install docker-registry apache2-utils)"
+    ignore = "needs root, ip netns, docker-registry, htpasswd and openssl (apt-get install docker-registry apache2-utils openssl)"
 )]
 fn members_files_that_lag_by_a_second_still_pull_each_blob_once() {
     let Some(_turn) = lab_turn() else {

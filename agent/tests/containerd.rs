@@ -29,20 +29,25 @@ fn containerd_turn() -> Option<std::sync::MutexGuard<'static, ()>> {
 #[test]
 #[cfg_attr(
     not(containerd_lab),
-    ignore = "needs root, ip netns, docker-registry, htpasswd and containerd (apt-get install docker-registry apache2-utils containerd)"
+    ignore = "needs root, ip netns, docker-registry, htpasswd, openssl and containerd (apt-get install docker-registry apache2-utils openssl containerd)"
 )]
 fn every_containerd_pulls_through_its_agent_and_the_origin_serves_each_object_once() {
     let Some(_turn) = containerd_turn() else {
         return;
     };
-    let mut cluster = Cluster::new("ctrd", NODES, Access::Open, &[64 << 10]);
+    let mut cluster = Cluster::new("ctrd", NODES, Access::Https, &[64 << 10]);
     cluster.with_image = false;
     let image = cluster.registry.push_index(&cluster.lab, 2 << 20, 6 << 20);
     cluster.start_nodes(NODES, "members.json");
     let mut runtimes = Vec::new();
     for i in 1..=NODES {
         let ns = cluster.agent(i).ns.clone();
-        runtimes.push(Containerd::start(&mut cluster.lab, &ns, i));
+        runtimes.push(Containerd::start(
+            &mut cluster.lab,
+            &ns,
+            i,
+            &cluster.registry,
+        ));
     }
     for i in 1..=NODES {
         let ready = std::time::Instant::now() + Duration::from_secs(20);
@@ -127,13 +132,13 @@ fn every_containerd_pulls_through_its_agent_and_the_origin_serves_each_object_on
 #[test]
 #[cfg_attr(
     not(containerd_lab),
-    ignore = "needs root, ip netns, docker-registry, htpasswd and containerd (apt-get install docker-registry apache2-utils containerd)"
+    ignore = "needs root, ip netns, docker-registry, htpasswd, openssl and containerd (apt-get install docker-registry apache2-utils openssl containerd)"
 )]
 fn a_killed_puller_costs_its_blobs_at_most_one_more_origin_pull_and_every_node_gets_the_image() {
     let Some(_turn) = containerd_turn() else {
         return;
     };
-    let mut cluster = Cluster::new("ctrk", NODES, Access::Open, &[64 << 10]);
+    let mut cluster = Cluster::new("ctrk", NODES, Access::Https, &[64 << 10]);
     cluster.with_image = false;
     let image = cluster.registry.push_index(&cluster.lab, 1 << 20, 12 << 20);
     let (_, _, _, layers) = image.platforms[0].clone();
@@ -143,7 +148,12 @@ fn a_killed_puller_costs_its_blobs_at_most_one_more_origin_pull_and_every_node_g
     let mut runtimes = Vec::new();
     for i in 1..=NODES {
         let ns = cluster.agent(i).ns.clone();
-        runtimes.push(Containerd::start(&mut cluster.lab, &ns, i));
+        runtimes.push(Containerd::start(
+            &mut cluster.lab,
+            &ns,
+            i,
+            &cluster.registry,
+        ));
     }
     for i in 1..=NODES {
         let ready = std::time::Instant::now() + Duration::from_secs(20);

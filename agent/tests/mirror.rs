@@ -33,7 +33,7 @@ fn ask(ns: &str, method: &str, path: &str, extra: &[&str]) -> (u16, String, Vec<
 #[test]
 #[cfg_attr(
     not(lab),
-    ignore = "needs root, ip netns, docker-registry and htpasswd (apt-get install docker-registry apache2-utils)"
+    ignore = "needs root, ip netns, docker-registry, htpasswd and openssl (apt-get install docker-registry apache2-utils openssl)"
 )]
 fn the_mirror_answers_as_a_registry_does_and_obtains_what_it_lacks() {
     let Some(_turn) = lab_turn() else {

@@ -168,12 +168,15 @@ pub struct Containerd {
     pub socket: PathBuf,
     pub hosts: PathBuf,
     pub log: PathBuf,
+    /// The origin as hosts.toml names it, and the CA it is trusted by over HTTPS.
+    origin: (String, Option<PathBuf>),
 }
 
 impl Containerd {
     /// Starts containerd in `ns`, with a hosts.toml that sends by-digest requests for the
-    /// registry to the agent's mirror first, and tag resolution to the origin.
-    pub fn start(lab: &mut Lab, ns: &str, index: u8) -> Containerd {
+    /// registry to the agent's mirror first, and tag resolution to the origin (over
+    /// HTTPS when `registry` is, trusting the lab's CA).
+    pub fn start(lab: &mut Lab, ns: &str, index: u8, registry: &super::Registry) -> Containerd {
         let dir = lab.path(&format!("containerd{index}"));
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("containerd.sock");
@@ -191,13 +194,15 @@ impl Containerd {
             ),
         )
         .unwrap();
+        let origin = (registry.url(), registry.pki.as_ref().map(|p| p.ca.clone()));
+        let server = Containerd::server(&origin);
         let registry = format!("{}:5000", ip_of(REGISTRY_HOST));
         let hosts = dir.join("certs.d");
         std::fs::create_dir_all(hosts.join(&registry)).unwrap();
         std::fs::write(
             hosts.join(&registry).join("hosts.toml"),
             format!(
-                "server = \"http://{registry}\"\n\n[host.\"http://127.0.0.1:5001\"]\n  \
+                "{server}\n[host.\"http://127.0.0.1:5001\"]\n  \
                  capabilities = [\"pull\", \"resolve\"]\n"
             ),
         )
@@ -216,6 +221,7 @@ impl Containerd {
             socket,
             hosts,
             log,
+            origin,
         };
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while containerd.ctr(&["version"]).is_err() {
@@ -227,6 +233,14 @@ impl Containerd {
             std::thread::sleep(Duration::from_millis(100));
         }
         containerd
+    }
+
+    /// The `server` line for the origin, and its `ca` over HTTPS.
+    fn server((url, ca): &(String, Option<PathBuf>)) -> String {
+        match ca {
+            Some(ca) => format!("server = \"{url}\"\nca = \"{}\"\n", ca.display()),
+            None => format!("server = \"{url}\"\n"),
+        }
     }
 
     /// `ctr` against this containerd, in its namespace.
@@ -259,8 +273,13 @@ impl Containerd {
         std::fs::write(
             direct.join(registry).join("hosts.toml"),
             format!(
-                "server = \"http://{registry}\"\n\n[host.\"http://{registry}\"]\n  \
-                 capabilities = [\"pull\", \"resolve\"]\n"
+                "{}\n[host.\"{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n{}",
+                Containerd::server(&self.origin),
+                self.origin.0,
+                self.origin
+                    .1
+                    .as_ref()
+                    .map_or(String::new(), |ca| format!("  ca = \"{}\"\n", ca.display())),
             ),
         )
         .unwrap();

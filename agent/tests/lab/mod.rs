@@ -3,7 +3,7 @@
 //! (CNCF Distribution) in a third, its egress rate-limited with a `tbf` qdisc so that a
 //! pull takes seconds. Origin pulls are counted from the registry's access log. Used by
 //! `agent/tests/agent_cluster.rs` and `agent/examples/coldstart_bench.rs`; needs root, `ip netns`,
-//! `docker-registry` and `htpasswd`.
+//! `docker-registry`, `htpasswd` and `openssl`.
 #![allow(dead_code)]
 
 pub mod containerd;
@@ -96,6 +96,8 @@ pub fn lab_available() -> bool {
         Some("docker-registry is not installed")
     } else if run("htpasswd", &["-nbB", "a", "b"]).is_err() {
         Some("htpasswd (apache2-utils) is not installed")
+    } else if run("openssl", &["version"]).is_err() {
+        Some("openssl is not installed")
     } else {
         let probe = format!("gcprobe{}", std::process::id());
         let ok = run("ip", &["netns", "add", &probe]).is_ok();
