@@ -822,6 +822,7 @@ mod registry_tests {
 
     #[tokio::test]
     async fn a_token_service_that_hangs_and_an_upstream_that_is_down_fail_in_bounded_time() {
+        const NONE: RegistryAuth = RegistryAuth::Anonymous;
         let blob = vec![7u8; 100];
         let fake = fake_registry(std::slice::from_ref(&blob), b"{}").await;
         fake.hang.store(true, Ordering::SeqCst);
@@ -834,7 +835,7 @@ mod registry_tests {
             &store,
             &digest_of(&blob),
             OriginRefKind::Blob,
-            &RegistryAuth::Anonymous,
+            &NONE,
         )
         .await
         .unwrap_err();
@@ -855,7 +856,7 @@ mod registry_tests {
             &store,
             &digest_of(&blob),
             OriginRefKind::Blob,
-            &RegistryAuth::Anonymous,
+            &NONE,
         )
         .await
         .unwrap_err();

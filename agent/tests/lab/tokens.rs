@@ -47,6 +47,25 @@ fn path(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// A new RSA key and a certificate for it that it signed itself.
+fn self_signed(subject: &str, key: &Path, cert: &Path) {
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        subject,
+        "-keyout",
+        path(key),
+        "-out",
+        path(cert),
+    ]);
+}
+
 impl Pki {
     /// Made with the openssl command line in `dir`; the registry's certificate names
     /// the IP addresses `ips`.
@@ -61,21 +80,7 @@ impl Pki {
             dir: dir.to_owned(),
         };
         let ca_key = at("ca.key");
-        openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=gantry-lab-ca",
-            "-keyout",
-            path(&ca_key),
-            "-out",
-            path(&pki.ca),
-        ]);
+        self_signed("/CN=gantry-lab-ca", &ca_key, &pki.ca);
         let csr = at("registry.csr");
         openssl(&[
             "req",
@@ -109,21 +114,11 @@ impl Pki {
             "-out",
             path(&pki.cert),
         ]);
-        openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
+        self_signed(
             "/CN=gantry-lab-token-signer",
-            "-keyout",
-            path(&pki.signer_key),
-            "-out",
-            path(&pki.signer_cert),
-        ]);
+            &pki.signer_key,
+            &pki.signer_cert,
+        );
         pki
     }
 
