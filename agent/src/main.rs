@@ -87,12 +87,12 @@ struct RunArgs {
     /// JSON array of {"node_id", "peer_id", "addrs"}; re-read when it changes.
     #[arg(long)]
     members: PathBuf,
-    /// An upstream registry: https://HOST[:PORT][/PREFIX] (http:// for labs), or
-    /// NAME=URL for a cache that answers for the registry NAME (e.g.
-    /// docker.io=https://cache.example.com/hub); repeat for several (containerd's `?ns=`
-    /// names one by its host). `_default`: every registry by its own name over HTTPS
-    /// (docker.io at registry-1.docker.io). An `--image` without a registry comes from
-    /// the first.
+    /// An upstream registry: `https://HOST[:PORT][/PREFIX]` (`http://` for labs), or
+    /// `NAME=URL` for a cache that answers for the registry NAME (e.g.
+    /// `docker.io=https://cache.example.com/hub`); repeat for several (containerd's
+    /// `?ns=` names one by its host). `_default`: every registry by its own name over
+    /// HTTPS (docker.io at registry-1.docker.io). An `--image` without a registry comes
+    /// from the first.
     #[arg(long, required = true)]
     origin: Vec<String>,
     /// A PEM file of CA certificates trusted for upstreams beside the system's roots;
@@ -117,8 +117,8 @@ struct RunArgs {
     credentials: Option<PathBuf>,
     #[arg(long)]
     store: PathBuf,
-    /// The manifest to cold-start, [REGISTRY/]REPO@sha256:HEX (without a registry, from
-    /// the first upstream).
+    /// The manifest to cold-start, `[REGISTRY/]REPO@sha256:HEX` (without a registry,
+    /// from the first upstream).
     #[arg(long)]
     image: Option<String>,
     /// A manifest pull counts as stalled after this long (default 5s).
